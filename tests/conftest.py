@@ -1,0 +1,25 @@
+"""Shared fixtures: a private model/data cache per test session, repo paths."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "harmless-base-test.jsonl"
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def hh_path() -> Path:
+    if not SHARED_HH.exists():
+        pytest.skip(f"shared hh-rlhf data not found at {SHARED_HH}")
+    return SHARED_HH
