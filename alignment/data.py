@@ -47,6 +47,7 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     skipped_bad_rows: Counter = field(default_factory=Counter)
     first_errors: list[str] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)  # kept rows with something worth knowing
 
     def skip(self, reason: str, message: str) -> None:
         self.skipped_bad_rows[reason] += 1
@@ -62,6 +63,8 @@ class DataReport:
             lines.append(f"  dropped {count:>6}  {reason}")
         for reason, count in sorted(self.skipped_bad_rows.items()):
             lines.append(f"  skipped {count:>6}  malformed: {reason}")
+        for reason, count in sorted(self.notes.items()):
+            lines.append(f"  kept    {count:>6}  {reason}")
         for message in self.first_errors:
             lines.append(f"    e.g. {message}")
         return "\n".join(lines)
@@ -75,6 +78,7 @@ class DataReport:
             "truncated": self.truncated,
             "dropped": dict(self.dropped),
             "skipped_bad_rows": dict(self.skipped_bad_rows),
+            "notes": dict(self.notes),
         }
 
 

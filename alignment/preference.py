@@ -1,0 +1,289 @@
+"""Preference pairs: reading every common shape, checking, and tokenizing (shared by RM and DPO).
+
+Shapes (detected, or named with `data.format`):
+- ``explicit``: ``prompt`` / ``chosen`` / ``rejected`` as strings or message lists.
+- ``implicit``: ``chosen`` and ``rejected`` as full message lists; the shared prefix
+  up to the final assistant turn is the prompt.
+- ``hh``: raw Anthropic hh-rlhf transcripts (``\\n\\nHuman: ...\\n\\nAssistant: ...``)
+  split into turns; the prompt is everything before the final assistant turn.
+- ``ab``: ``response_a`` / ``response_b`` with ``label`` (0/1, "a"/"b") or per-response
+  scores ``score_a`` / ``score_b`` (the score gap becomes the pair's margin).
+
+Checks per pair (each failure is counted in the data report, never silently trained
+on): both responses non-empty (also after truncation), chosen and rejected share the
+prompt, the two responses differ. Tokenization gives chosen and rejected the very same
+prompt token ids, so the prompt/response boundary is identical on both sides.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+from alignment.data import DataError, DataReport, Row, _bos_prefix, _strip_right, check_messages, check_string
+
+Prompt = Union[str, list[dict]]
+
+
+@dataclass
+class PreferencePair:
+    prompt: Prompt            # chat messages, or raw text (no chat template) when the row is plain text
+    chosen: Any               # list of messages (usually one assistant turn) or raw text
+    rejected: Any
+    origin: str
+    margin: float | None = None
+
+
+class PairRejected(Exception):
+    """A row that is well-formed but unusable as a pair; carries the report reason."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh_transcript(text: str, origin: str, field: str) -> list[dict]:
+    """`\\n\\nHuman: a\\n\\nAssistant: b ...` -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
+    if not isinstance(text, str):
+        raise DataError(f"{origin}: field '{field}' must be a string transcript")
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3:
+        raise DataError(f"{origin}: field '{field}' has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": content.strip()})
+    return messages
+
+
+def detect_shape(row: dict, origin: str) -> str:
+    if "response_a" in row and "response_b" in row:
+        return "ab"
+    if "chosen" in row and "rejected" in row:
+        if "prompt" in row:
+            return "explicit"
+        if isinstance(row["chosen"], str) and "\n\nAssistant:" in row["chosen"]:
+            return "hh"
+        return "implicit"
+    raise DataError(
+        f"{origin}: cannot tell the preference shape from fields {sorted(row)}; expected prompt/chosen/rejected, "
+        "chosen/rejected conversations, hh-rlhf transcripts, or response_a/response_b with label or scores"
+    )
+
+
+def _split_final_assistant(messages: list[dict], origin: str, field: str) -> tuple[list[dict], list[dict]]:
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{origin}: field '{field}' has no assistant turn")
+    if last == 0:
+        raise PairRejected("no prompt before the final assistant turn")
+    return messages[:last], messages[last:]
+
+
+def _as_response(value: Any, origin: str, field: str) -> Any:
+    if isinstance(value, list):
+        return check_messages(value, origin, field)
+    return check_string(value, origin, field)
+
+
+def to_pair(row: Row, shape: str = "auto") -> PreferencePair:
+    """Normalise one row; raises DataError (malformed) or PairRejected (unusable)."""
+    data, origin = row.data, row.origin
+    shape = detect_shape(data, origin) if shape == "auto" else shape
+    margin = None
+    if shape == "explicit":
+        prompt = data.get("prompt")
+        prompt = check_messages(prompt, origin, "prompt") if isinstance(prompt, list) else check_string(prompt, origin, "prompt")
+        chosen = _as_response(data.get("chosen"), origin, "chosen")
+        rejected = _as_response(data.get("rejected"), origin, "rejected")
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            raise DataError(f"{origin}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+        if isinstance(prompt, str) and isinstance(chosen, list):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list) and isinstance(chosen, str):
+            chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    elif shape in ("implicit", "hh"):
+        if shape == "hh":
+            full_c = parse_hh_transcript(data.get("chosen"), origin, "chosen")
+            full_r = parse_hh_transcript(data.get("rejected"), origin, "rejected")
+        else:
+            full_c = check_messages(data.get("chosen"), origin, "chosen")
+            full_r = check_messages(data.get("rejected"), origin, "rejected")
+        prompt, chosen = _split_final_assistant(full_c, origin, "chosen")
+        prompt_r, rejected = _split_final_assistant(full_r, origin, "rejected")
+        if prompt != prompt_r:
+            raise PairRejected("chosen and rejected have different prompts")
+    elif shape == "ab":
+        prompt = data.get("prompt")
+        prompt = check_messages(prompt, origin, "prompt") if isinstance(prompt, list) else check_string(prompt, origin, "prompt")
+        a = _as_response(data.get("response_a"), origin, "response_a")
+        b = _as_response(data.get("response_b"), origin, "response_b")
+        if "label" in data:
+            label = str(data["label"]).strip().lower()
+            if label not in ("0", "1", "a", "b"):
+                raise DataError(f"{origin}: field 'label' must be 0/1 or a/b, got {data['label']!r}")
+            a_wins = label in ("0", "a")
+        elif "score_a" in data and "score_b" in data:
+            try:
+                score_a, score_b = float(data["score_a"]), float(data["score_b"])
+            except (TypeError, ValueError):
+                raise DataError(f"{origin}: fields 'score_a'/'score_b' must be numbers") from None
+            if score_a == score_b:
+                raise PairRejected("tied scores")
+            a_wins, margin = score_a > score_b, abs(score_a - score_b)
+        else:
+            raise DataError(f"{origin}: an A/B row needs field 'label' or fields 'score_a' and 'score_b'")
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        if isinstance(prompt, str) and isinstance(chosen, list):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list) and isinstance(chosen, str):
+            chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    else:
+        raise DataError(f"{origin}: unknown preference format {shape!r}")
+    if "margin" in data and margin is None and data["margin"] is not None:
+        try:
+            margin = float(data["margin"])
+        except (TypeError, ValueError):
+            raise DataError(f"{origin}: field 'margin' must be a number") from None
+    if _text(chosen).strip() == "" or _text(rejected).strip() == "":
+        raise PairRejected("empty response")
+    if chosen == rejected:
+        raise PairRejected("chosen identical to rejected")
+    return PreferencePair(prompt, chosen, rejected, origin, margin)
+
+
+def _text(response: Any) -> str:
+    return response if isinstance(response, str) else "".join(m["content"] for m in response)
+
+
+# ---------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]     # response tokens only
+    rejected_ids: list[int]
+    origin: str
+    margin: float | None = None
+
+    def sequence(self, which: str) -> list[int]:
+        return self.prompt_ids + (self.chosen_ids if which == "chosen" else self.rejected_ids)
+
+
+def _render(tokenizer, prompt: Prompt, response: Any) -> tuple[str, str]:
+    """(prompt text, full text). Chat pairs use the chat template; raw text pairs are concatenated."""
+    if isinstance(prompt, str):
+        eos = tokenizer.eos_token or ""
+        full = prompt + response
+        if eos and not full.endswith(eos):
+            full += eos
+        return prompt, full
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError("the chat template does not render the prompt as a prefix of the conversation")
+    # Drop whitespace after the end-of-turn token: the response ends at the stop token.
+    return prompt_text, full[: _strip_right(full, len(prompt_text), len(full))]
+
+
+def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], full: str) -> tuple[list[int], bool]:
+    """Response token ids after the shared prompt ids; True when the boundary had to be re-split."""
+    whole = tokenizer(full, add_special_tokens=False).input_ids
+    if whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids) :], False
+    # A token merged across the boundary: keep the prompt ids, tokenize the response alone.
+    return tokenizer(full[len(prompt_text) :], add_special_tokens=False).input_ids, True
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_length: int | None,
+                  report: DataReport) -> TokenizedPair:
+    """Shared prompt ids + each response's ids, truncated so each sequence fits max_length.
+
+    Truncation: the prompt keeps its last `max_prompt_length` tokens (default half of
+    max_length) only when prompt + longer response would not fit; each response is then cut
+    to the room left. A response cut to nothing rejects the pair (FAILURES rows 13, 14).
+    """
+    prompt_text, full_c = _render(tokenizer, pair.prompt, pair.chosen)
+    prompt_text_r, full_r = _render(tokenizer, pair.prompt, pair.rejected)
+    assert prompt_text == prompt_text_r
+    prompt_ids = _bos_prefix(tokenizer, prompt_text) + tokenizer(prompt_text, add_special_tokens=False).input_ids
+    bos = len(prompt_ids) - len(tokenizer(prompt_text, add_special_tokens=False).input_ids)
+    chosen, split_c = _response_ids(tokenizer, prompt_text, prompt_ids[bos:], full_c)
+    rejected, split_r = _response_ids(tokenizer, prompt_text, prompt_ids[bos:], full_r)
+    if split_c or split_r:
+        report.notes["response re-tokenized at the prompt boundary"] += 1
+    longest = len(prompt_ids) + max(len(chosen), len(rejected))
+    if longest > max_length:
+        report.truncated += 1
+        limit = max_prompt_length if max_prompt_length is not None else max_length // 2
+        if len(prompt_ids) > limit:
+            prompt_ids = prompt_ids[-limit:]
+        room = max_length - len(prompt_ids)
+        chosen, rejected = chosen[:room], rejected[:room]
+    if not chosen or not rejected:
+        raise PairRejected("a response is empty after truncation")
+    if chosen == rejected:
+        raise PairRejected("chosen identical to rejected after truncation")
+    return TokenizedPair(prompt_ids, chosen, rejected, pair.origin, pair.margin)
+
+
+def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | None, report: DataReport) -> list[TokenizedPair]:
+    """Rows -> tokenized pairs; malformed rows raise (or are skipped and counted), unusable ones are counted."""
+    pairs = []
+    report.rows_read += len(rows)
+    for row in rows:
+        try:
+            pair = to_pair(row, data_cfg.format)
+            tokenized = tokenize_pair(pair, tokenizer, data_cfg.max_length, max_prompt_length, report)
+        except PairRejected as exc:
+            report.dropped[exc.reason] += 1
+            continue
+        except DataError as exc:
+            if data_cfg.on_bad_row == "error":
+                raise
+            report.skip(str(exc).split(": ", 1)[-1][:60], str(exc))
+            continue
+        pairs.append(tokenized)
+        report.tokens += len(tokenized.prompt_ids) * 2 + len(tokenized.chosen_ids) + len(tokenized.rejected_ids)
+    report.examples = len(pairs)
+    return pairs
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int):
+    """Chosen rows then rejected rows, right-padded into one [2B, T] batch (one forward pass).
+
+    labels mark response tokens (IGNORE on prompt and padding) for DPO's log-probs;
+    the reward model reads its score at each row's last real token.
+    """
+    import torch
+
+    from alignment.data import IGNORE
+
+    sequences, labels = [], []
+    for which in ("chosen", "rejected"):
+        for p in pairs:
+            response = p.chosen_ids if which == "chosen" else p.rejected_ids
+            sequences.append(p.prompt_ids + response)
+            labels.append([IGNORE] * len(p.prompt_ids) + response)
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, lbl) in enumerate(zip(sequences, labels)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        lab[i, : len(seq)] = torch.tensor(lbl)
+        mask[i, : len(seq)] = 1
+    margins = torch.tensor([p.margin if p.margin is not None else 0.0 for p in pairs], dtype=torch.float32)
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask, "margin": margins,
+            "has_margin": any(p.margin is not None for p in pairs)}

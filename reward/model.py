@@ -1,0 +1,101 @@
+"""Reward-model forward: a scalar read at each sequence's last real token.
+
+The index of the last real token comes from the attention mask, never from
+searching for the pad id (FAILURES rows 8, 9: pad == eos and left padding both
+break pad-id searches). Position ids are derived from the mask too, so a sequence
+scores the same alone, right-padded and left-padded in a batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignment.modeling import model_dtype, unwrap
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last position with mask 1 (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=-1)
+
+
+def score_head(hf_model):
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(hf_model, name, None)
+        if head is not None:
+            return head
+    raise AttributeError(f"{type(hf_model).__name__} has no scalar head (score/classifier)")
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards [B] (fp32) for sequences [B, T]."""
+    hf = unwrap(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    picked = hidden[rows, last_token_index(attention_mask)]
+    return score_head(hf)(picked.to(model_dtype(model))).squeeze(-1).float()
+
+
+def ensure_distinct_pad(tokenizer, model) -> None:
+    """Give the tokenizer a pad token distinct from EOS and record it in the model config.
+
+    Our scoring never needs this (it uses the attention mask), but transformers'
+    own AutoModelForSequenceClassification pooling finds the last token by pad id:
+    with pad == eos it would read the reward one token early. A distinct pad makes the
+    exported model score the same under plain transformers.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        candidates = [tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|pad|>"] + list(tokenizer.all_special_tokens)
+        vocab = tokenizer.get_vocab()
+        for token in candidates:
+            if token and token in vocab and token not in (tokenizer.eos_token, tokenizer.bos_token):
+                tokenizer.pad_token = token
+                break
+        else:
+            raise ValueError(
+                "the tokenizer has no pad token distinct from EOS and no spare special token to use; "
+                "add one (e.g. tokenizer.add_special_tokens({'pad_token': '<|pad|>'}) and resize embeddings)"
+            )
+    config = unwrap(model).config
+    config.pad_token_id = tokenizer.pad_token_id
+
+
+class RewardScorer:
+    """Score responses with an exported reward model (plain transformers/peft load)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = False):
+        from alignment.export import load_exported
+        from alignment.models import load_tokenizer
+
+        self.path = Path(path)
+        self.tokenizer = load_tokenizer(str(self.path))
+        self.model = load_exported(self.path, "reward").to(device).eval()
+        self.device = torch.device(device)
+        config = unwrap(self.model).config
+        self.mean = getattr(config, "reward_mean", None)
+        self.std = getattr(config, "reward_std", None)
+        if normalize and (self.mean is None or self.std is None):
+            raise ValueError(
+                f"{self.path} stores no reward statistics (config.reward_mean / reward_std); "
+                "normalised rewards need a model exported by `align rm`"
+            )
+        self.normalize = normalize
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        rewards = sequence_rewards(self.model, ids.to(self.device), mask.to(self.device)).cpu()
+        if self.normalize:
+            rewards = (rewards - self.mean) / max(self.std, 1e-6)
+        return rewards

@@ -1,0 +1,212 @@
+"""Reward-model training: Bradley-Terry on preference pairs.
+
+    align rm configs/tiny/rm.yaml [--set ...] [--nproc 2] [--resume]
+
+A causal-LM backbone gets a scalar head (transformers' AutoModelForSequenceClassification,
+num_labels=1) and learns r(prompt, response) so that chosen responses score above
+rejected ones. Chosen and rejected go through the model in one [2B, T] batch. The
+loss of a step is the mean per-pair loss over the whole global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from alignment import loop
+from alignment.config import RecipeBase, register_stage
+from alignment.data import DataReport, GlobalBatchSampler, read_rows, split_rows
+from alignment.export import export_model
+from alignment.models import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model_path
+from alignment.modeling import unwrap
+from alignment.preference import collate_pairs, load_pairs
+from alignment.tracking import print_main
+from reward.losses import reward_loss
+from reward.metrics import reward_report
+from reward.model import ensure_distinct_pad, sequence_rewards
+
+LENGTH_BIAS_WARNING = 0.5
+
+
+@dataclass
+class RMConfig:
+    center_coef: float = 0.0
+    """Weight of the centring penalty (r_chosen + r_rejected)^2; 0 disables it (TRL: center_rewards_coefficient)."""
+    use_margin: bool = True
+    """Subtract a pair's margin (from `margin` or A/B scores) inside the sigmoid when the data has one."""
+    max_prompt_length: Optional[int] = None
+    """Prompt tokens kept (from the end) when a pair is too long; None = half of data.max_length."""
+    trainable_layers: Optional[int] = None
+    """Train only the head, the final norm and the top N decoder layers (None = all; ignored with LoRA)."""
+    head_init_std: Optional[float] = None
+    """Std of the new scalar head's init; None = the model's initializer_range."""
+
+
+@dataclass
+class RMRecipe(RecipeBase):
+    rm: RMConfig = field(default_factory=RMConfig)
+
+
+register_stage("rm", RMRecipe)
+
+
+def pair_loss(center_coef: float, use_margin: bool):
+    def fn(model, batch):
+        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        half = rewards.shape[0] // 2
+        chosen, rejected = rewards[:half], rewards[half:]
+        margin = batch["margin"] if (use_margin and batch["has_margin"]) else None
+        losses = reward_loss(chosen, rejected, margin, center_coef)
+        loss_sum = losses.sum()
+        return loss_sum, {
+            "loss": loss_sum.detach().item(),
+            "correct": float((chosen > rejected).sum()),
+            "margin": float((chosen - rejected).detach().sum()),
+            "pairs": float(half),
+            "tokens": float(batch["attention_mask"].sum()),
+        }
+
+    return fn
+
+
+def freeze_lower_layers(model, keep_top: int) -> None:
+    """Freeze everything but the scalar head, the final norm and the top `keep_top` decoder layers."""
+    backbone = getattr(model, model.base_model_prefix)
+    layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
+    if layers is None:
+        raise ValueError("rm.trainable_layers: cannot find the decoder layers of this architecture")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in list(layers)[len(layers) - keep_top:] if keep_top else []:
+        layer.requires_grad_(True)
+    for name, module in backbone.named_children():
+        if "norm" in name.lower():
+            module.requires_grad_(True)
+    for name in ("score", "classifier"):
+        if hasattr(model, name):
+            getattr(model, name).requires_grad_(True)
+
+
+@torch.no_grad()
+def evaluate(engine, model, pairs: list, pad_id: int) -> dict[str, float]:
+    """Rewards for every held-out pair, in lock-step over ranks; metrics on the gathered set."""
+    micro, world = engine.layout.micro_batch_size, engine.world_size
+    model.eval()
+    local = []
+    for b in range(math.ceil(len(pairs) / (micro * world))):
+        start = (b * world + engine.rank) * micro
+        chunk = pairs[start : start + micro]
+        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id), engine.device)
+        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).cpu()
+        half = rewards.shape[0] // 2
+        for i, pair in enumerate(chunk):
+            local.append((start + i, rewards[i].item(), rewards[half + i].item(), len(pair.chosen_ids), len(pair.rejected_ids)))
+    model.train()
+    rows = sorted(r for part in engine.gather_objects(local) for r in part)
+    t = torch.tensor([r[1:] for r in rows], dtype=torch.float64)
+    return reward_report(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
+
+
+def run(recipe: RMRecipe, resume: bool = False) -> dict:
+    # Step 1. Engine, output directory, resolved recipe, metrics logger.
+    run, checkpoint = loop.setup_run(recipe, "rm", resume)
+    engine = run.engine
+
+    # Step 2. Tokenizer (with a pad distinct from EOS) and preference pairs, with the data report.
+    model_path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
+    d = recipe.data
+    rows = read_rows(d.train, d.split)
+    eval_rows = read_rows(d.eval) if d.eval else []
+    if d.eval_fraction > 0:
+        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
+    rows = rows[: d.max_rows] if d.max_rows is not None else rows
+    eval_rows = eval_rows[: d.max_eval_rows] if d.max_eval_rows is not None else eval_rows
+
+    # Step 3. Model: backbone + scalar head (sharded under ZeRO-3 as it loads), LoRA or partial freeze.
+    with engine.model_init():
+        model = load_model(model_path, "reward", trust_remote_code=recipe.model.trust_remote_code,
+                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
+    ensure_distinct_pad(tokenizer, model)
+    reports = [DataReport("train"), DataReport("eval")]
+    train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0])
+    eval_pairs = load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1]) if eval_rows else []
+    for report in reports:
+        if report.rows_read:
+            print_main(engine.is_main, report.format())
+    if recipe.rm.head_init_std is not None and engine.ds_cfg.zero_stage != 3:
+        torch.nn.init.normal_(model.score.weight, std=recipe.rm.head_init_std)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora.enabled:
+        if recipe.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, recipe.lora, task_type="SEQ_CLS")
+    elif recipe.rm.trainable_layers is not None:
+        freeze_lower_layers(model, recipe.rm.trainable_layers)
+    sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
+    steps = loop.total_steps(recipe, sampler.steps_per_epoch)
+    trainable, total = count_parameters(model)
+    print_main(engine.is_main, f"reward model {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
+               f"{trainable / 1e6:.2f}M trainable; {steps} steps, {sampler.steps_per_epoch} per epoch")
+    model = engine.prepare(model, steps)
+
+    # Step 4. Resume.
+    start = engine.load_checkpoint(checkpoint)["step"] if checkpoint else 0
+
+    # Step 5. Train.
+    pad_id = tokenizer.pad_token_id
+    loss_fn = pair_loss(recipe.rm.center_coef, recipe.rm.use_margin)
+    progress = loop.make_progress(run, steps, start, "rm")
+    timer = loop.StepTimer()
+    metrics: dict = {}
+    model.train()
+    for step in range(start + 1, steps + 1):
+        loop.debug_fault(step, engine.rank)
+        micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id), engine.device)
+                 for idx in sampler.micro_batches(step - 1, engine.rank)]
+        sums = loop.accumulated_step(engine, model, micro, lambda b: float(b["margin"].numel()), loss_fn, step)
+        elapsed = timer.lap()
+        metrics = {
+            "loss": sums["loss"] / sums["count"],
+            "rewards/accuracies": sums["correct"] / sums["count"],
+            "rewards/margins": sums["margin"] / sums["count"],
+            "train/lr": engine.current_lr(),
+            "train/grad_norm": engine.grad_norm(),
+            "train/pairs_per_s": sums["pairs"] / max(elapsed, 1e-9),
+            "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
+            "train/epoch": (step - 1) / sampler.steps_per_epoch,
+        }
+        if eval_pairs and loop.eval_due(recipe, step, steps):
+            metrics.update(evaluate(engine, model, eval_pairs, pad_id))
+            if abs(metrics["eval/length_corr"]) > LENGTH_BIAS_WARNING:
+                print_main(engine.is_main, f"warning: step {step}: reward/length correlation "
+                           f"{metrics['eval/length_corr']:.2f} on held-out responses (length bias)")
+        if step % recipe.train.log_interval == 0 or step == steps or "eval/accuracy" in metrics:
+            run.logger.log(metrics, step)
+        progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
+        if loop.checkpoint_due(recipe, step) and step < steps:
+            loop.save_checkpoint(run, step, (step - 1) // sampler.steps_per_epoch)
+    progress.close()
+
+    # Step 6. Reward statistics over held-out responses, export with them, reload check.
+    if "eval/reward_mean" in metrics:
+        stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"],
+                 "reward_stats_source": "held-out responses"}
+    else:
+        sample = evaluate(engine, model, train_pairs[:256], pad_id)
+        stats = {"reward_mean": sample["eval/reward_mean"], "reward_std": sample["eval/reward_std"],
+                 "reward_stats_source": "training responses (no eval split)"}
+    final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="reward", base_path=model_path,
+                         lora_cfg=recipe.lora, precision=recipe.train.precision, extra_config=stats)
+    print_main(engine.is_main, f"exported and verified: {final}")
+    if "eval/accuracy" in metrics:
+        print_main(engine.is_main, f"held-out: accuracy {metrics['eval/accuracy']:.3f} on "
+                   f"{int(metrics['eval/pairs'])} pairs, margin {metrics['eval/margin']:.3f}, "
+                   f"ECE {metrics['eval/ece']:.3f}, length corr {metrics['eval/length_corr']:.2f}")
+    run.logger.close()
+    engine.close()
+    return {"metrics": metrics, "data": [r.as_dict() for r in reports], "stats": stats}
