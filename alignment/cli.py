@@ -25,7 +25,7 @@ STAGES = {
     "rm": "reward model training on preference pairs (Bradley-Terry)",
     "dpo": "direct preference optimisation (DPO, IPO, hinge, SimPO, ...) on preference pairs",
     "ppo": "PPO against a reward model",
-    "pipeline": "SFT -> reward model -> DPO/PPO, chained, with gold-score evaluation",
+    "pipeline": "SFT -> reward model -> DPO, chained, each stage in its own process, with gold scores",
 }
 
 
@@ -105,12 +105,16 @@ def run_stage(stage: str, recipe, resume: bool) -> dict:
         from alignment import dpo
 
         return dpo.run(recipe, resume=resume)
+    if stage == "pipeline":
+        from alignment import pipeline
+
+        return pipeline.run(recipe, resume=resume)
     raise NotImplementedError(f"align {stage} is not implemented yet")
 
 
 def _register_stages() -> None:
     """Import stage recipe schemas that live outside alignment.config."""
-    for module in ("reward.train", "alignment.dpo"):
+    for module in ("reward.train", "alignment.dpo", "alignment.pipeline"):
         try:
             __import__(module)
         except ImportError:
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --nproc must be >= 1", file=sys.stderr)
         return 2
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.nproc > 1 and not in_job:
+    if args.nproc > 1 and not in_job and args.command != "pipeline":
         return launch_local(args.nproc, _strip_nproc(argv))
     rank = os.environ.get("RANK", "0")
     try:

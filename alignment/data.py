@@ -32,6 +32,11 @@ class DataError(ValueError):
 class Row:
     data: dict
     origin: str  # "path:line" (1-based line) or "hub-name[index]"
+    error: str | None = None  # set for an unreadable line kept so that `on_bad_row: skip` can count it
+
+    def check(self) -> None:
+        if self.error:
+            raise DataError(self.error)
 
 
 @dataclass
@@ -106,14 +111,18 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def read_rows(source: str, split: str = "train") -> list[Row]:
-    """All rows of a file or hub dataset, each with its origin for error messages."""
+def read_rows(source: str, split: str = "train", on_bad_row: str = "error") -> list[Row]:
+    """All rows of a file or hub dataset, each with its origin for error messages.
+
+    With on_bad_row="skip", an unreadable JSONL line becomes a Row carrying its error,
+    which the tokenizing step counts as skipped; with "error" it raises here.
+    """
     resolved = resolve_source(source)
     path = Path(resolved).expanduser()
     if path.is_file():
         suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
         if suffix in (".jsonl", ".jsonl.gz"):
-            return list(_read_jsonl(path))
+            return list(_read_jsonl(path, lenient=on_bad_row == "skip"))
         if suffix == ".json":
             return _read_json(path)
         if suffix == ".parquet":
@@ -130,7 +139,7 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
     return [Row(dict(r), f"{resolved}[{split}][{i}]") for i, r in enumerate(dataset)]
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
+def _read_jsonl(path: Path, lenient: bool = False) -> Iterator[Row]:
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
@@ -140,11 +149,12 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 continue
             try:
                 data = json.loads(line)
+                error = None if isinstance(data, dict) else f"{path}:{number}: expected a JSON object, got {type(data).__name__}"
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(data, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
-            yield Row(data, f"{path}:{number}")
+                data, error = {}, f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})"
+            if error and not lenient:
+                raise DataError(error)
+            yield Row(data if not error else {}, f"{path}:{number}", error)
 
 
 def _read_json(path: Path) -> list[Row]:
@@ -282,6 +292,7 @@ def render_chat_spans(
 
 def sft_example(row: Row, tokenizer, fmt: str, assistant_only: bool) -> Example:
     """One row -> token ids and labels (IGNORE where no loss)."""
+    row.check()
     data, origin = row.data, row.origin
     shape = detect_sft_format(data, origin) if fmt == "auto" else fmt
     if shape == "messages":
@@ -369,6 +380,9 @@ def pack_examples(examples: list[Example], max_length: int) -> list[PackedRow]:
     for i in order:
         ex = examples[i]
         n = len(ex.input_ids)
+        # An example's first token is not a target inside a pack: it would be predicted
+        # from the previous, unrelated example.
+        ex = Example(ex.input_ids, [IGNORE] + ex.labels[1:], ex.origin)
         for b, free in enumerate(space):
             if free >= n:
                 bins[b].input_ids += ex.input_ids

@@ -290,6 +290,14 @@ class Engine:
         DeepSpeed averages gradients over ranks; multiplying by world size turns that
         average into the sum the global mean needs. No extra 1/accumulation scaling.
         """
+        # The stages run the wrapped module directly (alignment.modeling), never DeepSpeed's
+        # engine.forward(), which starts each micro-batch with this call. Without it ZeRO-3 never
+        # advances its micro_step_id, so every micro-batch's gradient overwrites the previous one
+        # instead of accumulating (accumulation > 1 silently trained on the last micro-batch only).
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.ds_engine.optimizer, ZeROOptimizer):
+            self.ds_engine.optimizer.clear_backward_seen_flag()
         self.ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(self) -> bool:

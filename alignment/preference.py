@@ -96,6 +96,7 @@ def _as_response(value: Any, origin: str, field: str) -> Any:
 
 def to_pair(row: Row, shape: str = "auto") -> PreferencePair:
     """Normalise one row; raises DataError (malformed) or PairRejected (unusable)."""
+    row.check()
     data, origin = row.data, row.origin
     shape = detect_shape(data, origin) if shape == "auto" else shape
     margin = None

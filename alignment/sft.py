@@ -43,8 +43,8 @@ def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 def load_sft_data(recipe: SFTRecipe, tokenizer, is_main: bool):
     """Rows -> tokenized (and packed) training and eval items, with a printed data report."""
     d = recipe.data
-    rows = read_rows(d.train, d.split)
-    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split) if d.eval else []
+    rows = read_rows(d.train, d.split, d.on_bad_row)
+    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
     if d.eval_fraction > 0:
         rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
     if d.max_rows is not None:

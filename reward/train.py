@@ -119,8 +119,8 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     model_path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
     d = recipe.data
-    rows = read_rows(d.train, d.split)
-    eval_rows = read_rows(d.eval) if d.eval else []
+    rows = read_rows(d.train, d.split, d.on_bad_row)
+    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
     if d.eval_fraction > 0:
         rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
     rows = rows[: d.max_rows] if d.max_rows is not None else rows

@@ -1,0 +1,80 @@
+"""`align score`: score pairs or prompt+response rows from a file with a trained reward model.
+
+Input rows may be any preference shape (scores both responses, writes `reward_chosen`,
+`reward_rejected`, `margin`) or single responses: `prompt` + `response` (strings or
+message lists) or a `messages` conversation (scores its final assistant turn).
+Output: one JSON object per input row, in input order, with the row's origin.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from alignment.data import DataError, Row, check_messages, read_rows
+from alignment.preference import PairRejected, to_pair
+
+
+def _sequence(tokenizer, prompt, response, max_length: int) -> list[int]:
+    if isinstance(prompt, str) and isinstance(response, str):
+        text = prompt + response + (tokenizer.eos_token or "")
+    else:
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        response = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+        text = tokenizer.apply_chat_template(prompt + response, tokenize=False).rstrip()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return ids[-max_length:]  # keep the end: the reward is read at the last token
+
+
+def _row_items(row: Row) -> list[tuple[str, object, object]]:
+    """[(name, prompt, response)] for one input row."""
+    data = row.data
+    if "response" in data and "prompt" in data:
+        return [("reward", data["prompt"], data["response"])]
+    if "messages" in data:
+        messages = check_messages(data["messages"], row.origin, "messages")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{row.origin}: field 'messages' must end with an assistant turn to be scored")
+        return [("reward", messages[:-1], messages[-1:])]
+    pair = to_pair(row)
+    return [("reward_chosen", pair.prompt, pair.chosen), ("reward_rejected", pair.prompt, pair.rejected)]
+
+
+def main(args) -> int:
+    from tqdm.auto import tqdm
+
+    from reward.model import RewardScorer
+
+    scorer = RewardScorer(args.model, normalize=args.normalize)
+    rows = read_rows(args.data)
+    items, records = [], []
+    for number, row in enumerate(rows):
+        record = {"origin": row.origin}
+        try:
+            for name, prompt, response in _row_items(row):
+                items.append((number, name, _sequence(scorer.tokenizer, prompt, response, args.max_length)))
+        except PairRejected as exc:
+            record["skipped"] = exc.reason
+        records.append(record)
+    for start in tqdm(range(0, len(items), args.batch_size), desc="score", file=sys.stderr):
+        chunk = items[start : start + args.batch_size]
+        rewards = scorer.score_ids([seq for _, _, seq in chunk])
+        for (number, name, _), value in zip(chunk, rewards.tolist()):
+            records[number][name] = value
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as handle:
+        for record in records:
+            if "reward_chosen" in record and "reward_rejected" in record:
+                record["margin"] = record["reward_chosen"] - record["reward_rejected"]
+            handle.write(json.dumps(record) + "\n")
+    pairs = [r for r in records if "margin" in r]
+    summary = f"scored {len(records)} rows -> {out}"
+    if pairs:
+        summary += f"; pair accuracy {sum(r['margin'] > 0 for r in pairs) / len(pairs):.3f} on {len(pairs)} pairs"
+    skipped = sum("skipped" in r for r in records)
+    if skipped:
+        summary += f"; {skipped} rows not scorable (see 'skipped')"
+    print(summary)
+    return 0
