@@ -1,29 +1,30 @@
-"""`make quickstart`: the built-in pipeline end to end on SmolLM2-135M, on CPU.
+"""`make quickstart`: the built-in pipeline end to end on SmolLM2-135M-Instruct, on CPU.
 
-Step 1 writes the built-in task's data; step 2 runs SFT with a gold score before
-and after on held-out prompts.
+Step 1 writes the built-in task's data files (SFT demonstrations, preference pairs,
+prompt sets with gold specs) so you can look at them. Step 2 runs the pipeline of
+configs/smollm2/pipeline.yaml: SFT -> reward model -> DPO, printing the gold score
+on held-out prompts before and after SFT and DPO, and the reward model's accuracy.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 
 
 def run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
+    print("+ align", " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True)
 
 
 def main() -> int:
     align = [sys.executable, "-m", "alignment.cli"]
     started = time.time()
-    os.makedirs("runs/quickstart", exist_ok=True)
     run(align + ["data", "runs/quickstart/data"])
-    run(align + ["sft", "configs/smollm2/sft.yaml", "--set", "output_dir=runs/quickstart/sft"])
-    print(f"quickstart finished in {(time.time() - started) / 60:.1f} min; see runs/quickstart/")
+    run(align + ["pipeline", "configs/smollm2/pipeline.yaml", "--set", "output_dir=runs/quickstart"])
+    print(f"\nquickstart finished in {(time.time() - started) / 60:.1f} min; "
+          "outputs in runs/quickstart/ (summary: runs/quickstart/pipeline.json)")
     return 0
 
 
