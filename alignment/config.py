@@ -118,6 +118,8 @@ class TrainConfig:
     """Write metrics every N optimizer steps."""
     eval_interval: int = 0
     """Evaluate every N optimizer steps (0: only at the end)."""
+    eval_before_training: bool = True
+    """Also evaluate the initial model (logged at step 0), so every curve has its baseline."""
     save_interval: int = 0
     """Checkpoint every N optimizer steps (0: no periodic checkpoints)."""
     keep_checkpoints: int = 2

@@ -147,14 +147,15 @@ def pairs_fingerprint(pairs: list) -> str:
 
 
 @torch.no_grad()
-def compute_reference_table(engine, frozen, pairs: list, pad_id: int, split: str) -> torch.Tensor:
+def compute_reference_table(engine, frozen, pairs: list, pad_id: int, split: str,
+                            pack_to: int | None = None) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) for every pair, computed in lock-step over ranks."""
     micro, world = engine.layout.micro_batch_size, engine.world_size
     local = []
     for b in range(math.ceil(len(pairs) / (micro * world))):
         start = (b * world + engine.rank) * micro
         chunk = pairs[start : start + micro]
-        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id), engine.device)
+        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id, pack_to), engine.device)
         chosen, rejected, _, _ = pair_logps(frozen, batch)
         local += [(start + i, chosen[i].item(), rejected[i].item()) for i in range(len(chunk))]
     rows = sorted(r for part in engine.gather_objects(local) for r in part)
@@ -177,7 +178,8 @@ def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, l
     print_main(engine.is_main, f"reference log-probs: computing for {sum(map(len, splits.values()))} pairs (cache {path})")
     with engine.model_init(trainable=False):
         frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm"))
-    table = {name: compute_reference_table(engine, frozen, pairs, pad_id, name) for name, pairs in splits.items()}
+    pack_to = recipe.data.max_length if recipe.data.packing else None
+    table = {name: compute_reference_table(engine, frozen, pairs, pad_id, name, pack_to) for name, pairs in splits.items()}
     table["key"] = key
     del frozen
     if engine.is_main:
@@ -240,8 +242,9 @@ def make_loss_fn(cfg: DPOConfig, reference: Reference, nll_scale: list[float]):
     return fn
 
 
-def pair_batch(pairs: list, indices: list[int], pad_id: int, device, split: str = "train") -> dict:
-    batch = loop.to_device(collate_pairs([pairs[i] for i in indices], pad_id), device)
+def pair_batch(pairs: list, indices: list[int], pad_id: int, device, split: str = "train",
+               pack_to: int | None = None) -> dict:
+    batch = loop.to_device(collate_pairs([pairs[i] for i in indices], pad_id, pack_to), device)
     batch["index"] = torch.tensor(indices, device=device)
     batch["split"] = split
     return batch
@@ -262,7 +265,7 @@ def summarize(sums: dict, prefix: str = "") -> dict:
 
 
 @torch.no_grad()
-def evaluate(engine, model, pairs: list, pad_id: int, loss_fn) -> dict[str, float]:
+def evaluate(engine, model, pairs: list, pad_id: int, loss_fn, pack_to: int | None = None) -> dict[str, float]:
     micro, world = engine.layout.micro_batch_size, engine.world_size
     model.eval()
     sums: dict[str, float] = {}
@@ -270,7 +273,7 @@ def evaluate(engine, model, pairs: list, pad_id: int, loss_fn) -> dict[str, floa
         start = (b * world + engine.rank) * micro
         indices = list(range(start, min(start + micro, len(pairs))))
         weight = 1.0 if indices else 0.0
-        _, stats = loss_fn(model, pair_batch(pairs, indices or [0], pad_id, engine.device, "eval"))
+        _, stats = loss_fn(model, pair_batch(pairs, indices or [0], pad_id, engine.device, "eval", pack_to))
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + weight * v
         sums["pairs"] = sums.get("pairs", 0.0) + len(indices)
@@ -309,6 +312,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         if report.rows_read:
             print_main(engine.is_main, report.format())
     pad_id = tokenizer.pad_token_id
+    pack_to = d.max_length if d.packing else None  # padding-free pair batches
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
     steps = loop.total_steps(recipe, sampler.steps_per_epoch)
 
@@ -354,10 +358,13 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
     start_logp_per_token = None
     warned = False
     metrics: dict = {}
+    if eval_pairs and start == 0 and recipe.train.eval_before_training:
+        run.logger.log(evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to), step=0)
     policy.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.rank)
-        micro = [pair_batch(train_pairs, idx, pad_id, engine.device) for idx in sampler.micro_batches(step - 1, engine.rank)]
+        micro = [pair_batch(train_pairs, idx, pad_id, engine.device, "train", pack_to)
+                 for idx in sampler.micro_batches(step - 1, engine.rank)]
         if cfg.rpo_alpha:
             totals = engine.reduce_sums({
                 "pairs": sum(len(b["index"]) for b in micro),
@@ -394,7 +401,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
                        f"{start_logp_per_token:.3f} to {metrics['logps/chosen_per_token']:.3f} while margins rise; "
                        "both responses are being pushed down (consider rpo_alpha or a larger beta)")
         if eval_pairs and loop.eval_due(recipe, step, steps):
-            metrics.update(evaluate(engine, policy, eval_pairs, pad_id, loss_fn))
+            metrics.update(evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to))
         if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])

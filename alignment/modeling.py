@@ -77,13 +77,18 @@ def target_logprobs(model, batch: dict, need_entropy: bool = False):
 
 
 def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of target log-probs per row: ([B], [B])."""
+    """Sum and count of target log-probs per sequence: ([S], [S]).
+
+    A sequence is a row, or for packed batches a segment named by batch["sequence_index"].
+    """
     logp, where = target_logprobs(model, batch)
-    rows = batch["input_ids"].shape[0]
-    total = torch.zeros(rows, dtype=torch.float32, device=logp.device).index_add(0, where[:, 0], logp)
-    count = torch.zeros(rows, dtype=torch.float32, device=logp.device).index_add(
-        0, where[:, 0], torch.ones_like(logp)
-    )
+    if "sequence_index" in batch:
+        owner = batch["sequence_index"][where[:, 0], where[:, 1]]
+        n = batch["num_sequences"]
+    else:
+        owner, n = where[:, 0], batch["input_ids"].shape[0]
+    total = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, owner, logp)
+    count = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, owner, torch.ones_like(logp))
     return total, count
 
 

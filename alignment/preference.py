@@ -261,11 +261,17 @@ def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | No
     return pairs
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int):
-    """Chosen rows then rejected rows, right-padded into one [2B, T] batch (one forward pass).
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None):
+    """Chosen sequences then rejected ones, as one batch for a single forward pass.
+
+    Default: right-padded rows [2B, T]. With pack_to (padding-free): the 2B sequences
+    are packed first-fit-decreasing into rows of at most pack_to tokens, with position
+    ids restarting per sequence and a block-diagonal causal mask, so no compute is spent
+    on padding; `sequence_index` [R, W] maps every token to its sequence (-1 = padding)
+    and `last_position` [2B, 2] gives each sequence's last token (row, column).
 
     labels mark response tokens (IGNORE on prompt and padding) for DPO's log-probs;
-    the reward model reads its score at each row's last real token.
+    the reward model reads its score at each sequence's last real token.
     """
     import torch
 
@@ -277,14 +283,62 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int):
             response = p.chosen_ids if which == "chosen" else p.rejected_ids
             sequences.append(p.prompt_ids + response)
             labels.append([IGNORE] * len(p.prompt_ids) + response)
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (seq, lbl) in enumerate(zip(sequences, labels)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        lab[i, : len(seq)] = torch.tensor(lbl)
-        mask[i, : len(seq)] = 1
     margins = torch.tensor([p.margin if p.margin is not None else 0.0 for p in pairs], dtype=torch.float32)
-    return {"input_ids": ids, "labels": lab, "attention_mask": mask, "margin": margins,
-            "has_margin": any(p.margin is not None for p in pairs)}
+    extra = {"margin": margins, "has_margin": any(p.margin is not None for p in pairs),
+             "num_sequences": len(sequences)}
+    if pack_to is None:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        lab = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, (seq, lbl) in enumerate(zip(sequences, labels)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            lab[i, : len(seq)] = torch.tensor(lbl)
+            mask[i, : len(seq)] = 1
+        return {"input_ids": ids, "labels": lab, "attention_mask": mask, **extra}
+    return {**_pack_sequences(sequences, labels, pad_id, pack_to), **extra}
+
+
+def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, capacity: int) -> dict:
+    import torch
+
+    from alignment.data import IGNORE
+
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    rows: list[list[int]] = []  # sequence indices per row
+    free: list[int] = []
+    for i in order:
+        n = len(sequences[i])
+        for r, room in enumerate(free):
+            if room >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - n)
+    width = max(sum(len(sequences[i]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    lab = torch.full(shape, IGNORE, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    seq_index = torch.full(shape, -1, dtype=torch.long)
+    last = torch.zeros((len(sequences), 2), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(sequences[i])
+            ids[r, start : start + n] = torch.tensor(sequences[i])
+            # The first token of a segment is never a target: it would be predicted from the previous sequence.
+            lab[r, start : start + n] = torch.tensor([IGNORE] + labels[i][1:])
+            mask[r, start : start + n] = 1
+            positions[r, start : start + n] = torch.arange(n)
+            seq_index[r, start : start + n] = i
+            last[i] = torch.tensor([r, start + n - 1])
+            start += n
+    same = seq_index[:, :, None] == seq_index[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (same & causal[None] & (seq_index[:, :, None] >= 0)) | torch.eye(width, dtype=torch.bool)[None]
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask, "position_ids": positions,
+            "block_mask": allowed[:, None], "sequence_index": seq_index, "last_position": last}

@@ -125,6 +125,8 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
 
     # Step 5. Train: each optimizer step is one global batch.
     pad_id = tokenizer.pad_token_id
+    if eval_items and start == 0 and recipe.train.eval_before_training:
+        run.logger.log(evaluate(engine, model, eval_items, pad_id), step=0)
     progress = loop.make_progress(run, steps, start, "sft")
     timer = loop.StepTimer()
     model.train()

@@ -41,6 +41,20 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return score_head(hf)(picked.to(model_dtype(model))).squeeze(-1).float()
 
 
+def batch_rewards(model, batch: dict) -> torch.Tensor:
+    """Rewards [S] for a collated batch: padded rows, or packed segments (alignment.preference.collate_pairs)."""
+    if "last_position" not in batch:
+        return sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    from alignment.modeling import attention_inputs
+
+    hf = unwrap(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    out = backbone(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(batch, model_dtype(model)))
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    last = batch["last_position"]
+    return score_head(hf)(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float()
+
+
 def ensure_distinct_pad(tokenizer, model) -> None:
     """Give the tokenizer a pad token distinct from EOS and record it in the model config.
 

@@ -26,7 +26,7 @@ from alignment.preference import collate_pairs, load_pairs
 from alignment.tracking import print_main
 from reward.losses import reward_loss
 from reward.metrics import reward_report
-from reward.model import ensure_distinct_pad, sequence_rewards
+from reward.model import batch_rewards, ensure_distinct_pad
 
 LENGTH_BIAS_WARNING = 0.5
 
@@ -55,7 +55,7 @@ register_stage("rm", RMRecipe)
 
 def pair_loss(center_coef: float, use_margin: bool):
     def fn(model, batch):
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        rewards = batch_rewards(model, batch)
         half = rewards.shape[0] // 2
         chosen, rejected = rewards[:half], rewards[half:]
         margin = batch["margin"] if (use_margin and batch["has_margin"]) else None
@@ -91,7 +91,7 @@ def freeze_lower_layers(model, keep_top: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, model, pairs: list, pad_id: int) -> dict[str, float]:
+def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None) -> dict[str, float]:
     """Rewards for every held-out pair, in lock-step over ranks; metrics on the gathered set."""
     micro, world = engine.layout.micro_batch_size, engine.world_size
     model.eval()
@@ -99,8 +99,8 @@ def evaluate(engine, model, pairs: list, pad_id: int) -> dict[str, float]:
     for b in range(math.ceil(len(pairs) / (micro * world))):
         start = (b * world + engine.rank) * micro
         chunk = pairs[start : start + micro]
-        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id), engine.device)
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).cpu()
+        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id, pack_to), engine.device)
+        rewards = batch_rewards(model, batch).cpu()
         half = rewards.shape[0] // 2
         for i, pair in enumerate(chunk):
             local.append((start + i, rewards[i].item(), rewards[half + i].item(), len(pair.chosen_ids), len(pair.rejected_ids)))
@@ -159,14 +159,17 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
 
     # Step 5. Train.
     pad_id = tokenizer.pad_token_id
+    pack_to = d.max_length if d.packing else None  # padding-free pair batches
     loss_fn = pair_loss(recipe.rm.center_coef, recipe.rm.use_margin)
     progress = loop.make_progress(run, steps, start, "rm")
     timer = loop.StepTimer()
     metrics: dict = {}
+    if eval_pairs and start == 0 and recipe.train.eval_before_training:
+        run.logger.log(evaluate(engine, model, eval_pairs, pad_id, pack_to), step=0)
     model.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.rank)
-        micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id), engine.device)
+        micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id, pack_to), engine.device)
                  for idx in sampler.micro_batches(step - 1, engine.rank)]
         sums = loop.accumulated_step(engine, model, micro, lambda b: float(b["margin"].numel()), loss_fn, step)
         elapsed = timer.lap()
@@ -181,7 +184,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
             "train/epoch": (step - 1) / sampler.steps_per_epoch,
         }
         if eval_pairs and loop.eval_due(recipe, step, steps):
-            metrics.update(evaluate(engine, model, eval_pairs, pad_id))
+            metrics.update(evaluate(engine, model, eval_pairs, pad_id, pack_to))
             if abs(metrics["eval/length_corr"]) > LENGTH_BIAS_WARNING:
                 print_main(engine.is_main, f"warning: step {step}: reward/length correlation "
                            f"{metrics['eval/length_corr']:.2f} on held-out responses (length bias)")
@@ -197,7 +200,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"],
                  "reward_stats_source": "held-out responses"}
     else:
-        sample = evaluate(engine, model, train_pairs[:256], pad_id)
+        sample = evaluate(engine, model, train_pairs[:256], pad_id, pack_to)
         stats = {"reward_mean": sample["eval/reward_mean"], "reward_std": sample["eval/reward_std"],
                  "reward_stats_source": "training responses (no eval split)"}
     final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="reward", base_path=model_path,
