@@ -68,6 +68,8 @@ register_stage("dpo", DPORecipe)
 def validate_dpo(recipe: DPORecipe) -> str:
     """Cross-field checks; returns the resolved reference mode ("none" for SimPO)."""
     cfg = recipe.dpo
+    if cfg.max_prompt_length is not None and not 0 < cfg.max_prompt_length < recipe.data.max_length:
+        raise RecipeError("dpo.max_prompt_length must be between 1 and data.max_length - 1")
     if cfg.beta <= 0:
         raise RecipeError("dpo.beta must be > 0")
     if not 0.0 <= cfg.label_smoothing < 0.5:
@@ -123,12 +125,12 @@ class Reference:
         return chosen, rejected
 
 
-def model_fingerprint(path: str) -> str:
+def model_fingerprint(path: str, revision: str | None = None) -> str:
     """Hash of a model directory's weights and config (or of a hub id + revision)."""
     digest = hashlib.sha256()
     folder = Path(path)
     if not folder.is_dir():
-        digest.update(f"hub:{path}".encode())
+        digest.update(f"hub:{path}@{revision or 'main'}".encode())
         return digest.hexdigest()
     for file in sorted(folder.iterdir()):
         if file.suffix in (".safetensors", ".bin", ".json") and file.is_file():
@@ -165,7 +167,8 @@ def compute_reference_table(engine, frozen, pairs: list, pad_id: int, split: str
 
 def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, list], pad_id: int) -> dict:
     """Cached reference log-probs keyed by model weights, precision and tokenized pairs."""
-    key_src = f"{model_fingerprint(ref_path)}|{recipe.train.precision}|" + "|".join(
+    revision = None if recipe.dpo.reference_model else recipe.model.revision
+    key_src = f"{model_fingerprint(ref_path, revision)}|{recipe.train.precision}|" + "|".join(
         f"{name}:{pairs_fingerprint(pairs)}" for name, pairs in sorted(splits.items())
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]

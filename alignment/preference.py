@@ -215,8 +215,11 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
     max_length) only when prompt + longer response would not fit; each response is then cut
     to the room left. A response cut to nothing rejects the pair (FAILURES rows 13, 14).
     """
-    prompt_text, full_c = _render(tokenizer, pair.prompt, pair.chosen)
-    prompt_text_r, full_r = _render(tokenizer, pair.prompt, pair.rejected)
+    try:
+        prompt_text, full_c = _render(tokenizer, pair.prompt, pair.chosen)
+        prompt_text_r, full_r = _render(tokenizer, pair.prompt, pair.rejected)
+    except DataError as exc:
+        raise DataError(f"{pair.origin}: {exc}") from None
     assert prompt_text == prompt_text_r
     prompt_ids = _bos_prefix(tokenizer, prompt_text) + tokenizer(prompt_text, add_special_tokens=False).input_ids
     bos = len(prompt_ids) - len(tokenizer(prompt_text, add_special_tokens=False).input_ids)
@@ -228,8 +231,9 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
     if longest > max_length:
         report.truncated += 1
         limit = max_prompt_length if max_prompt_length is not None else max_length // 2
+        limit = max(bos + 1, min(limit, max_length - 1))  # leave room for at least one response token
         if len(prompt_ids) > limit:
-            prompt_ids = prompt_ids[-limit:]
+            prompt_ids = prompt_ids[:bos] + prompt_ids[len(prompt_ids) - (limit - bos):]  # keep the BOS
         room = max_length - len(prompt_ids)
         chosen, rejected = chosen[:room], rejected[:room]
     if not chosen or not rejected:

@@ -111,6 +111,10 @@ def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None
 
 
 def run(recipe: RMRecipe, resume: bool = False) -> dict:
+    if recipe.rm.max_prompt_length is not None and not 0 < recipe.rm.max_prompt_length < recipe.data.max_length:
+        from alignment.config import RecipeError
+
+        raise RecipeError("rm.max_prompt_length must be between 1 and data.max_length - 1")
     # Step 1. Engine, output directory, resolved recipe, metrics logger.
     run, checkpoint = loop.setup_run(recipe, "rm", resume)
     engine = run.engine
