@@ -24,10 +24,10 @@ import torch
 
 from alignment import loop
 from alignment.config import GoldEvalConfig, RecipeBase, RecipeError, register_stage
-from alignment.data import DataReport, GlobalBatchSampler, read_rows, split_rows
+from alignment.data import DataReport, GlobalBatchSampler
 from alignment.export import export_model
 from alignment.losses import dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, simpo_loss
-from alignment.models import apply_lora, cache_dir, count_parameters, load_model, load_tokenizer, resolve_model_path
+from alignment.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model_path
 from alignment.modeling import sequence_logprobs
 from alignment.preference import collate_pairs, load_pairs
 from alignment.tracking import print_main
@@ -302,12 +302,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
     model_path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
     d = recipe.data
-    rows = read_rows(d.train, d.split, d.on_bad_row)
-    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
-    if d.eval_fraction > 0:
-        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
-    rows = rows[: d.max_rows] if d.max_rows is not None else rows
-    eval_rows = eval_rows[: d.max_eval_rows] if d.max_eval_rows is not None else eval_rows
+    rows, eval_rows = loop.read_splits(recipe)
     reports = [DataReport("train"), DataReport("eval")]
     train_pairs = load_pairs(rows, tokenizer, d, cfg.max_prompt_length, reports[0])
     eval_pairs = load_pairs(eval_rows, tokenizer, d, cfg.max_prompt_length, reports[1]) if eval_rows else []
@@ -330,15 +325,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
             reference.frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm"))
 
     # Step 4. Policy: loaded (sharded under ZeRO-3), LoRA, wrapped with optimizer and schedule.
-    with engine.model_init():
-        policy = load_model(model_path, "causal_lm", trust_remote_code=recipe.model.trust_remote_code,
-                            revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
-    if recipe.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora.enabled:
-        if recipe.model.gradient_checkpointing:
-            policy.enable_input_require_grads()
-        policy = apply_lora(policy, recipe.lora)
+    policy = loop.load_trainable_model(engine, recipe, model_path, "causal_lm")
     trainable, total = count_parameters(policy)
     print_main(engine.is_main, f"policy {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
                f"{trainable / 1e6:.2f}M trainable; loss {cfg.loss}, beta {cfg.beta}, reference {ref_mode}; "

@@ -65,6 +65,40 @@ def setup_run(recipe: RecipeBase, stage: str, resume: bool) -> tuple[Run, Path |
     return Run(recipe, engine, output_dir, logger, info), checkpoint
 
 
+def read_splits(recipe: RecipeBase) -> tuple[list, list]:
+    """Train and eval rows as the recipe's data section says (file/hub/builtin, split, row caps)."""
+    from alignment.data import read_rows, split_rows
+
+    d = recipe.data
+    rows = read_rows(d.train, d.split, d.on_bad_row)
+    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
+    if d.eval_fraction > 0:
+        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
+    rows = rows[: d.max_rows] if d.max_rows is not None else rows
+    eval_rows = eval_rows[: d.max_eval_rows] if d.max_eval_rows is not None else eval_rows
+    return rows, eval_rows
+
+
+def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, kind: str = "causal_lm",
+                         before_adapters: Callable | None = None):
+    """Load (sharded under ZeRO-3 as it loads), then gradient checkpointing and LoRA as the recipe says."""
+    from alignment.models import apply_lora, load_model
+
+    with engine.model_init():
+        model = load_model(model_path, kind, trust_remote_code=recipe.model.trust_remote_code,
+                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
+    if before_adapters is not None:
+        before_adapters(model)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if recipe.lora.enabled:
+        if recipe.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, recipe.lora, task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
+    return model
+
+
 def total_steps(recipe: RecipeBase, steps_per_epoch: int) -> int:
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps

@@ -23,11 +23,9 @@ from alignment.data import (
     collate,
     count_targets,
     pack_examples,
-    read_rows,
-    split_rows,
 )
 from alignment.export import export_model
-from alignment.models import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model_path
+from alignment.models import count_parameters, load_tokenizer, resolve_model_path
 from alignment.modeling import target_logprobs
 from alignment.tracking import print_main
 
@@ -43,14 +41,7 @@ def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 def load_sft_data(recipe: SFTRecipe, tokenizer, is_main: bool):
     """Rows -> tokenized (and packed) training and eval items, with a printed data report."""
     d = recipe.data
-    rows = read_rows(d.train, d.split, d.on_bad_row)
-    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
-    if d.eval_fraction > 0:
-        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
-    if d.max_rows is not None:
-        rows = rows[: d.max_rows]
-    if d.max_eval_rows is not None:
-        eval_rows = eval_rows[: d.max_eval_rows]
+    rows, eval_rows = loop.read_splits(recipe)
     reports = [DataReport("train"), DataReport("eval")]
     train = build_sft_examples(rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[0])
     evals = build_sft_examples(eval_rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[1]) if eval_rows else []
@@ -99,16 +90,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
     steps = loop.total_steps(recipe, sampler.steps_per_epoch)
 
     # Step 3. Model: loaded (and sharded under ZeRO-3) inside the engine's init context, LoRA, wrap.
-    with engine.model_init():
-        model = load_model(model_path, "causal_lm", trust_remote_code=recipe.model.trust_remote_code,
-                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
-    if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if recipe.lora.enabled:
-        if recipe.model.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = apply_lora(model, recipe.lora)
+    model = loop.load_trainable_model(engine, recipe, model_path, "causal_lm")
     trainable, total = count_parameters(model)
     print_main(engine.is_main, f"model {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
                f"{trainable / 1e6:.2f}M trainable; {steps} steps, {sampler.steps_per_epoch} per epoch")

@@ -18,10 +18,9 @@ import torch
 
 from alignment import loop
 from alignment.config import RecipeBase, register_stage
-from alignment.data import DataReport, GlobalBatchSampler, read_rows, split_rows
+from alignment.data import DataReport, GlobalBatchSampler
 from alignment.export import export_model
-from alignment.models import apply_lora, count_parameters, load_model, load_tokenizer, resolve_model_path
-from alignment.modeling import unwrap
+from alignment.models import count_parameters, load_tokenizer, resolve_model_path
 from alignment.preference import collate_pairs, load_pairs
 from alignment.tracking import print_main
 from reward.losses import reward_loss
@@ -123,33 +122,22 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     model_path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
     d = recipe.data
-    rows = read_rows(d.train, d.split, d.on_bad_row)
-    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
-    if d.eval_fraction > 0:
-        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
-    rows = rows[: d.max_rows] if d.max_rows is not None else rows
-    eval_rows = eval_rows[: d.max_eval_rows] if d.max_eval_rows is not None else eval_rows
+    rows, eval_rows = loop.read_splits(recipe)
 
     # Step 3. Model: backbone + scalar head (sharded under ZeRO-3 as it loads), LoRA or partial freeze.
-    with engine.model_init():
-        model = load_model(model_path, "reward", trust_remote_code=recipe.model.trust_remote_code,
-                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
-    ensure_distinct_pad(tokenizer, model)
+    def before_adapters(model):
+        ensure_distinct_pad(tokenizer, model)
+        if recipe.rm.head_init_std is not None and engine.ds_cfg.zero_stage != 3:
+            torch.nn.init.normal_(model.score.weight, std=recipe.rm.head_init_std)
+
+    model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters)
     reports = [DataReport("train"), DataReport("eval")]
     train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0])
     eval_pairs = load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1]) if eval_rows else []
     for report in reports:
         if report.rows_read:
             print_main(engine.is_main, report.format())
-    if recipe.rm.head_init_std is not None and engine.ds_cfg.zero_stage != 3:
-        torch.nn.init.normal_(model.score.weight, std=recipe.rm.head_init_std)
-    if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora.enabled:
-        if recipe.model.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = apply_lora(model, recipe.lora, task_type="SEQ_CLS")
-    elif recipe.rm.trainable_layers is not None:
+    if not recipe.lora.enabled and recipe.rm.trainable_layers is not None:
         freeze_lower_layers(model, recipe.rm.trainable_layers)
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
     steps = loop.total_steps(recipe, sampler.steps_per_epoch)

@@ -1,8 +1,6 @@
 """Tests for alignment.task: the built-in offline demo task and its gold reward."""
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
