@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"[rank {rank}] align {args.command} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         os._exit(1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written and the process group is destroyed. Skip interpreter teardown:
+        # gloo's background threads can abort it ("terminate called without an active
+        # exception"), which would turn a finished run into a failed job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

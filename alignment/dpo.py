@@ -28,7 +28,7 @@ from alignment.data import DataReport, GlobalBatchSampler
 from alignment.export import export_model
 from alignment.losses import dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, simpo_loss
 from alignment.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model_path
-from alignment.modeling import sequence_logprobs
+from alignment.modeling import sequence_logprobs, user_model
 from alignment.preference import collate_pairs, load_pairs
 from alignment.tracking import print_main
 
@@ -118,7 +118,7 @@ class Reference:
             idx = batch["index"].cpu()
             return self.table[key][idx, 0].to(batch["index"].device), self.table[key][idx, 1].to(batch["index"].device)
         if self.mode == "adapter":
-            with policy.module.disable_adapter():
+            with user_model(policy).disable_adapter():
                 chosen, rejected, _, _ = pair_logps(policy, batch)
             return chosen, rejected
         chosen, rejected, _, _ = pair_logps(self.frozen, batch)
@@ -365,7 +365,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         elapsed = timer.lap()
         metrics = summarize(sums)
         metrics.update({
-            "train/lr": engine.current_lr(),
+            "train/lr": sums["lr"],
             "train/grad_norm": engine.grad_norm(),
             "train/pairs_per_s": sums["count"] / max(elapsed, 1e-9),
             "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),

@@ -256,8 +256,10 @@ class Engine:
             optimizer = torch.optim.AdamW(
                 groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
             )
+        from alignment.modeling import Forwarder
+
         ds_engine, _, _, _ = deepspeed.initialize(
-            model=model,
+            model=Forwarder(model),
             model_parameters=groups if optimizer is None else None,
             optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
@@ -276,7 +278,9 @@ class Engine:
             import deepspeed
 
             config = inference_deepspeed_config(self.ds_cfg, self.train_cfg.precision, self.on_gpu)
-            engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+            from alignment.modeling import Forwarder
+
+            engine, *_ = deepspeed.initialize(model=Forwarder(model), config=config, dist_init_required=False)
             engine.eval()
             return engine
         from alignment.models import torch_dtype
@@ -290,14 +294,9 @@ class Engine:
         DeepSpeed averages gradients over ranks; multiplying by world size turns that
         average into the sum the global mean needs. No extra 1/accumulation scaling.
         """
-        # The stages run the wrapped module directly (alignment.modeling), never DeepSpeed's
-        # engine.forward(), which starts each micro-batch with this call. Without it ZeRO-3 never
-        # advances its micro_step_id, so every micro-batch's gradient overwrites the previous one
-        # instead of accumulating (accumulation > 1 silently trained on the last micro-batch only).
-        from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-        if isinstance(self.ds_engine.optimizer, ZeROOptimizer):
-            self.ds_engine.optimizer.clear_backward_seen_flag()
+        # Every forward went through DeepSpeed's engine forward (alignment.modeling.Forwarder), which
+        # starts the ZeRO micro-step and registers the backward prologue; without that, ZeRO-3 with
+        # accumulation > 1 silently trained on the last micro-batch only.
         self.ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(self) -> bool:

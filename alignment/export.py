@@ -44,11 +44,13 @@ def model_outputs(model, inputs: dict[str, torch.Tensor], kind: str) -> torch.Te
 @torch.no_grad()
 def live_outputs(engine, model, tokenizer, kind: str) -> torch.Tensor:
     """Output of the live (possibly sharded) model on the fixed input; every rank must call."""
+    from alignment.modeling import call
+
     inputs = {k: v.to(engine.device) for k, v in fixed_input(tokenizer).items()}
     was_training = model.training
     model.eval()
     try:
-        return model_outputs(model, inputs, kind).cpu()
+        return call(model, model_outputs, inputs, kind).cpu()
     finally:
         model.train(was_training)
 
@@ -57,7 +59,9 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
                  extra_config: dict | None = None) -> Path:
     """Gather, write and verify `out_dir`. Collective: every rank calls it."""
     out_dir = Path(out_dir)
-    module = getattr(model, "module", model)
+    from alignment.modeling import user_model
+
+    module = user_model(model)
     expected = live_outputs(engine, model, tokenizer, kind)
     state = engine.full_state_dict(module)
     error = None

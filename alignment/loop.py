@@ -113,9 +113,10 @@ def accumulated_step(engine: Engine, model, micro_batches: list[dict], count: Ca
     """One optimizer step: forward/backward each micro-batch, normalised by the global item count.
 
     loss_fn(model, batch) returns (sum of per-item losses on this micro-batch, metric sums).
-    Returns the metric sums reduced over ranks plus "count" (the global normaliser).
+    Returns the metric sums reduced over ranks plus "count" (the global normaliser) and "lr".
     A non-finite loss on any rank stops the run before it reaches the weights.
     """
+    lr = engine.current_lr()  # the LR this update uses (the schedule advances at its end)
     normalizer = engine.global_sum(sum(count(b) for b in micro_batches))
     if normalizer <= 0:
         raise RuntimeError(f"step {step}: the global batch has no trainable items")
@@ -133,6 +134,7 @@ def accumulated_step(engine: Engine, model, micro_batches: list[dict], count: Ca
         sums.update(stats)
     reduced = engine.reduce_sums(dict(sums))
     reduced["count"] = normalizer
+    reduced["lr"] = lr
     return reduced
 
 

@@ -16,12 +16,42 @@ from alignment.data import IGNORE
 LOGIT_CHUNK = 4096  # target positions per output-layer chunk
 
 
+class Forwarder(torch.nn.Module):
+    """What the DeepSpeed engine wraps: `engine(fn, *args)` runs `fn(model, *args)` inside its forward.
+
+    Our forwards are not a plain `model(**batch)` (decoder, then the output layer at chosen
+    positions; a scalar head at the last real token), yet DeepSpeed must see every one of
+    them through its own forward: that is where ZeRO starts a micro-step and registers the
+    backward prologue that gradient accumulation and reduction depend on.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def user_model(model):
+    """The model as the user built it (a transformers or peft model), without engine wrappers."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine
+    return inner.model if isinstance(inner, Forwarder) else inner
+
+
 def unwrap(model):
-    """The underlying transformers model: strips the DeepSpeed engine and peft wrappers."""
-    inner = getattr(model, "module", model)
+    """The underlying transformers model: strips the engine, the forwarder and peft."""
+    inner = user_model(model)
     if hasattr(inner, "get_base_model"):  # peft: LoRA layers are injected in place
         inner = inner.get_base_model()
     return inner
+
+
+def call(model, fn, *args):
+    """Run fn(user model, *args), through the DeepSpeed engine's forward when there is one."""
+    if isinstance(getattr(model, "module", None), Forwarder):
+        return model(fn, *args)
+    return fn(user_model(model), *args)
 
 
 def attention_inputs(batch: dict, dtype: torch.dtype) -> dict:
@@ -43,7 +73,7 @@ def model_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def last_hidden(model, batch: dict) -> torch.Tensor:
+def _last_hidden(model, batch: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] from the decoder, without the output layer."""
     hf = unwrap(model)
     decoder = hf.get_decoder()
@@ -51,7 +81,7 @@ def last_hidden(model, batch: dict) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def target_logprobs(model, batch: dict, need_entropy: bool = False):
+def target_logprobs(model, batch: dict):
     """Log-prob of every supervised next token.
 
     batch["labels"]: [B, T], IGNORE where there is no target. Position t predicts
@@ -59,7 +89,11 @@ def target_logprobs(model, batch: dict, need_entropy: bool = False):
     N supervised targets, computed in fp32 from the output layer applied to those
     positions only.
     """
-    hidden = last_hidden(model, batch)
+    return call(model, _target_logprobs, batch)
+
+
+def _target_logprobs(model, batch: dict):
+    hidden = _last_hidden(model, batch)
     labels = batch["labels"]
     targets = labels[:, 1:]
     where = (targets != IGNORE).nonzero(as_tuple=False)  # [N, 2] (row, t) -> predicts labels[row, t+1]
@@ -94,4 +128,5 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def full_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Plain forward through the whole model (used for export checks)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return call(model, lambda m, ids, mask: m(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                input_ids, attention_mask)

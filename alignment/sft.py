@@ -120,7 +120,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
         elapsed = timer.lap()
         metrics = {
             "loss": sums["nll"] / sums["count"],
-            "train/lr": engine.current_lr(),
+            "train/lr": sums["lr"],
             "train/grad_norm": engine.grad_norm(),
             "train/tokens": sums["tokens"],
             "train/targets": sums["targets"],

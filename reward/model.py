@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.modeling import model_dtype, unwrap
+from alignment.modeling import call, model_dtype, unwrap
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,10 @@ def score_head(hf_model):
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Rewards [B] (fp32) for sequences [B, T]."""
+    return call(model, _sequence_rewards, input_ids, attention_mask)
+
+
+def _sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hf = unwrap(model)
     backbone = getattr(hf, hf.base_model_prefix)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -45,6 +49,10 @@ def batch_rewards(model, batch: dict) -> torch.Tensor:
     """Rewards [S] for a collated batch: padded rows, or packed segments (alignment.preference.collate_pairs)."""
     if "last_position" not in batch:
         return sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    return call(model, _packed_rewards, batch)
+
+
+def _packed_rewards(model, batch: dict) -> torch.Tensor:
     from alignment.modeling import attention_inputs
 
     hf = unwrap(model)

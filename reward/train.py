@@ -169,7 +169,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
             "loss": sums["loss"] / sums["count"],
             "rewards/accuracies": sums["correct"] / sums["count"],
             "rewards/margins": sums["margin"] / sums["count"],
-            "train/lr": engine.current_lr(),
+            "train/lr": sums["lr"],
             "train/grad_norm": engine.grad_norm(),
             "train/pairs_per_s": sums["pairs"] / max(elapsed, 1e-9),
             "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
