@@ -111,9 +111,15 @@ def test_config_parses(path, tmp_path):
     stage = _stage_of(path)
     recipe = load_recipe(path, stage)
     assert isinstance(recipe, STAGE_RECIPES[stage])
-    # every shipped recipe is runnable on one rank: the batch arithmetic holds
-    layout = batch_layout(recipe.train, world_size=1)
-    assert layout.micro_batch_size * layout.grad_accum_steps == recipe.train.global_batch_size
+    if stage == "pipeline":
+        # a pipeline names stage recipes: each exists and loads with the pipeline's overrides
+        for name in ("sft", "rm", "dpo"):
+            part = getattr(recipe, name)
+            assert isinstance(load_recipe(REPO / part.recipe, name, part.overrides), STAGE_RECIPES[name])
+    else:
+        # every shipped recipe is runnable on one rank: the batch arithmetic holds
+        layout = batch_layout(recipe.train, world_size=1)
+        assert layout.micro_batch_size * layout.grad_accum_steps == recipe.train.global_batch_size
     # the resolved recipe written to output_dir/recipe.yaml loads back to the same values
     dumped = tmp_path / "recipe.yaml"
     dump_recipe(recipe, dumped)
