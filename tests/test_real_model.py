@@ -16,6 +16,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# The reward-model and DPO outcome checks take ~10 CPU minutes together and their thresholds
+# have not yet been measured on a quiet machine: run them with ALIGN_REAL_DATA_TESTS=1.
+needs_opt_in = pytest.mark.skipif(
+    not os.environ.get("ALIGN_REAL_DATA_TESTS"), reason="set ALIGN_REAL_DATA_TESTS=1 (long real-data runs)"
+)
 
 
 def run_stage(stage: str, recipe: str, out: Path, *overrides: str) -> list[dict]:
@@ -43,6 +48,7 @@ def test_sft_smollm2_lora_lowers_heldout_loss(tmp_path):
     assert after < before - 0.3, f"held-out loss {before:.3f} -> {after:.3f}"
 
 
+@needs_opt_in
 def test_reward_model_on_hh_rlhf_beats_chance(tmp_path, hh_path):
     metrics = run_stage(
         "rm", "configs/smollm2/rm-hh.yaml", tmp_path / "rm", f"data.train={hh_path}",
@@ -58,6 +64,7 @@ def test_reward_model_on_hh_rlhf_beats_chance(tmp_path, hh_path):
     assert "reward_mean" in config and "reward_std" in config
 
 
+@needs_opt_in
 def test_reward_model_ranks_builtin_gold_pairs(tmp_path):
     metrics = run_stage("rm", "configs/smollm2/rm.yaml", tmp_path / "rm", "train.max_steps=24",
                         "train.eval_interval=0", "data.max_eval_rows=96")
@@ -65,6 +72,7 @@ def test_reward_model_ranks_builtin_gold_pairs(tmp_path):
     assert accuracy >= 0.8, f"built-in task held-out accuracy {accuracy:.3f}"
 
 
+@needs_opt_in
 def test_dpo_on_hh_rlhf_implicit_reward_beats_chance(tmp_path, hh_path):
     metrics = run_stage(
         "dpo", "configs/smollm2/dpo-hh.yaml", tmp_path / "dpo", f"data.train={hh_path}",
