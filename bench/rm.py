@@ -15,8 +15,8 @@ Our side runs twice, each as `python -m alignment.cli rm configs/smollm2/rm-hh.y
 (alignment.cli.main in a thin wrapper that also reads the process CPU time per step):
 right-padded [2B, T] batches (the default) and padding-free packed pair batches
 (`data.packing=true`: the 2B sequences of a micro-batch first-fit into rows of max_length,
-block-diagonal attention, same losses). The RESULT line uses the padded run (our default), our
-recommended setting; the table shows both.
+block-diagonal attention, same losses). The RESULT line uses the padded run (our default);
+the table shows both.
 
 Throughput = pairs over the timed steps / their wall time (first --warmup-steps steps of
 each side not timed); one CPU thread per side by default (see pref_common.side_env). Ends with:
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
             if "ours-padded" in by_name:
                 print(f"ours-padded vs trl: {by_name['ours-padded'].rate / by_name['trl'].rate:.3f}x; "
                       f"ours-packed vs ours-padded: {by_name['ours-packed'].rate / by_name['ours-padded'].rate:.3f}x")
-            # Our default layout is the one compared; on CPU the dense block-mask attention of the packed
-            # layout was slower than padding (0.86x) in the last measured run.
+            # Our default layout is the one compared; packed vs padded on CPU is not settled (wall time
+            # favoured padded, CPU time favoured packed in the one loaded run).
             ours = by_name.get("ours-padded", by_name["ours-packed"])
             pc.print_cpu_check(ours, by_name["trl"])
             print(f"RESULT uses {ours.name}, all else identical to trl")
