@@ -3,6 +3,7 @@
     align sft RECIPE.yaml [--set key.sub=value ...] [--nproc N] [--resume]
     align rm  RECIPE.yaml ...        align dpo RECIPE.yaml ...
     align score --model RM_DIR --data FILE --out FILE
+    align pairs --model POLICY_DIR --prompts FILE --judge gold|RM_DIR --out FILE
     align data OUT_DIR                 (write the built-in task's data files)
 
 `--nproc N` starts N local ranks through DeepSpeed's launcher (gloo on CPU, NCCL on
@@ -54,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--max-length", type=int, default=512)
     score.add_argument("--normalize", action="store_true", help="subtract the stored mean, divide by the std")
+    pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample from a policy, rank with a judge",
+                           description="Sample responses from a policy for each prompt, score them with the "
+                           "built-in task's verifier (--judge gold) or a reward model directory, and write "
+                           "best-vs-worst pairs as prompt/chosen/rejected JSONL for align dpo / align rm.")
+    pairs.add_argument("--model", required=True, help="policy: HF directory (e.g. an SFT run's final/ or final/merged)")
+    pairs.add_argument("--prompts", required=True, help="prompt rows: a file or builtin:prompts_train")
+    pairs.add_argument("--judge", default="gold", help="'gold' (built-in verifier) or a reward model directory")
+    pairs.add_argument("--out", required=True, help="output JSONL of pairs")
+    pairs.add_argument("--num-prompts", type=int, default=0, help="random subset of this many prompts (0: all)")
+    pairs.add_argument("--samples", type=int, default=4, help="responses sampled per prompt")
+    pairs.add_argument("--temperature", type=float, default=1.0)
+    pairs.add_argument("--max-new-tokens", type=int, default=32)
+    pairs.add_argument("--min-gap", type=float, default=1e-6, help="smallest best-worst score gap kept as a pair")
+    pairs.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    pairs.add_argument("--max-length", type=int, default=512, help="tokens a reward-model judge reads")
+    pairs.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("data", help="write the built-in task's data files (SFT, preferences, prompts)")
     data.add_argument("out_dir")
     data.add_argument("--seed", type=int, default=0)
@@ -135,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         from reward.score import main as score_main
 
         return score_main(args)
+    if args.command == "pairs":
+        from alignment.onpolicy import main as pairs_main
+
+        if args.samples < 2:
+            print("error: --samples must be at least 2 to form a pair", file=sys.stderr)
+            return 2
+        return pairs_main(args)
 
     from alignment.config import STAGE_RECIPES, RecipeError, load_recipe
 

@@ -366,6 +366,11 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None
         raise RecipeError(f"{path or 'recipe'}: required keys not set: {', '.join(missing)}.")
     if isinstance(recipe, RecipeBase):
         validate(recipe, source=str(path or "recipe"))
+    elif hasattr(recipe, "validate"):  # recipes of their own shape (the pipeline) check themselves
+        try:
+            recipe.validate()
+        except ValueError as exc:
+            raise RecipeError(f"{path or 'recipe'}: {exc}") from None
     return recipe
 
 

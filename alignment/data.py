@@ -97,7 +97,9 @@ def builtin_data_dir(seed: int = 0) -> Path:
     from alignment import task
     from alignment.models import build_once
 
-    return build_once(f"task-data-seed{seed}-v1", lambda out: task.write_task_data(out, seed=seed))
+    # Keyed by the task format version, so a changed generator never serves stale files.
+    version = task.FORMAT_VERSION.rsplit("/", 1)[-1]
+    return build_once(f"task-data-seed{seed}-{version}", lambda out: task.write_task_data(out, seed=seed))
 
 
 def resolve_source(source: str) -> str:

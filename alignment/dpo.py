@@ -267,6 +267,43 @@ def summarize(sums: dict, prefix: str = "") -> dict:
     }
 
 
+class LogpDropWatch:
+    """Warns once when the chosen log-prob per token falls far while margins rise (both
+    responses pushed down, a known DPO failure: Pal et al. 2024, "Smaug", arXiv:2402.13228).
+
+    Compares like with like: the held-out pairs at each eval against the same pairs at
+    step 0 when there is an eval split, otherwise the mean of the last `window` train
+    batches against the first `window` (one batch against another is mostly noise).
+    """
+
+    def __init__(self, threshold: float, window: int = 5):
+        self.threshold, self.window = threshold, window
+        self.eval_baseline: float | None = None
+        self.train_values: list[float] = []
+        self.warned = False
+
+    def update(self, metrics: dict, advice: str) -> str | None:
+        if self.warned:
+            return None
+        if self.eval_baseline is not None:
+            if "eval/logps/chosen_per_token" not in metrics:
+                return None
+            before, now = self.eval_baseline, metrics["eval/logps/chosen_per_token"]
+            margin, where = metrics["eval/rewards/margins"], "held-out "
+        else:
+            self.train_values.append(metrics["logps/chosen_per_token"])
+            if len(self.train_values) < 2 * self.window:
+                return None
+            before = sum(self.train_values[: self.window]) / self.window
+            now = sum(self.train_values[-self.window :]) / self.window
+            margin, where = metrics["rewards/margins"], f"mean of {self.window} batches: "
+        if margin > 0 and now < before - self.threshold:
+            self.warned = True
+            return (f"{where}chosen log-prob per token fell from {before:.3f} to {now:.3f} while margins rise; "
+                    f"both responses are being pushed down (consider {advice})")
+        return None
+
+
 @torch.no_grad()
 def evaluate(engine, model, pairs: list, pad_id: int, loss_fn, pack_to: int | None = None) -> dict[str, float]:
     micro, world = engine.layout.micro_batch_size, engine.world_size
@@ -345,11 +382,12 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
     loss_fn = make_loss_fn(cfg, reference, nll_scale)
     progress = loop.make_progress(run, steps, start, "dpo")
     timer = loop.StepTimer()
-    start_logp_per_token = None
-    warned = False
+    logp_watch = LogpDropWatch(cfg.logp_drop_warning)
     metrics: dict = {}
     if eval_pairs and start == 0 and recipe.train.eval_before_training:
-        run.logger.log(evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to), step=0)
+        initial = evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to)
+        logp_watch.eval_baseline = initial["eval/logps/chosen_per_token"]
+        run.logger.log(initial, step=0)
     policy.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.rank)
@@ -382,16 +420,12 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
             elif cfg.loss == "sigmoid" and not cfg.rpo_alpha:
                 print_main(engine.is_main, f"check: step-1 loss {metrics['loss']:.6f} (ln 2 = {LN2:.6f}), "
                            f"implicit rewards {deviation:.2g}")
-        if start_logp_per_token is None:
-            start_logp_per_token = metrics["logps/chosen_per_token"]
-        elif (not warned and metrics["rewards/margins"] > 0
-              and metrics["logps/chosen_per_token"] < start_logp_per_token - cfg.logp_drop_warning):
-            warned = True
-            print_main(engine.is_main, f"warning: step {step}: chosen log-prob per token fell from "
-                       f"{start_logp_per_token:.3f} to {metrics['logps/chosen_per_token']:.3f} while margins rise; "
-                       "both responses are being pushed down (consider rpo_alpha or a larger beta)")
         if eval_pairs and loop.eval_due(recipe, step, steps):
             metrics.update(evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to))
+        message = logp_watch.update(metrics, advice="a larger rpo_alpha or beta" if cfg.rpo_alpha
+                                    else "rpo_alpha or a larger beta")
+        if message:
+            print_main(engine.is_main, f"warning: step {step}: {message}")
         if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])

@@ -1,7 +1,9 @@
-"""`align pipeline`: SFT -> reward model -> DPO, chained, each stage in its own process.
+"""`align pipeline`: SFT -> reward model -> on-policy pairs -> DPO, each stage in its own process.
 
 Each stage runs its own recipe with its output under the pipeline's output_dir; the
-DPO policy starts from the SFT export (merged weights when SFT used LoRA). Gold
+DPO policy starts from the SFT export (merged weights when SFT used LoRA). When the
+`pairs` stage is on, the SFT policy's own samples, ranked by a judge (the built-in
+verifier or the pipeline's reward model), replace DPO's training pairs. Gold
 scores on the built-in task's held-out prompts are collected into
 output_dir/pipeline.json, and the reward model's held-out accuracy with them.
 """
@@ -28,6 +30,19 @@ class PipelineStage:
 
 
 @dataclass
+class PairsStage:
+    """On-policy pairs from the SFT policy (`align pairs`), used as DPO's training data."""
+    enabled: bool = False
+    prompts: str = "builtin:prompts_train"
+    judge: str = "gold"
+    """'gold' (the built-in task's verifier) or 'rm' (this pipeline's reward model)."""
+    num_prompts: int = 256
+    samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+
+
+@dataclass
 class PipelineRecipe:
     output_dir: str = "???"
     seed: int = 0
@@ -35,7 +50,18 @@ class PipelineRecipe:
     """Local ranks for every stage."""
     sft: PipelineStage = field(default_factory=PipelineStage)
     rm: PipelineStage = field(default_factory=PipelineStage)
+    pairs: PairsStage = field(default_factory=PairsStage)
     dpo: PipelineStage = field(default_factory=PipelineStage)
+
+    def validate(self) -> None:
+        if self.pairs.enabled and self.pairs.judge not in ("gold", "rm"):
+            raise ValueError(f"pairs.judge must be 'gold' or 'rm', got {self.pairs.judge!r}")
+        if self.pairs.enabled and self.pairs.judge == "rm" and not self.rm.enabled:
+            raise ValueError("pairs.judge 'rm' needs the rm stage enabled")
+        if self.pairs.enabled and not (self.sft.enabled and self.dpo.enabled):
+            raise ValueError("the pairs stage samples from the SFT policy for DPO: enable sft and dpo")
+        if self.pairs.enabled and self.pairs.samples < 2:
+            raise ValueError("pairs.samples must be at least 2")
 
 
 register_stage("pipeline", PipelineRecipe)
@@ -63,14 +89,34 @@ def run(recipe: PipelineRecipe, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"stages": {}}
     previous_policy = None
-    for name in ("sft", "rm", "dpo"):
-        stage: PipelineStage = getattr(recipe, name)
+    pairs_file = None
+    for name in ("sft", "rm", "pairs", "dpo"):
+        stage = getattr(recipe, name)
         if not stage.enabled:
             continue
         stage_dir = out / name
+        started = time.time()
+        if name == "pairs":
+            pairs_file = stage_dir / "pairs.jsonl"
+            judge = "gold" if stage.judge == "gold" else _final_model(out / "rm")
+            cmd = [sys.executable, "-m", "alignment.cli", "pairs", "--model", previous_policy,
+                   "--prompts", stage.prompts, "--judge", judge, "--out", str(pairs_file),
+                   "--num-prompts", str(stage.num_prompts), "--samples", str(stage.samples),
+                   "--temperature", str(stage.temperature), "--max-new-tokens", str(stage.max_new_tokens),
+                   "--seed", str(recipe.seed)]
+            print(f"\n=== pipeline stage pairs: {' '.join(cmd[2:])}", flush=True)
+            if subprocess.call(cmd) != 0:
+                raise RuntimeError("pipeline stage pairs failed")
+            report = json.loads((stage_dir / "pairs.report.json").read_text())
+            summary["stages"][name] = {"output_dir": str(stage_dir), "minutes": round((time.time() - started) / 60, 2),
+                                       "pairs": report["pairs"], "gold/sample_score" if stage.judge == "gold"
+                                       else "judge/mean_sample_score": report["mean_sample_score"]}
+            continue
         overrides = [f"output_dir={stage_dir}", f"seed={recipe.seed}", *stage.overrides]
         if name == "dpo" and previous_policy:
             overrides.append(f"model.name_or_path={previous_policy}")
+        if name == "dpo" and pairs_file:
+            overrides.append(f"data.train={pairs_file}")
         load_recipe(stage.recipe, name, overrides)  # fail fast on a bad stage recipe, before any training
         cmd = [sys.executable, "-m", "alignment.cli", name, stage.recipe, "--nproc", str(recipe.nproc)]
         for item in overrides:
@@ -78,7 +124,6 @@ def run(recipe: PipelineRecipe, resume: bool = False) -> dict:
         if resume:
             cmd.append("--resume")
         print(f"\n=== pipeline stage {name}: {' '.join(cmd[2:])}", flush=True)
-        started = time.time()
         code = subprocess.call(cmd)
         if code != 0:
             raise RuntimeError(f"pipeline stage {name} failed with exit code {code}")
@@ -94,6 +139,7 @@ def run(recipe: PipelineRecipe, resume: bool = False) -> dict:
     print("\n=== pipeline summary")
     for name, info in summary["stages"].items():
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()
-                 if k.startswith(("gold/score", "eval/accuracy", "eval/rewards/accuracies", "eval/loss")) or k == "minutes"}
+                 if k.startswith(("gold/", "eval/accuracy", "eval/rewards/accuracies", "eval/loss"))
+                 or k in ("minutes", "pairs")}
         print(f"  {name:4s} {shown}")
     return summary

@@ -49,13 +49,16 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = "alignment-task/v1"
+FORMAT_VERSION = "alignment-task/v2"
 FAMILIES = ("arithmetic", "units", "words", "format")
 ID_PREFIX = {"arithmetic": "arith", "units": "units", "words": "words", "format": "fmt"}
 FULL_CREDIT, FORMAT_ERROR_CREDIT, RAMBLING_CREDIT = 1.0, 0.5, 0.25
 RAMBLE_FACTOR, RAMBLE_MIN_CHARS = 3, 24
 END_TOKENS = ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>", "<|end|>")
 JUST_NUMBER = "Answer with just the number."
+# Weights of bad_responses()' entries when one is picked as the rejected response:
+# two wrong values, then evasive, rambling, wrong format.
+REJECTED_WEIGHTS = (3, 3, 1, 1, 1)
 
 # (larger unit, smaller unit, how many smaller units in one larger unit)
 CONVERSIONS = (
@@ -305,11 +308,15 @@ def score(gold: dict, response: str) -> float:
 # -------------------------------------------------------------- bad responses
 
 def _wrong_values(problem: Problem, rng: random.Random, count: int = 2) -> list[str]:
+    """Plausible wrong answers, modelled on the errors small models make on this task:
+    echoing an operand, a magnitude slip (x10, /10), and near misses."""
     gold = problem.gold
     expected = gold["expected"]
     if gold["kind"] == "number":
-        value = int(expected)  # near misses; never negative (no answer here is)
-        candidates = [value + d for d in (-10, -3, -2, -1, 1, 2, 3, 10) if value + d >= 0]
+        value = int(expected)  # never negative (no answer here is), never the expected value
+        near = {value + d for d in (-10, -3, -2, -1, 1, 2, 3, 10)}
+        slips = {value * 10, value // 10} | {int(x) for x in gold.get("operands", ())}
+        candidates = sorted(v for v in near | slips if v >= 0 and v != value)
         return [str(wrong) for wrong in rng.sample(candidates, count)]
     wrong = []
     for _ in range(count):  # shift one letter along the alphabet: always a different word
@@ -383,7 +390,9 @@ def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
             if gold_score != FULL_CREDIT or any(score(problem.gold, b) >= gold_score for b in bad_options):
                 raise AssertionError(f"gold answer not strictly best for {problem}")
             user, gold_reply = _message("user", problem.prompt), _message("assistant", problem.answer)
-            rejected = _message("assistant", rng.choice(bad_options))
+            # Wrong answers are the rejected response two times in three: they are the
+            # mistakes a fine-tuned model still makes; evasion and rambling it unlearns fast.
+            rejected = _message("assistant", rng.choices(bad_options, weights=REJECTED_WEIGHTS)[0])
             sft.append({"messages": user + gold_reply, "id": problem.id})
             prefs.append({"prompt": user, "chosen": gold_reply, "rejected": rejected, "id": problem.id})
             prompts.append({"prompt": user, "gold": problem.gold, "id": problem.id})

@@ -16,7 +16,8 @@ from alignment.data import DataError, Row, check_messages, read_rows
 from alignment.preference import PairRejected, to_pair
 
 
-def _sequence(tokenizer, prompt, response, max_length: int) -> list[int]:
+def sequence_ids(tokenizer, prompt, response, max_length: int) -> list[int]:
+    """Token ids of prompt + response as the reward model reads them (chat template for messages)."""
     if isinstance(prompt, str) and isinstance(response, str):
         text = prompt + response + (tokenizer.eos_token or "")
     else:
@@ -53,7 +54,7 @@ def main(args) -> int:
         record = {"origin": row.origin}
         try:
             for name, prompt, response in _row_items(row):
-                items.append((number, name, _sequence(scorer.tokenizer, prompt, response, args.max_length)))
+                items.append((number, name, sequence_ids(scorer.tokenizer, prompt, response, args.max_length)))
         except PairRejected as exc:
             record["skipped"] = exc.reason
         records.append(record)

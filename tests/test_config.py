@@ -542,3 +542,16 @@ def test_cli_help(args, tmp_path):
         assert "sft" in proc.stdout
     else:
         assert "--set" in proc.stdout and "recipe" in proc.stdout
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["pairs.enabled=true", "pairs.judge=oracle"], "pairs.judge must be 'gold' or 'rm'"),
+    (["pairs.enabled=true", "pairs.judge=rm", "rm.enabled=false"], "needs the rm stage enabled"),
+    (["pairs.enabled=true", "dpo.enabled=false"], "enable sft and dpo"),
+    (["pairs.enabled=true", "pairs.samples=1"], "at least 2"),
+])
+def test_pipeline_pairs_stage_cross_checks(sets, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(REPO / "configs" / "smollm2" / "pipeline.yaml", "pipeline", sets)
+    # the same recipe without the pairs stage is fine
+    load_recipe(REPO / "configs" / "smollm2" / "pipeline.yaml", "pipeline", [s for s in sets if "pairs.enabled" not in s])

@@ -467,3 +467,25 @@ def test_pairs_fingerprint_tracks_token_ids(pairs):
     p = pairs[0]
     moved = [TokenizedPair(p.prompt_ids[:-1], p.prompt_ids[-1:] + p.chosen_ids, p.prompt_ids[-1:] + p.rejected_ids, "")]
     assert pairs_fingerprint(moved) != pairs_fingerprint(pairs[:1])
+
+
+def test_logp_drop_watch_compares_like_with_like():
+    from alignment.dpo import LogpDropWatch
+
+    # Held-out baseline: train batches are ignored, the eval at a later step decides.
+    watch = LogpDropWatch(threshold=0.5)
+    watch.eval_baseline = -0.30
+    assert watch.update({"logps/chosen_per_token": -3.0, "rewards/margins": 1.0}, "x") is None
+    assert watch.update({"eval/logps/chosen_per_token": -0.70, "eval/rewards/margins": 1.0}, "x") is None
+    assert watch.update({"eval/logps/chosen_per_token": -0.90, "eval/rewards/margins": -0.1}, "x") is None
+    message = watch.update({"eval/logps/chosen_per_token": -0.90, "eval/rewards/margins": 1.0}, "rpo_alpha")
+    assert message and "-0.300 to -0.900" in message and "rpo_alpha" in message
+    assert watch.update({"eval/logps/chosen_per_token": -2.0, "eval/rewards/margins": 1.0}, "x") is None  # once
+
+    # No eval split: the mean of the last 5 train batches against the first 5, so one noisy
+    # batch (-2.0 at step 2) does not fire it, a sustained drop does.
+    watch = LogpDropWatch(threshold=0.5, window=5)
+    values = [-0.3, -2.0, -0.3, -0.3, -0.3] + [-0.4] * 5
+    assert all(watch.update({"logps/chosen_per_token": v, "rewards/margins": 1.0}, "x") is None for v in values)
+    fired = [watch.update({"logps/chosen_per_token": -1.5, "rewards/margins": 1.0}, "x") for _ in range(5)]
+    assert fired[:3] == [None] * 3 and fired[3] and fired[4] is None
