@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-fast bench clean
+.PHONY: setup quickstart test test-fast test-real bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+test-real: $(STAMP)  # also the long real-data DPO check (hh-rlhf, ~10 CPU minutes)
+	ALIGN_REAL_DATA_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=1800 tests/test_real_model.py
+
 bench: $(STAMP)
 	$(PY) bench/sft.py
+	$(PY) bench/rm.py
+	$(PY) bench/dpo.py
 
 clean:
 	rm -rf $(VENV) runs
