@@ -15,17 +15,23 @@ from alignment.data import read_rows
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-             device: torch.device) -> list[str]:
-    """Greedy completions for chat prompts (lists of messages)."""
+             device: torch.device, samples: int = 1, temperature: float = 0.0) -> list[str]:
+    """Completions for chat prompts (lists of messages), `samples` per prompt in prompt order.
+
+    temperature 0: greedy; above 0: plain temperature sampling (no top-k/top-p), seeded by
+    the caller through torch's global generator.
+    """
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+        else {"do_sample": False}
     old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"  # generation continues from each prompt's last real token
     outputs = []
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[start : start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=samples, **sampling,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             for row in out[:, enc["input_ids"].shape[1]:]:
                 outputs.append(tokenizer.decode(row, skip_special_tokens=True))

@@ -68,28 +68,18 @@ def _prompt_messages(row) -> list[dict]:
     raise DataError(f"{row.origin}: field 'prompt' must be a string or a list of messages")
 
 
-@torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[list[dict]], samples: int, temperature: float,
-                     max_new_tokens: int, batch_size: int, seed: int) -> list[list[str]]:
+                     max_new_tokens: int, batch_size: int, seed: int,
+                     device: torch.device = torch.device("cpu")) -> list[list[str]]:
     """`samples` sampled completions per chat prompt; shape [len(prompts)][samples]."""
+    from alignment.gold import generate
+
+    if temperature <= 0:
+        raise ValueError("on-policy pairs need sampling: temperature must be above 0")
     torch.manual_seed(seed)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the last real token
-    outputs: list[list[str]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                 top_p=1.0, top_k=0, num_return_sequences=samples,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            decoded = [tokenizer.decode(row, skip_special_tokens=True).strip()
-                       for row in out[:, enc["input_ids"].shape[1]:]]
-            outputs += [decoded[i : i + samples] for i in range(0, len(decoded), samples)]
-    finally:
-        tokenizer.padding_side = old_side
-    return outputs
+    flat = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device,
+                    samples=samples, temperature=temperature)
+    return [[text.strip() for text in flat[i : i + samples]] for i in range(0, len(flat), samples)]
 
 
 def best_and_worst(scores: list[float], min_gap: float) -> tuple[int, int] | None:
@@ -122,9 +112,10 @@ def make_pairs(args) -> PairsReport:
     # Step 2. Sample from the policy (a plain transformers model: no engine hooks, fastest generate).
     model_dir = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_dir)
-    policy = load_exported(model_dir, "causal_lm").eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_exported(model_dir, "causal_lm").to(device).eval()
     responses = sample_responses(policy, tokenizer, prompts, args.samples, args.temperature,
-                                 args.max_new_tokens, args.batch_size, args.seed)
+                                 args.max_new_tokens, args.batch_size, args.seed, device)
     del policy
     report.seconds["sampling"] = time.time() - clock
 
