@@ -45,6 +45,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _unlink_deepspeed_shm_buffer(rank: int) -> None:
+    """Remove this rank's /dev/shm name of DeepSpeed's CPU all-reduce buffer.
+
+    DeepSpeed's CPU comm op (ops/csrc/cpu/comm/shm.cpp) creates a 66 MB shared-memory
+    buffer per rank at init_distributed and never unlinks it, so every CPU run used to
+    leave its buffers in /dev/shm (RAM): 16 GB had piled up here before a benchmark was
+    OOM-killed. Once all ranks have mapped each other's buffers (the barrier before this
+    call), the names can go; the mappings stay valid until the processes exit.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float):
     """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then decay."""
 
@@ -172,6 +187,9 @@ class Engine:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = torch.device("cuda", self.local_rank) if self.on_gpu else torch.device("cpu")
+        if not self.on_gpu:
+            dist.barrier()  # by now every rank has mapped every rank's DeepSpeed shm buffer
+            _unlink_deepspeed_shm_buffer(self.rank)
 
     @property
     def is_main(self) -> bool:

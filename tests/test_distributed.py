@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,11 @@ from helpers import align_cache, run_sft, step_metrics, surviving_processes  # n
 pytestmark = pytest.mark.slow
 
 COMMON = ("train.global_batch_size=8", "train.eval_interval=0", "train.save_interval=0", "data.eval=null")
+
+
+def deepspeed_shm_buffers() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,10 @@ def one_rank(tmp_path_factory, align_cache):
 def test_one_rank_and_two_ranks_give_the_same_loss_curve(tmp_path, one_rank, zero_stage):
     """2 ranks x micro 2 x accumulation 2 (ZeRO-2 and ZeRO-3) against 1 rank x micro 4 x accumulation 2."""
     out = tmp_path / "r2"
+    shm_before = deepspeed_shm_buffers()
     run_sft(out, *COMMON, "train.micro_batch_size=2", f"deepspeed.zero_stage={zero_stage}", steps=6, nproc=2).check()
+    # DeepSpeed's CPU comm op leaves a 66 MB /dev/shm buffer per rank unless the engine unlinks it.
+    assert deepspeed_shm_buffers() <= shm_before, "the run left DeepSpeed shm buffers in /dev/shm"
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["batch"]["grad_accum_steps"] == 2
     two = step_metrics(out)
@@ -50,6 +59,7 @@ def test_one_rank_and_two_ranks_give_the_same_loss_curve(tmp_path, one_rank, zer
 @pytest.mark.timeout(180)
 def test_failing_rank_ends_the_job(tmp_path, align_cache):
     out = tmp_path / "fail-rank1"
+    shm_before = deepspeed_shm_buffers()
     started = time.monotonic()
     result = run_sft(out, *COMMON, "train.micro_batch_size=4", "deepspeed.zero_stage=2", steps=6, nproc=2, timeout=120,
                      env={"ALIGN_DEBUG_FAIL_AT_STEP": "2", "ALIGN_DEBUG_FAIL_RANK": "1"})
@@ -68,3 +78,4 @@ def test_failing_rank_ends_the_job(tmp_path, align_cache):
     while (alive := surviving_processes(str(out), session=result.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive, f"processes of the failed run survive: {alive}"
+    assert deepspeed_shm_buffers() <= shm_before, "the failed run left DeepSpeed shm buffers in /dev/shm"
