@@ -59,7 +59,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% more compute."""
     attn_implementation: Optional[str] = None
-    """Passed to transformers (`sdpa`, `eager`, `flash_attention_2`); None = its default."""
+    """Passed to transformers (`sdpa`, `eager`, `flash_attention_2`). None = automatic: `eager` on CPU
+    when rows are at most 512 tokens (faster there), else transformers' default (`sdpa`)."""
     tokenizer: Optional[str] = None
     """Tokenizer path or id when it differs from the model's."""
 

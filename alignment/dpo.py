@@ -166,9 +166,10 @@ def compute_reference_table(engine, frozen, pairs: list, pad_id: int, split: str
 
 
 def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, list], pad_id: int) -> dict:
-    """Cached reference log-probs keyed by model weights, precision and tokenized pairs."""
+    """Cached reference log-probs keyed by model weights, precision, attention kernel and tokenized pairs."""
     revision = None if recipe.dpo.reference_model else recipe.model.revision
-    key_src = f"{model_fingerprint(ref_path, revision)}|{recipe.train.precision}|" + "|".join(
+    key_src = (f"{model_fingerprint(ref_path, revision)}|{recipe.train.precision}|"
+               f"{loop.attention_implementation(engine, recipe)}|") + "|".join(
         f"{name}:{pairs_fingerprint(pairs)}" for name, pairs in sorted(splits.items())
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
@@ -180,7 +181,7 @@ def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, l
             return table
     print_main(engine.is_main, f"reference log-probs: computing for {sum(map(len, splits.values()))} pairs (cache {path})")
     with engine.model_init(trainable=False):
-        frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm"))
+        frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm", attn_implementation=loop.attention_implementation(engine, recipe)))
     pack_to = recipe.data.max_length if recipe.data.packing else None
     table = {name: compute_reference_table(engine, frozen, pairs, pad_id, name, pack_to) for name, pairs in splits.items()}
     table["key"] = key
@@ -359,7 +360,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         reference.table = load_or_compute_reference(engine, ref_path, recipe, splits, pad_id)
     elif ref_mode == "model":
         with engine.model_init(trainable=False):
-            reference.frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm"))
+            reference.frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm", attn_implementation=loop.attention_implementation(engine, recipe)))
 
     # Step 4. Policy: loaded (sharded under ZeRO-3), LoRA, wrapped with optimizer and schedule.
     policy = loop.load_trainable_model(engine, recipe, model_path, "causal_lm")

@@ -59,7 +59,7 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
                  extra_config: dict | None = None) -> Path:
     """Gather, write and verify `out_dir`. Collective: every rank calls it."""
     out_dir = Path(out_dir)
-    from alignment.modeling import user_model
+    from alignment.modeling import unwrap, user_model
 
     module = user_model(model)
     expected = live_outputs(engine, model, tokenizer, kind)
@@ -78,7 +78,11 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
             if is_lora:
                 _write_base_config(module, out_dir)
             torch.save(expected, out_dir.parent / f".{out_dir.name}-expected.pt")
-            verify_in_fresh_process(out_dir, out_dir.parent / f".{out_dir.name}-expected.pt", kind, precision)
+            # Reload with the live model's attention kernel: the check is about the weights, and in bf16
+            # eager and SDPA differ by more than its tolerance (0.1 + 2%) on many logits.
+            attention = getattr(unwrap(module).config, "_attn_implementation", None)
+            verify_in_fresh_process(out_dir, out_dir.parent / f".{out_dir.name}-expected.pt", kind, precision,
+                                    attention)
             if is_lora and lora_cfg.merge_on_export:
                 with engine.plain_init():
                     merge_adapter(out_dir, base_path, kind, out_dir / "merged", extra_config)
@@ -110,23 +114,26 @@ def merge_adapter(adapter_dir: Path, base_path: str, kind: str, merged_dir: Path
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged_dir)
 
 
-def verify_in_fresh_process(out_dir: Path, expected_file: Path, kind: str, precision: str) -> None:
+def verify_in_fresh_process(out_dir: Path, expected_file: Path, kind: str, precision: str,
+                            attention: str | None = None) -> None:
     cmd = [sys.executable, "-m", "alignment.export", "verify", str(out_dir), "--expected", str(expected_file),
-           "--kind", kind, "--precision", precision]
+           "--kind", kind, "--precision", precision] + (["--attn-implementation", attention] if attention else [])
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise ExportMismatch(f"reloading {out_dir} in a fresh process failed:\n{result.stdout}{result.stderr[-3000:]}")
 
 
-def load_exported(path: str | Path, kind: str, dtype: torch.dtype | None = None):
+def load_exported(path: str | Path, kind: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
     """Load an exported directory with plain transformers / peft, as a user would."""
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.exists():
         from peft import PeftModel
 
         base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        base = load_exported(base_path, kind, dtype)
+        base = load_exported(base_path, kind, dtype, attn_implementation)
         # With an explicit dtype keep the adapter in it too (peft upcasts adapters to fp32 by default).
         return PeftModel.from_pretrained(base, path, autocast_adapter_dtype=dtype is None)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -135,7 +142,7 @@ def load_exported(path: str | Path, kind: str, dtype: torch.dtype | None = None)
     return cls.from_pretrained(path, **kwargs)
 
 
-def verify(path: Path, expected: torch.Tensor, kind: str, precision: str) -> float:
+def verify(path: Path, expected: torch.Tensor, kind: str, precision: str, attention: str | None = None) -> float:
     from transformers import AutoTokenizer
 
     from alignment.models import torch_dtype
@@ -143,7 +150,7 @@ def verify(path: Path, expected: torch.Tensor, kind: str, precision: str) -> flo
     tokenizer = AutoTokenizer.from_pretrained(path)
     # Compare in the precision the model was trained in: a bf16-trained adapter on an fp32
     # base computes differently in fp32, which is not an export error.
-    model = load_exported(path, kind, torch_dtype(precision)).eval()
+    model = load_exported(path, kind, torch_dtype(precision), attention).eval()
     with torch.no_grad():
         got = model_outputs(model, fixed_input(tokenizer), kind)
     if got.shape != expected.shape:
@@ -167,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--expected", type=Path, required=True)
     check.add_argument("--kind", choices=["causal_lm", "reward"], default="causal_lm")
     check.add_argument("--precision", choices=list(TOLERANCE), default="fp32")
+    check.add_argument("--attn-implementation", default=None, help="the live model's (default: transformers')")
     args = parser.parse_args(argv)
     expected = torch.load(args.expected)
-    max_diff = verify(args.path, expected, args.kind, args.precision)
+    max_diff = verify(args.path, expected, args.kind, args.precision, args.attn_implementation)
     print(f"export verified: {args.path} reloads with max |diff| {max_diff:.3g}")
     return 0
 

@@ -79,14 +79,25 @@ def read_splits(recipe: RecipeBase) -> tuple[list, list]:
     return rows, eval_rows
 
 
+def attention_implementation(engine: Engine, recipe: RecipeBase, longest_row: int | None = None) -> str | None:
+    """The attention kernel every model of this run loads with (models.attention_for); rows default to
+    data.max_length tokens."""
+    from alignment.models import attention_for
+
+    return attention_for(recipe.model.attn_implementation, engine.device.type, longest_row or recipe.data.max_length)
+
+
 def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, kind: str = "causal_lm",
-                         before_adapters: Callable | None = None):
+                         before_adapters: Callable | None = None, longest_row: int | None = None):
     """Load (sharded under ZeRO-3 as it loads), then gradient checkpointing and LoRA as the recipe says."""
     from alignment.models import apply_lora, load_model
 
+    attention = attention_implementation(engine, recipe, longest_row)
     with engine.model_init():
         model = load_model(model_path, kind, trust_remote_code=recipe.model.trust_remote_code,
-                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
+                           revision=recipe.model.revision, attn_implementation=attention)
+    print_main(engine.is_main, f"attention: {model.config._attn_implementation}"
+               f"{'' if recipe.model.attn_implementation else ' (automatic: model.attn_implementation unset)'}")
     if before_adapters is not None:
         before_adapters(model)
     if recipe.model.gradient_checkpointing:

@@ -265,7 +265,7 @@ def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | No
     return pairs
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None):
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None, share_prompt: bool = False):
     """Chosen sequences then rejected ones, as one batch for a single forward pass.
 
     Default: right-padded rows [2B, T]. With pack_to (padding-free): the 2B sequences
@@ -274,6 +274,16 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None =
     on padding; `sequence_index` [R, W] maps every token to its sequence (-1 = padding)
     and `last_position` [2B, 2] gives each sequence's last token (row, column).
 
+    With pack_to and share_prompt (reward models only): each pair is one segment
+    [prompt | chosen | rejected] and its prompt runs once. The mask lets a chosen token
+    see the prompt and the chosen tokens before it, a rejected token the prompt and the
+    rejected tokens before it, never the other response; both responses' positions
+    continue from the prompt's end. Every token thus has the same context and position
+    as in its own sequence, so the hidden states at the two last tokens, and the rewards
+    read there, are those of the separate sequences. Rows hold up to max(pack_to, the
+    longest segment) tokens. No labels: a rejected response's first token is not preceded
+    by its prompt in the row, so next-token targets (DPO) need the separate layout.
+
     labels mark response tokens (IGNORE on prompt and padding) for DPO's log-probs;
     the reward model reads its score at each sequence's last real token.
     """
@@ -281,15 +291,21 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None =
 
     from alignment.data import IGNORE
 
+    margins = torch.tensor([p.margin if p.margin is not None else 0.0 for p in pairs], dtype=torch.float32)
+    extra = {"margin": margins, "has_margin": any(p.margin is not None for p in pairs),
+             "num_sequences": 2 * len(pairs),
+             # Tokens of the 2B sequences, the same in every layout (a shared prompt counts twice).
+             "sequence_tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)}
+    if share_prompt:
+        if pack_to is None:
+            raise ValueError("share_prompt needs packed rows (pack_to)")
+        return {**_pack_shared_prompt(pairs, pad_id, pack_to), **extra}
     sequences, labels = [], []
     for which in ("chosen", "rejected"):
         for p in pairs:
             response = p.chosen_ids if which == "chosen" else p.rejected_ids
             sequences.append(p.prompt_ids + response)
             labels.append([IGNORE] * len(p.prompt_ids) + response)
-    margins = torch.tensor([p.margin if p.margin is not None else 0.0 for p in pairs], dtype=torch.float32)
-    extra = {"margin": margins, "has_margin": any(p.margin is not None for p in pairs),
-             "num_sequences": len(sequences)}
     if pack_to is None:
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -303,16 +319,13 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None =
     return {**_pack_sequences(sequences, labels, pad_id, pack_to), **extra}
 
 
-def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, capacity: int) -> dict:
-    import torch
-
-    from alignment.data import IGNORE
-
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    rows: list[list[int]] = []  # sequence indices per row
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `capacity` tokens, longest first (deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
     free: list[int] = []
     for i in order:
-        n = len(sequences[i])
+        n = lengths[i]
         for r, room in enumerate(free):
             if room >= n:
                 rows[r].append(i)
@@ -321,6 +334,29 @@ def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id:
         else:
             rows.append([i])
             free.append(capacity - n)
+    return rows
+
+
+def _allowed(segment, part=None):
+    """Attention allowed [R, 1, W, W]: same segment, causal, and when `part` is given (0 = shared
+    prompt, 1/2 = a response) only keys in the prompt or in the query's own part; padding
+    queries see themselves (a softmax over nothing would be NaN)."""
+    import torch
+
+    width = segment.shape[1]
+    allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    allowed &= torch.ones(width, width, dtype=torch.bool).tril()[None]
+    if part is not None:
+        allowed &= (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+    return (allowed | torch.eye(width, dtype=torch.bool)[None])[:, None]
+
+
+def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, capacity: int) -> dict:
+    import torch
+
+    from alignment.data import IGNORE
+
+    rows = _first_fit_decreasing([len(s) for s in sequences], capacity)
     width = max(sum(len(sequences[i]) for i in row) for row in rows)
     shape = (len(rows), width)
     ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -341,8 +377,39 @@ def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id:
             seq_index[r, start : start + n] = i
             last[i] = torch.tensor([r, start + n - 1])
             start += n
-    same = seq_index[:, :, None] == seq_index[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = (same & causal[None] & (seq_index[:, :, None] >= 0)) | torch.eye(width, dtype=torch.bool)[None]
     return {"input_ids": ids, "labels": lab, "attention_mask": mask, "position_ids": positions,
-            "block_mask": allowed[:, None], "sequence_index": seq_index, "last_position": last}
+            "block_mask": _allowed(seq_index), "sequence_index": seq_index, "last_position": last}
+
+
+def _pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int, capacity: int) -> dict:
+    import torch
+
+    segments = [p.prompt_ids + p.chosen_ids + p.rejected_ids for p in pairs]
+    capacity = max(capacity, max(len(s) for s in segments))
+    rows = _first_fit_decreasing([len(s) for s in segments], capacity)
+    width = max(sum(len(segments[i]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    part = torch.zeros(shape, dtype=torch.long)
+    last = torch.zeros((2 * len(pairs), 2), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            p = pairs[i]
+            n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+            n = n_p + n_c + n_r
+            ids[r, start : start + n] = torch.tensor(segments[i])
+            mask[r, start : start + n] = 1
+            positions[r, start : start + n] = torch.cat(
+                [torch.arange(n_p), torch.arange(n_p, n_p + n_c), torch.arange(n_p, n_p + n_r)])
+            segment[r, start : start + n] = i
+            part[r, start + n_p : start + n_p + n_c] = 1
+            part[r, start + n_p + n_c : start + n] = 2
+            last[i] = torch.tensor([r, start + n_p + n_c - 1])
+            last[len(pairs) + i] = torch.tensor([r, start + n - 1])
+            start += n
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "block_mask": _allowed(segment, part), "last_position": last}

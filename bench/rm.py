@@ -9,19 +9,25 @@ max_length, global batch 16 as 2 micro-batches of 8, bf16, AdamW (lr 5e-5, cosin
 2 warm-up steps, no weight decay, clipping 1.0), Bradley-Terry loss with the centring
 term 0.01 (TRL: center_rewards_coefficient), no gradient checkpointing, no
 eval/saving/trackers, the same number of optimizer steps. TRL keeps its other defaults
-(fused AdamW, AMP autocast for bf16, fp32 master weights).
+(fused AdamW, AMP autocast for bf16, fp32 master weights, right-padded [2B, T] batches,
+its only layout).
 
-Our side runs twice, each as `python -m alignment.cli rm configs/smollm2/rm-hh.yaml --set ...`
-(alignment.cli.main in a thin wrapper that also reads the process CPU time per step):
-right-padded [2B, T] batches (the default) and padding-free packed pair batches
-(`data.packing=true`: the 2B sequences of a micro-batch first-fit into rows of max_length,
-block-diagonal attention, same losses). The RESULT line uses the padded run (our default);
-the table shows both.
+Sides, each a fresh process:
+- `ours`: `python -m alignment.cli rm configs/smollm2/rm-hh.yaml --set ...` with the
+  recipe's own layout and attention: pairs packed without padding, each pair one
+  [prompt | chosen | rejected] segment whose prompt runs once (data.packing, rm.share_prompt),
+  and the attention kernel our loader picks (eager on CPU for rows up to 512 tokens).
+- `ours-padded`: the same with data.packing=false (right-padded [2B, T] rows), to show
+  what the layout is worth (--no-padded skips it).
+- `trl`: RewardTrainer with its defaults (SDPA attention): the RESULT `rm-vs-trl`.
+- `trl-eager`: RewardTrainer loading the model with attn_implementation="eager", the
+  kernel ours uses on CPU, i.e. TRL's fastest setting here: the RESULT `rm-vs-trl-eager`.
 
 Throughput = pairs over the timed steps / their wall time (first --warmup-steps steps of
 each side not timed); one CPU thread per side by default (see pref_common.side_env). Ends with:
 
     RESULT name=rm-vs-trl ours=<pairs/s> peer=<pairs/s> unit=pairs/s ratio=<ours/peer>
+    RESULT name=rm-vs-trl-eager ours=<pairs/s> peer=<pairs/s> unit=pairs/s ratio=<ours/peer>
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per side (OMP_NUM_THREADS), the same on "
                    "both; 0 = torch's default (all cores). Default 1: see pref_common.side_env")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (no RESULT line)")
-    p.add_argument("--no-padded", action="store_true", help="skip our right-padded run (packed only)")
+    p.add_argument("--no-padded", action="store_true", help="skip our right-padded run (data.packing=false)")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ours-worker", default=None, help=argparse.SUPPRESS)
@@ -76,18 +82,18 @@ def settings(args) -> pc.Settings:
 # ---------------------------------------------------------------------------
 
 
-def run_ours(args, s: pc.Settings, data: pc.PairData, workdir: Path, packing: bool) -> pc.PairLog:
-    label = "ours-packed" if packing else "ours-padded"
+def run_ours(args, s: pc.Settings, data: pc.PairData, workdir: Path, label: str) -> pc.PairLog:
     out = workdir / label
     sets = pc.common_sets(s, data, out, LR)
     sets.update({
-        "data.packing": "true" if packing else "false",
         "rm.trainable_layers": "null",  # full fine-tune, like TRL
         "rm.max_prompt_length": s.max_prompt_length,
         "rm.center_coef": CENTER_COEF,
         "rm.use_margin": "true",  # no margins in hh-rlhf: no effect
         "rm.head_init_std": "null",
     })
+    if label == "ours-padded":
+        sets["data.packing"] = "false"
     if args.zero_stage is not None:
         sets["deepspeed.zero_stage"] = args.zero_stage
     return pc.run_ours(str(Path(__file__).resolve()), "rm", RECIPE, sets, workdir, label, s.global_batch,
@@ -115,8 +121,9 @@ def trl_worker(spec_path: str) -> None:
     # pooling finds the last token by pad id, and our sequences end with <|im_end|> (= EOS).
     tokenizer = load_tokenizer(common.smollm2_path())
     ensure_distinct_pad(tokenizer, SimpleNamespace(config=SimpleNamespace()))
+    init = {"attn_implementation": spec["attn"]} if spec.get("attn") else None
     config = RewardConfig(**pc.trl_common_args(s, spec["output_dir"], LR),
-                          center_rewards_coefficient=CENTER_COEF, disable_dropout=True)
+                          center_rewards_coefficient=CENTER_COEF, disable_dropout=True, model_init_kwargs=init)
     clock = pc.step_clock()
     trainer = RewardTrainer(model=common.smollm2_path(), args=config, train_dataset=dataset,
                             processing_class=tokenizer, callbacks=[clock])
@@ -124,6 +131,7 @@ def trl_worker(spec_path: str) -> None:
     trainer.data_collator = counter
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     print(f"torch threads {torch.get_num_threads()}, optimizer {config.optim}, bf16 {config.bf16}, "
+          f"attention {trainer.model.config._attn_implementation}, "
           f"gradient checkpointing {config.gradient_checkpointing}, trainable {trainable / 1e6:.2f}M, "
           f"pad {tokenizer.pad_token!r}", flush=True)
     trainer.train()
@@ -132,11 +140,12 @@ def trl_worker(spec_path: str) -> None:
     Path(spec["result"]).write_text(json.dumps(log.as_dict()))
 
 
-def run_trl(args, s: pc.Settings, data: pc.PairData, workdir: Path) -> pc.PairLog:
+def run_trl(args, s: pc.Settings, data: pc.PairData, workdir: Path, attn: str | None = None) -> pc.PairLog:
     path = workdir / "trl_train.jsonl"
     pc.write_trl_records(data, path, "rm")
-    spec = {"settings": s.__dict__, "data": str(path), "output_dir": str(workdir / "trl")}
-    return pc.run_trl_worker(str(Path(__file__).resolve()), spec, workdir, "trl", pc.side_env(args.threads))
+    label = f"trl-{attn}" if attn else "trl"
+    spec = {"settings": s.__dict__, "data": str(path), "output_dir": str(workdir / label), "attn": attn}
+    return pc.run_trl_worker(str(Path(__file__).resolve()), spec, workdir, label, pc.side_env(args.threads))
 
 
 # ---------------------------------------------------------------------------
@@ -163,29 +172,30 @@ def main(argv=None) -> int:
         print(pc.describe(s, data), flush=True)
         rows = []
         if args.only in (None, "ours"):
+            rows.append(pc.Row("ours", "align rm as the recipe says: shared-prompt packed pairs, eager attention",
+                               run_ours(args, s, data, workdir, "ours"), s.warmup))
             if not args.no_padded:
-                rows.append(pc.Row("ours-padded", "align rm, right-padded [2B,T] (default; RESULT)",
-                                   run_ours(args, s, data, workdir, packing=False), s.warmup))
-            rows.append(pc.Row("ours-packed", "align rm, data.packing=true",
-                               run_ours(args, s, data, workdir, packing=True), s.warmup))
+                rows.append(pc.Row("ours-padded", "align rm, data.packing=false: right-padded [2B,T]",
+                                   run_ours(args, s, data, workdir, "ours-padded"), s.warmup))
         if args.only in (None, "trl"):
-            rows.append(pc.Row("trl", "RewardTrainer, right-padded [2B,T] (its only layout)",
+            rows.append(pc.Row("trl", "RewardTrainer defaults: right-padded [2B,T], SDPA attention",
                                run_trl(args, s, data, workdir), s.warmup))
+            rows.append(pc.Row("trl-eager", "RewardTrainer, attn_implementation=eager (its fastest here)",
+                               run_trl(args, s, data, workdir, "eager"), s.warmup))
         pc.print_table(f"reward-model training, pairs/s ({pc.load_note()} at the end)", rows, s.warmup)
         pc.check_same_work(rows, data, s.steps)
         print(f"all sides processed the same {len(data.pairs)} pairs / {data.tokens} tokens in the same batches; "
               f"benchmark wall time {time.perf_counter() - started:.0f}s")
         if args.only is None:
             by_name = {r.name: r for r in rows}
+            ours = by_name["ours"]
             if "ours-padded" in by_name:
-                print(f"ours-padded vs trl: {by_name['ours-padded'].rate / by_name['trl'].rate:.3f}x; "
-                      f"ours-packed vs ours-padded: {by_name['ours-packed'].rate / by_name['ours-padded'].rate:.3f}x")
-            # Our default layout is the one compared; packed vs padded on CPU is not settled (wall time
-            # favoured padded, CPU time favoured packed in the one loaded run).
-            ours = by_name.get("ours-padded", by_name["ours-packed"])
+                print(f"ours vs ours-padded: {ours.rate / by_name['ours-padded'].rate:.3f}x; "
+                      f"ours-padded vs trl-eager (same layout, same attention): "
+                      f"{by_name['ours-padded'].rate / by_name['trl-eager'].rate:.3f}x")
             pc.print_cpu_check(ours, by_name["trl"])
-            print(f"RESULT uses {ours.name}, all else identical to trl")
             common.result_line(RESULT_NAME, ours.rate, by_name["trl"].rate, "pairs/s")
+            common.result_line(RESULT_NAME + "-eager", ours.rate, by_name["trl-eager"].rate, "pairs/s")
     finally:
         pc.cleanup(workdir, keep=bool(args.workdir))
     return 0

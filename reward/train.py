@@ -6,6 +6,10 @@ A causal-LM backbone gets a scalar head (transformers' AutoModelForSequenceClass
 num_labels=1) and learns r(prompt, response) so that chosen responses score above
 rejected ones. Chosen and rejected go through the model in one [2B, T] batch. The
 loss of a step is the mean per-pair loss over the whole global batch.
+
+With data.packing the pairs are packed without padding, and (rm.share_prompt, the
+default) each pair's prompt runs once for both responses: on hh-rlhf that is 35% fewer
+tokens than two sequences, and 55% fewer than right-padded rows.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class RMConfig:
     """Train only the head, the final norm and the top N decoder layers (None = all; ignored with LoRA)."""
     head_init_std: Optional[float] = None
     """Std of the new scalar head's init; None = the model's initializer_range."""
+    share_prompt: bool = True
+    """With data.packing: a pair is one packed segment [prompt | chosen | rejected], its prompt run once
+    (alignment.preference.collate_pairs); false packs the two sequences separately. No effect unpacked."""
 
 
 @dataclass
@@ -65,7 +72,7 @@ def pair_loss(center_coef: float, use_margin: bool):
             "correct": float((chosen > rejected).sum()),
             "margin": float((chosen - rejected).detach().sum()),
             "pairs": float(half),
-            "tokens": float(batch["attention_mask"].sum()),
+            "tokens": float(batch["sequence_tokens"]),  # of chosen + rejected sequences, in every layout
         }
 
     return fn
@@ -90,7 +97,8 @@ def freeze_lower_layers(model, keep_top: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None) -> dict[str, float]:
+def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None,
+             share_prompt: bool = False) -> dict[str, float]:
     """Rewards for every held-out pair, in lock-step over ranks; metrics on the gathered set."""
     micro, world = engine.layout.micro_batch_size, engine.world_size
     model.eval()
@@ -98,7 +106,7 @@ def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None
     for b in range(math.ceil(len(pairs) / (micro * world))):
         start = (b * world + engine.rank) * micro
         chunk = pairs[start : start + micro]
-        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id, pack_to), engine.device)
+        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id, pack_to, share_prompt), engine.device)
         rewards = batch_rewards(model, batch).cpu()
         half = rewards.shape[0] // 2
         for i, pair in enumerate(chunk):
@@ -130,7 +138,10 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         if recipe.rm.head_init_std is not None and engine.ds_cfg.zero_stage != 3:
             torch.nn.init.normal_(model.score.weight, std=recipe.rm.head_init_std)
 
-    model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters)
+    share_prompt = d.packing and recipe.rm.share_prompt
+    # A shared-prompt segment holds prompt + both responses: up to 2 x max_length - 1 tokens.
+    model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters,
+                                      longest_row=2 * d.max_length if share_prompt else d.max_length)
     reports = [DataReport("train"), DataReport("eval")]
     train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0])
     eval_pairs = load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1]) if eval_rows else []
@@ -152,16 +163,17 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     # Step 5. Train.
     pad_id = tokenizer.pad_token_id
     pack_to = d.max_length if d.packing else None  # padding-free pair batches
+    layout = (pack_to, share_prompt)
     loss_fn = pair_loss(recipe.rm.center_coef, recipe.rm.use_margin)
     progress = loop.make_progress(run, steps, start, "rm")
     timer = loop.StepTimer()
     metrics: dict = {}
     if eval_pairs and start == 0 and recipe.train.eval_before_training:
-        run.logger.log(evaluate(engine, model, eval_pairs, pad_id, pack_to), step=0)
+        run.logger.log(evaluate(engine, model, eval_pairs, pad_id, *layout), step=0)
     model.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.rank)
-        micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id, pack_to), engine.device)
+        micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id, *layout), engine.device)
                  for idx in sampler.micro_batches(step - 1, engine.rank)]
         sums = loop.accumulated_step(engine, model, micro, lambda b: float(b["margin"].numel()), loss_fn, step)
         elapsed = timer.lap()
@@ -176,7 +188,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
             "train/epoch": (step - 1) / sampler.steps_per_epoch,
         }
         if eval_pairs and loop.eval_due(recipe, step, steps):
-            metrics.update(evaluate(engine, model, eval_pairs, pad_id, pack_to))
+            metrics.update(evaluate(engine, model, eval_pairs, pad_id, *layout))
             if abs(metrics["eval/length_corr"]) > LENGTH_BIAS_WARNING:
                 print_main(engine.is_main, f"warning: step {step}: reward/length correlation "
                            f"{metrics['eval/length_corr']:.2f} on held-out responses (length bias)")
@@ -192,7 +204,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"],
                  "reward_stats_source": "held-out responses"}
     else:
-        sample = evaluate(engine, model, train_pairs[:256], pad_id, pack_to)
+        sample = evaluate(engine, model, train_pairs[:256], pad_id, *layout)
         stats = {"reward_mean": sample["eval/reward_mean"], "reward_std": sample["eval/reward_std"],
                  "reward_stats_source": "training responses (no eval split)"}
     final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="reward", base_path=model_path,

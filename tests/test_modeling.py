@@ -214,3 +214,15 @@ def test_padding_ids_do_not_matter(model, tok, examples, packed):
             logp2, where2 = target_logprobs(model, noisy)
         assert torch.equal(where, where2)
         torch.testing.assert_close(logp2, logp, atol=1e-6, rtol=0)
+
+
+def test_attention_choice():
+    """model.attn_implementation unset: eager on CPU for rows up to 512 tokens, else transformers' default."""
+    from alignment.models import EAGER_ATTENTION_MAX_ROW, attention_for
+
+    assert attention_for(None, "cpu", 192) == "eager"
+    assert attention_for(None, "cpu", EAGER_ATTENTION_MAX_ROW) == "eager"
+    assert attention_for(None, "cpu", EAGER_ATTENTION_MAX_ROW + 1) is None
+    assert attention_for(None, "cuda", 192) is None
+    assert attention_for("sdpa", "cpu", 192) == "sdpa"  # the recipe's choice always wins
+    assert attention_for("flash_attention_2", "cuda", 4096) == "flash_attention_2"

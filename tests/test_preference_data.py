@@ -578,3 +578,54 @@ def test_collate_real_pairs_chosen_then_rejected(tiny_tok):
             assert batch["labels"][r, len(p.prompt_ids) : n].tolist() == response
             assert batch["labels"][r, n:].eq(IGNORE).all() and batch["attention_mask"][r, n:].eq(0).all()
             assert batch["input_ids"][r, n:].eq(tiny_tok.pad_token_id).all()
+
+
+def test_collate_pairs_packed_layout_by_hand():
+    """Separate packing (the DPO layout): 2B sequences first-fit-decreasing into rows of pack_to."""
+    pad = 99
+    pairs = [TokenizedPair([1, 2, 3], [4, 5], [6], "a"), TokenizedPair([7], [8, 9, 10, 11], [12, 13], "b")]
+    batch = collate_pairs(pairs, pad, pack_to=8)
+    # Lengths: c0 5, c1 5, r0 4, r1 3 -> rows [c0, ...]: c0 (5) + r1 (3) = 8, c1 (5) alone? r0 (4) does not fit
+    # after c1 (5 + 4 > 8), so rows are [c0, r1], [c1], [r0].
+    assert batch["input_ids"].tolist() == [
+        [1, 2, 3, 4, 5, 7, 12, 13],
+        [7, 8, 9, 10, 11, pad, pad, pad],
+        [1, 2, 3, 6, pad, pad, pad, pad],
+    ]
+    assert batch["position_ids"].tolist()[0] == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert batch["last_position"].tolist() == [[0, 4], [1, 4], [2, 3], [0, 7]]
+    assert batch["sequence_index"].tolist()[0] == [0, 0, 0, 0, 0, 3, 3, 3]
+    allowed = batch["block_mask"][0, 0]
+    assert allowed[5].tolist() == [False] * 5 + [True, False, False]  # r1's first token sees only itself
+    assert allowed[4].tolist() == [True] * 5 + [False] * 3
+    assert batch["labels"][0].tolist() == [IGNORE, IGNORE, IGNORE, 4, 5, IGNORE, 12, 13]
+
+
+def test_collate_pairs_shared_prompt_layout_by_hand():
+    """[prompt | chosen | rejected] per pair: each response sees the prompt and itself, never the other,
+    and continues the prompt's positions."""
+    pad = 99
+    pairs = [TokenizedPair([1, 2, 3], [4, 5], [6], "a", margin=0.5), TokenizedPair([7], [8, 9, 10, 11], [12, 13], "b")]
+    batch = collate_pairs(pairs, pad, pack_to=8, share_prompt=True)
+    # Segments: pair 0 = 6 tokens, pair 1 = 7 tokens; neither fits after the other in 8: two rows.
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 10, 11, 12, 13], [1, 2, 3, 4, 5, 6, pad]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 1, 2], [0, 1, 2, 3, 4, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 1, 1, 0]]
+    # last tokens: chosen 0, chosen 1, rejected 0, rejected 1
+    assert batch["last_position"].tolist() == [[1, 4], [0, 4], [1, 5], [0, 6]]
+    assert "labels" not in batch and batch["num_sequences"] == 4 and batch["margin"].tolist() == [0.5, 0.0]
+    T, F = True, False
+    assert batch["block_mask"][1, 0].tolist() == [
+        [T, F, F, F, F, F, F],  # prompt
+        [T, T, F, F, F, F, F],
+        [T, T, T, F, F, F, F],
+        [T, T, T, T, F, F, F],  # chosen
+        [T, T, T, T, T, F, F],
+        [T, T, T, F, F, T, F],  # rejected: prompt + itself, not the chosen tokens
+        [F, F, F, F, F, F, T],  # padding sees only itself
+    ]
+    # A segment longer than pack_to gets a row of its own length, never a cut.
+    wide = collate_pairs(pairs, pad, pack_to=4, share_prompt=True)
+    assert wide["input_ids"].shape == (2, 7) and wide["attention_mask"].sum() == 13
+    with pytest.raises(ValueError, match="pack_to"):
+        collate_pairs(pairs, pad, share_prompt=True)
