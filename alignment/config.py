@@ -86,7 +86,9 @@ class DataConfig:
     max_eval_rows: Optional[int] = None
     """Use only the first N eval rows."""
     packing: bool = False
-    """Pack short examples into `max_length` rows; attention never crosses example boundaries."""
+    """Pack examples into rows of `max_length` tokens, without padding; attention never crosses example
+    boundaries. Reward models with rm.share_prompt pack [prompt | chosen | rejected] segments, up to
+    2 x max_length - 1 tokens each. Needs eager or sdpa attention (a 4D block mask)."""
     split: str = "train"
     """Split name for `datasets` hub data."""
 
@@ -408,6 +410,11 @@ def validate(recipe: RecipeBase, source: str = "recipe") -> None:
         problems.append("set data.eval or data.eval_fraction, not both")
     if recipe.lora.enabled and recipe.lora.r < 1:
         problems.append("lora.r must be >= 1")
+    attention = recipe.model.attn_implementation
+    if d.packing and attention not in (None, "eager", "sdpa"):
+        # Packed rows carry a 4D block mask (shared-prompt RM segments cannot be told apart by
+        # position ids), which only these kernels honour.
+        problems.append(f"data.packing needs model.attn_implementation eager, sdpa or unset, got {attention!r}")
     for name in ("log_interval", "eval_interval", "save_interval", "keep_checkpoints"):
         if getattr(t, name) < 0:
             problems.append(f"train.{name} must be >= 0")

@@ -165,6 +165,15 @@ def compute_reference_table(engine, frozen, pairs: list, pad_id: int, split: str
     return torch.tensor([r[1:] for r in rows], dtype=torch.float32)
 
 
+def load_reference(engine, recipe, ref_path: str):
+    """The frozen reference: the policy's revision and remote-code setting unless dpo.reference_model names
+    another model, and the policy's attention kernel (so step-0 log-ratios are exactly zero)."""
+    own = not recipe.dpo.reference_model
+    return load_model(ref_path, "causal_lm", revision=recipe.model.revision if own else None,
+                      trust_remote_code=recipe.model.trust_remote_code,
+                      attn_implementation=loop.attention_implementation(engine, recipe))
+
+
 def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, list], pad_id: int) -> dict:
     """Cached reference log-probs keyed by model weights, precision, attention kernel and tokenized pairs."""
     revision = None if recipe.dpo.reference_model else recipe.model.revision
@@ -181,7 +190,7 @@ def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, l
             return table
     print_main(engine.is_main, f"reference log-probs: computing for {sum(map(len, splits.values()))} pairs (cache {path})")
     with engine.model_init(trainable=False):
-        frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm", attn_implementation=loop.attention_implementation(engine, recipe)))
+        frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
     pack_to = recipe.data.max_length if recipe.data.packing else None
     table = {name: compute_reference_table(engine, frozen, pairs, pad_id, name, pack_to) for name, pairs in splits.items()}
     table["key"] = key
@@ -360,7 +369,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         reference.table = load_or_compute_reference(engine, ref_path, recipe, splits, pad_id)
     elif ref_mode == "model":
         with engine.model_init(trainable=False):
-            reference.frozen = engine.prepare_frozen(load_model(ref_path, "causal_lm", attn_implementation=loop.attention_implementation(engine, recipe)))
+            reference.frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
 
     # Step 4. Policy: loaded (sharded under ZeRO-3), LoRA, wrapped with optimizer and schedule.
     policy = loop.load_trainable_model(engine, recipe, model_path, "causal_lm")

@@ -151,6 +151,20 @@ def run_trl(args, s: pc.Settings, data: pc.PairData, workdir: Path, attn: str | 
 # ---------------------------------------------------------------------------
 
 
+def shared_prompt_note(s: pc.Settings, data: pc.PairData) -> str:
+    """The layout `ours` runs (the header above describes padded and separately packed batches)."""
+    from alignment.preference import collate_pairs
+
+    slots = real = 0
+    for start in range(0, len(data.order), s.micro_batch):
+        batch = collate_pairs([data.pairs[i] for i in data.order[start : start + s.micro_batch]], data.pad_id,
+                              s.max_length, share_prompt=True)
+        slots += batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum())
+    return (f"ours runs shared-prompt packed micro-batches: {real} tokens through the model (each prompt once) "
+            f"in {slots} token slots ({100 * (1 - real / slots):.0f}% padding)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.trl_worker:
@@ -170,6 +184,7 @@ def main(argv=None) -> int:
               f"{s.steps - s.warmup} timed), AdamW lr {LR:g} cosine, center coef {CENTER_COEF}; "
               f"torch threads per side {args.threads or common.torch_threads()}; {pc.load_note()}", flush=True)
         print(pc.describe(s, data), flush=True)
+        print(shared_prompt_note(s, data), flush=True)
         rows = []
         if args.only in (None, "ours"):
             rows.append(pc.Row("ours", "align rm as the recipe says: shared-prompt packed pairs, eager attention",

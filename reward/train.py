@@ -4,12 +4,11 @@
 
 A causal-LM backbone gets a scalar head (transformers' AutoModelForSequenceClassification,
 num_labels=1) and learns r(prompt, response) so that chosen responses score above
-rejected ones. Chosen and rejected go through the model in one [2B, T] batch. The
-loss of a step is the mean per-pair loss over the whole global batch.
-
-With data.packing the pairs are packed without padding, and (rm.share_prompt, the
-default) each pair's prompt runs once for both responses: on hh-rlhf that is 35% fewer
-tokens than two sequences, and 55% fewer than right-padded rows.
+rejected ones. Chosen and rejected go through the model in one forward pass: a
+right-padded [2B, T] batch, or with data.packing rows packed without padding where
+(rm.share_prompt, the default) each pair's prompt runs once for both responses: on
+hh-rlhf that is 35% fewer tokens than two sequences, and 55% fewer than right-padded
+rows. The loss of a step is the mean per-pair loss over the whole global batch.
 """
 
 from __future__ import annotations

@@ -285,6 +285,7 @@ def test_zero_batch_sizes_fail(tmp_path, delta):
         ({"train": {"warmup_ratio": 1.0}}, "train.warmup_ratio"),
         ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction"),
         ({"train": {"log_interval": 0}}, "train.log_interval"),
+        ({"data": {"packing": True}, "model": {"attn_implementation": "flash_attention_2"}}, "data.packing needs"),
     ],
 )
 def test_contradictions_fail(tmp_path, delta, needle):
@@ -300,6 +301,8 @@ def test_contradictions_fail(tmp_path, delta, needle):
         {"deepspeed": {"zero_stage": 1, "offload_optimizer": True}},
         {"data": {"eval": "builtin:sft_eval"}},
         {"data": {"eval_fraction": 0.1}},
+        {"data": {"packing": True}, "model": {"attn_implementation": "sdpa"}},
+        {"data": {"packing": True}, "model": {"attn_implementation": "eager"}},
     ],
 )
 def test_consistent_combinations_load(tmp_path, delta):

@@ -585,8 +585,8 @@ def test_collate_pairs_packed_layout_by_hand():
     pad = 99
     pairs = [TokenizedPair([1, 2, 3], [4, 5], [6], "a"), TokenizedPair([7], [8, 9, 10, 11], [12, 13], "b")]
     batch = collate_pairs(pairs, pad, pack_to=8)
-    # Lengths: c0 5, c1 5, r0 4, r1 3 -> rows [c0, ...]: c0 (5) + r1 (3) = 8, c1 (5) alone? r0 (4) does not fit
-    # after c1 (5 + 4 > 8), so rows are [c0, r1], [c1], [r0].
+    # Lengths c0 5, c1 5, r0 4, r1 3, placed longest first: c0 opens row 0, c1 row 1 (5 + 5 > 8), r0 row 2
+    # (it fits after neither), r1 fills row 0 (5 + 3 = 8). Rows: [c0, r1], [c1], [r0].
     assert batch["input_ids"].tolist() == [
         [1, 2, 3, 4, 5, 7, 12, 13],
         [7, 8, 9, 10, 11, pad, pad, pad],
