@@ -130,9 +130,7 @@ def make_pairs(args) -> PairsReport:
         scorer = RewardScorer(args.judge)
         flat = [sequence_ids(scorer.tokenizer, p, r, args.max_length)
                 for p, group in zip(prompts, responses) for r in group]
-        values: list[float] = []
-        for start in range(0, len(flat), args.batch_size):
-            values += scorer.score_ids(flat[start : start + args.batch_size]).tolist()
+        values = scorer.score_batched(flat, args.batch_size)
         scores = [values[i : i + args.samples] for i in range(0, len(values), args.samples)]
     report.seconds["judging"] = time.time() - clock
 

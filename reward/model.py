@@ -8,6 +8,7 @@ scores the same alone, right-padded and left-padded in a batch.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -107,6 +108,15 @@ class RewardScorer:
                 "normalised rewards need a model exported by `align rm`"
             )
         self.normalize = normalize
+
+    def score_batched(self, sequences: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:
+        """Rewards for any number of token sequences, `batch_size` at a time, in input order."""
+        from tqdm.auto import tqdm
+
+        values: list[float] = []
+        for start in tqdm(range(0, len(sequences), batch_size), desc="score", file=sys.stderr, disable=not progress):
+            values += self.score_ids(sequences[start : start + batch_size]).tolist()
+        return values
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:

@@ -9,7 +9,6 @@ Output: one JSON object per input row, in input order, with the row's origin.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from alignment.data import DataError, Row, check_messages, read_rows
@@ -43,8 +42,6 @@ def _row_items(row: Row) -> list[tuple[str, object, object]]:
 
 
 def main(args) -> int:
-    from tqdm.auto import tqdm
-
     from reward.model import RewardScorer
 
     scorer = RewardScorer(args.model, normalize=args.normalize)
@@ -58,11 +55,9 @@ def main(args) -> int:
         except PairRejected as exc:
             record["skipped"] = exc.reason
         records.append(record)
-    for start in tqdm(range(0, len(items), args.batch_size), desc="score", file=sys.stderr):
-        chunk = items[start : start + args.batch_size]
-        rewards = scorer.score_ids([seq for _, _, seq in chunk])
-        for (number, name, _), value in zip(chunk, rewards.tolist()):
-            records[number][name] = value
+    rewards = scorer.score_batched([seq for _, _, seq in items], args.batch_size, progress=True)
+    for (number, name, _), value in zip(items, rewards):
+        records[number][name] = value
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as handle:

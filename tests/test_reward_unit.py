@@ -415,3 +415,39 @@ def test_packed_rewards_and_gradients_equal_padded(tiny_path, tiny_tok, attn, la
     for a, b in zip(g_pack, g_pad):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert sum(g.abs().sum() for g in g_pad) > 0
+
+
+def test_align_score_cli_pairs_single_responses_and_skips(tmp_path, tiny_path):
+    """`align score`: every input row gets a record in input order; pairs get both rewards and the margin,
+    single responses one reward, unusable pairs a reason; batching does not change a score."""
+    import json
+
+    from alignment import cli
+    from reward.score import sequence_ids
+
+    tok = load_tokenizer(tiny_path)
+    model = _tiny_reward(tiny_path, tok, seed=5)
+    rm_dir = tmp_path / "rm"
+    model.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    rows = [
+        PAIR_ROWS[0],
+        {"prompt": "Q: 2 + 2 =", "response": " 4"},
+        {"prompt": "same", "chosen": " x", "rejected": " x"},  # identical responses: skipped, with the reason
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        PAIR_ROWS[1],
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    assert cli.main(["score", "--model", str(rm_dir), "--data", str(data), "--out", str(out), "--batch-size", "2"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["origin"] for r in records] == [f"{data}:{i}" for i in range(1, 6)]
+    assert set(records[0]) == {"origin", "reward_chosen", "reward_rejected", "margin"}
+    assert records[0]["margin"] == pytest.approx(records[0]["reward_chosen"] - records[0]["reward_rejected"])
+    assert set(records[1]) == {"origin", "reward"} and set(records[3]) == {"origin", "reward"}
+    assert records[2] == {"origin": f"{data}:3", "skipped": "chosen identical to rejected"}
+
+    scorer = RewardScorer(rm_dir)
+    alone = scorer.score_ids([sequence_ids(tok, "Q: 2 + 2 =", " 4", 512)])  # scored alone, not in a batch of 2
+    assert records[1]["reward"] == pytest.approx(alone.item(), abs=1e-5)
