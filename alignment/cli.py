@@ -85,7 +85,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     The launcher watches its children: when one exits non-zero it terminates the
     others and exits with that code, so a failing rank never leaves the job hanging.
     """
-    from alignment.engine import free_port
+    from alignment.core.distributed import free_port
 
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--node_rank=0",
@@ -111,7 +111,7 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 
 def run_stage(stage: str, recipe, resume: bool) -> dict:
     if stage == "sft":
-        from alignment import sft
+        from alignment.stages import sft
 
         return sft.run(recipe, resume=resume)
     if stage == "rm":
@@ -119,7 +119,7 @@ def run_stage(stage: str, recipe, resume: bool) -> dict:
 
         return train.run(recipe, resume=resume)
     if stage == "dpo":
-        from alignment import dpo
+        from alignment.stages import dpo
 
         return dpo.run(recipe, resume=resume)
     if stage == "pipeline":
@@ -130,8 +130,8 @@ def run_stage(stage: str, recipe, resume: bool) -> dict:
 
 
 def _register_stages() -> None:
-    """Import stage recipe schemas that live outside alignment.config."""
-    for module in ("reward.train", "alignment.dpo", "alignment.pipeline"):
+    """Import stage recipe schemas that live outside alignment.core.config."""
+    for module in ("reward.train", "alignment.stages.dpo", "alignment.pipeline"):
         try:
             __import__(module)
         except ImportError:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "data":
-        from alignment import task
+        from alignment.evaluate import task
 
         paths = task.write_task_data(args.out_dir, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
         for name, path in paths.items():
@@ -153,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return score_main(args)
     if args.command == "pairs":
-        from alignment.onpolicy import main as pairs_main
+        from alignment.collect.pairs import main as pairs_main
 
         if args.samples < 2:
             print("error: --samples must be at least 2 to form a pair", file=sys.stderr)
             return 2
         return pairs_main(args)
 
-    from alignment.config import STAGE_RECIPES, RecipeError, load_recipe
+    from alignment.core.config import STAGE_RECIPES, RecipeError, load_recipe
 
     _register_stages()
     if args.command not in STAGE_RECIPES:

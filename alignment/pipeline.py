@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignment.config import register_stage
+from alignment.core.config import register_stage
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _last_metrics(stage_dir: Path) -> dict:
 
 
 def run(recipe: PipelineRecipe, resume: bool = False) -> dict:
-    from alignment.config import load_recipe
+    from alignment.core.config import load_recipe
 
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def setup_path() -> None:
 def smollm2_path() -> str:
     """Local HF directory of the built-in SmolLM2-135M-Instruct (converted from GGUF once, then cached)."""
     setup_path()
-    from alignment.models import resolve_model_path
+    from alignment.core.models import resolve_model_path
 
     return resolve_model_path("smollm2-135m")
 

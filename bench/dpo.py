@@ -106,7 +106,7 @@ def ours_worker(spec_path: str) -> None:
     """Our stage via alignment.cli.main, timing the one-off reference precompute and its parts."""
 
     def install(timing: dict) -> None:
-        from alignment import dpo
+        from alignment.stages import dpo
 
         def timed(fn, key):
             def wrapper(*a, **kw):
@@ -159,7 +159,7 @@ def trl_worker(spec_path: str) -> None:
     import trl.trainer.dpo_trainer as dpo_module
     from trl import DPOConfig, DPOTrainer
 
-    from alignment.models import load_tokenizer
+    from alignment.core.models import load_tokenizer
 
     spec = json.loads(Path(spec_path).read_text())
     s = pc.Settings(**spec["settings"])

@@ -2,7 +2,7 @@
 
 Data. Both sides train on the same preference pairs: the first rows of the hh-rlhf
 harmless-base file (read in place, never copied), normalised by
-``alignment.preference.to_pair`` and tokenized by ``alignment.preference.load_pairs``
+``alignment.core.preference.to_pair`` and tokenized by ``alignment.core.preference.load_pairs``
 (the very functions our stages call, with the same max_length / max_prompt_length),
 so the pair list here is the list our stage builds from ``data.max_rows`` rows. The
 batches are our sampler's (``GlobalBatchSampler``, same seed): TRL gets the pairs in
@@ -97,10 +97,10 @@ class PairData:
 
 def build_pairs(s: Settings) -> PairData:
     """The pairs our stage will train on, and their order, computed with our own loaders."""
-    from alignment.config import DataConfig
-    from alignment.data import DataReport, GlobalBatchSampler, read_rows
-    from alignment.models import load_tokenizer
-    from alignment.preference import collate_pairs, load_pairs
+    from alignment.core.config import DataConfig
+    from alignment.core.data import DataReport, GlobalBatchSampler, read_rows
+    from alignment.core.models import load_tokenizer
+    from alignment.core.preference import collate_pairs, load_pairs
 
     tokenizer = load_tokenizer(common.smollm2_path())
     rows = read_rows(DATA)
@@ -293,7 +293,7 @@ def private_cache(workdir: Path) -> Path:
     one-off computation, never a cache hit from an earlier run, and must not delete
     entries other runs may be using. So every cache entry is linked, except ref_logps/.
     """
-    from alignment.models import cache_dir
+    from alignment.core.models import cache_dir
 
     common.smollm2_path()  # build the model once in the real cache first
     real = cache_dir()
@@ -337,7 +337,8 @@ def run_cli_worker(spec_path: str, install=None) -> None:
     records the process CPU time over the same interval. `install(timing)` may wrap more
     functions to time one-off work into the `timing` dict, written out with the laps.
     """
-    from alignment import cli, loop
+    from alignment import cli
+    from alignment.core import loop
 
     spec = json.loads(Path(spec_path).read_text())
     timing: dict = {"wall": [], "cpu": []}

@@ -111,7 +111,7 @@ def trl_worker(spec_path: str) -> None:
     import torch
     from trl import RewardConfig, RewardTrainer
 
-    from alignment.models import load_tokenizer
+    from alignment.core.models import load_tokenizer
     from reward.model import ensure_distinct_pad
 
     spec = json.loads(Path(spec_path).read_text())
@@ -153,7 +153,7 @@ def run_trl(args, s: pc.Settings, data: pc.PairData, workdir: Path, attn: str | 
 
 def shared_prompt_note(s: pc.Settings, data: pc.PairData) -> str:
     """The layout `ours` runs (the header above describes padded and separately packed batches)."""
-    from alignment.preference import collate_pairs
+    from alignment.core.preference import collate_pairs
 
     slots = real = 0
     for start in range(0, len(data.order), s.micro_batch):

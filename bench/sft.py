@@ -84,9 +84,9 @@ def parse_args(argv=None):
 
 
 def build_data(args, workdir: Path) -> dict:
-    from alignment.config import DataConfig
-    from alignment.data import DataReport, GlobalBatchSampler, build_sft_examples, read_rows
-    from alignment.models import load_tokenizer
+    from alignment.core.config import DataConfig
+    from alignment.core.data import DataReport, GlobalBatchSampler, build_sft_examples, read_rows
+    from alignment.core.models import load_tokenizer
 
     class Layout:  # what GlobalBatchSampler reads of a BatchLayout
         global_batch_size = args.global_batch

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ARGS=()
 if [[ "${1:-}" == "--hostfile" ]]; then
-  "$PY" -c "import sys; from alignment.launch import parse_hostfile; parse_hostfile(sys.argv[1])" "$2"
+  "$PY" -c "import sys; from alignment.cluster.launch import parse_hostfile; parse_hostfile(sys.argv[1])" "$2"
   ARGS=(--hostfile "$2"); shift 2
 fi
 exec "$PY" -m deepspeed.launcher.runner "${ARGS[@]}" --module alignment.cli "$@"

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOSTFILE=$1; shift
-exec "${PY:-.venv/bin/python}" -m alignment.launch ssh --hostfile "$HOSTFILE" --port "${MASTER_PORT:-29500}" -- "$@"
+exec "${PY:-.venv/bin/python}" -m alignment.cluster.launch ssh --hostfile "$HOSTFILE" --port "${MASTER_PORT:-29500}" -- "$@"

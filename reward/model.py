@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.modeling import call, model_dtype, unwrap
+from alignment.core.modeling import call, model_dtype, unwrap
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -47,14 +47,14 @@ def _sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def batch_rewards(model, batch: dict) -> torch.Tensor:
-    """Rewards [S] for a collated batch: padded rows, or packed segments (alignment.preference.collate_pairs)."""
+    """Rewards [S] for a collated batch: padded rows, or packed segments (alignment.core.preference.collate_pairs)."""
     if "last_position" not in batch:
         return sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     return call(model, _packed_rewards, batch)
 
 
 def _packed_rewards(model, batch: dict) -> torch.Tensor:
-    from alignment.modeling import attention_inputs
+    from alignment.core.modeling import attention_inputs
 
     hf = unwrap(model)
     backbone = getattr(hf, hf.base_model_prefix)
@@ -92,8 +92,8 @@ class RewardScorer:
     """Score responses with an exported reward model (plain transformers/peft load)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = False):
-        from alignment.export import load_exported
-        from alignment.models import load_tokenizer
+        from alignment.core.export import load_exported
+        from alignment.core.models import load_tokenizer
 
         self.path = Path(path)
         self.tokenizer = load_tokenizer(str(self.path))

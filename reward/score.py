@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignment.data import DataError, Row, check_messages, read_rows
-from alignment.preference import PairRejected, to_pair
+from alignment.core.data import DataError, Row, check_messages, read_rows
+from alignment.core.preference import PairRejected, to_pair
 
 
 def sequence_ids(tokenizer, prompt, response, max_length: int) -> list[int]:

@@ -19,13 +19,13 @@ from typing import Optional
 
 import torch
 
-from alignment import loop
-from alignment.config import RecipeBase, register_stage
-from alignment.data import DataReport, GlobalBatchSampler
-from alignment.export import export_model
-from alignment.models import count_parameters, load_tokenizer, resolve_model_path
-from alignment.preference import collate_pairs, load_pairs
-from alignment.tracking import print_main
+from alignment.core import loop
+from alignment.core.config import RecipeBase, register_stage
+from alignment.core.data import DataReport, GlobalBatchSampler
+from alignment.core.export import export_model
+from alignment.core.models import count_parameters, load_tokenizer, resolve_model_path
+from alignment.core.preference import collate_pairs, load_pairs
+from alignment.core.tracking import print_main
 from reward.losses import reward_loss
 from reward.metrics import reward_report
 from reward.model import batch_rewards, ensure_distinct_pad
@@ -47,7 +47,7 @@ class RMConfig:
     """Std of the new scalar head's init; None = the model's initializer_range."""
     share_prompt: bool = True
     """With data.packing: a pair is one packed segment [prompt | chosen | rejected], its prompt run once
-    (alignment.preference.collate_pairs); false packs the two sequences separately. No effect unpacked."""
+    (alignment.core.preference.collate_pairs); false packs the two sequences separately. No effect unpacked."""
 
 
 @dataclass
@@ -99,26 +99,26 @@ def freeze_lower_layers(model, keep_top: int) -> None:
 def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None,
              share_prompt: bool = False) -> dict[str, float]:
     """Rewards for every held-out pair, in lock-step over ranks; metrics on the gathered set."""
-    micro, world = engine.layout.micro_batch_size, engine.world_size
+    micro, world = engine.layout.micro_batch_size, engine.dist.world_size
     model.eval()
     local = []
     for b in range(math.ceil(len(pairs) / (micro * world))):
-        start = (b * world + engine.rank) * micro
+        start = (b * world + engine.dist.rank) * micro
         chunk = pairs[start : start + micro]
-        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id, pack_to, share_prompt), engine.device)
+        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id, pack_to, share_prompt), engine.dist.device)
         rewards = batch_rewards(model, batch).cpu()
         half = rewards.shape[0] // 2
         for i, pair in enumerate(chunk):
             local.append((start + i, rewards[i].item(), rewards[half + i].item(), len(pair.chosen_ids), len(pair.rejected_ids)))
     model.train()
-    rows = sorted(r for part in engine.gather_objects(local) for r in part)
+    rows = sorted(r for part in engine.dist.gather_objects(local) for r in part)
     t = torch.tensor([r[1:] for r in rows], dtype=torch.float64)
     return reward_report(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
 
 
 def run(recipe: RMRecipe, resume: bool = False) -> dict:
     if recipe.rm.max_prompt_length is not None and not 0 < recipe.rm.max_prompt_length < recipe.data.max_length:
-        from alignment.config import RecipeError
+        from alignment.core.config import RecipeError
 
         raise RecipeError("rm.max_prompt_length must be between 1 and data.max_length - 1")
     # Step 1. Engine, output directory, resolved recipe, metrics logger.
@@ -146,18 +146,18 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     eval_pairs = load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1]) if eval_rows else []
     for report in reports:
         if report.rows_read:
-            print_main(engine.is_main, report.format())
+            print_main(engine.dist.is_main, report.format())
     if not recipe.lora.enabled and recipe.rm.trainable_layers is not None:
         freeze_lower_layers(model, recipe.rm.trainable_layers)
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
     steps = loop.total_steps(recipe, sampler.steps_per_epoch)
     trainable, total = count_parameters(model)
-    print_main(engine.is_main, f"reward model {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
+    print_main(engine.dist.is_main, f"reward model {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
                f"{trainable / 1e6:.2f}M trainable; {steps} steps, {sampler.steps_per_epoch} per epoch")
     model = engine.prepare(model, steps)
 
     # Step 4. Resume.
-    start = engine.load_checkpoint(checkpoint)["step"] if checkpoint else 0
+    start = loop.resume(run, checkpoint, {"reward": model})
 
     # Step 5. Train.
     pad_id = tokenizer.pad_token_id
@@ -171,9 +171,9 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         run.logger.log(evaluate(engine, model, eval_pairs, pad_id, *layout), step=0)
     model.train()
     for step in range(start + 1, steps + 1):
-        loop.debug_fault(step, engine.rank)
-        micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id, *layout), engine.device)
-                 for idx in sampler.micro_batches(step - 1, engine.rank)]
+        loop.debug_fault(step, engine.dist.rank)
+        micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id, *layout), engine.dist.device)
+                 for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
         sums = loop.accumulated_step(engine, model, micro, lambda b: float(b["margin"].numel()), loss_fn, step)
         elapsed = timer.lap()
         metrics = {
@@ -181,7 +181,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
             "rewards/accuracies": sums["correct"] / sums["count"],
             "rewards/margins": sums["margin"] / sums["count"],
             "train/lr": sums["lr"],
-            "train/grad_norm": engine.grad_norm(),
+            "train/grad_norm": engine.grad_norm(model),
             "train/pairs_per_s": sums["pairs"] / max(elapsed, 1e-9),
             "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
             "train/epoch": (step - 1) / sampler.steps_per_epoch,
@@ -189,13 +189,13 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         if eval_pairs and loop.eval_due(recipe, step, steps):
             metrics.update(evaluate(engine, model, eval_pairs, pad_id, *layout))
             if abs(metrics["eval/length_corr"]) > LENGTH_BIAS_WARNING:
-                print_main(engine.is_main, f"warning: step {step}: reward/length correlation "
+                print_main(engine.dist.is_main, f"warning: step {step}: reward/length correlation "
                            f"{metrics['eval/length_corr']:.2f} on held-out responses (length bias)")
         if step % recipe.train.log_interval == 0 or step == steps or "eval/accuracy" in metrics:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
         if loop.checkpoint_due(recipe, step) and step < steps:
-            loop.save_checkpoint(run, step, (step - 1) // sampler.steps_per_epoch)
+            loop.save_checkpoint(run, {"reward": model}, step, (step - 1) // sampler.steps_per_epoch)
     progress.close()
 
     # Step 6. Reward statistics over held-out responses, export with them, reload check.
@@ -208,9 +208,9 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
                  "reward_stats_source": "training responses (no eval split)"}
     final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="reward", base_path=model_path,
                          lora_cfg=recipe.lora, precision=recipe.train.precision, extra_config=stats)
-    print_main(engine.is_main, f"exported and verified: {final}")
+    print_main(engine.dist.is_main, f"exported and verified: {final}")
     if "eval/accuracy" in metrics:
-        print_main(engine.is_main, f"held-out: accuracy {metrics['eval/accuracy']:.3f} on "
+        print_main(engine.dist.is_main, f"held-out: accuracy {metrics['eval/accuracy']:.3f} on "
                    f"{int(metrics['eval/pairs'])} pairs, margin {metrics['eval/margin']:.3f}, "
                    f"ECE {metrics['eval/ece']:.3f}, length corr {metrics['eval/length_corr']:.2f}")
     run.logger.close()

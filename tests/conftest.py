@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "harmless-base-test.jsonl"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # `from helpers import ...` from every test folder
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

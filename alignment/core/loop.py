@@ -1,0 +1,193 @@
+"""Pieces every stage's recipe uses: run setup, the accumulated optimizer step, checkpoints, finish.
+
+A stage keeps its own loop (it reads as the algorithm's steps) and calls these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from alignment.core.config import RecipeBase, dump_recipe
+from alignment.core import checkpoint as ckpt
+from alignment.core.engine import Engine
+from alignment.core.tracking import MetricsLogger, Progress, print_main, run_info
+
+
+@dataclass
+class Run:
+    recipe: Any
+    engine: Engine
+    output_dir: Path
+    logger: MetricsLogger
+    info: dict
+
+
+def debug_fault(step: int, rank: int) -> None:
+    """Fault injection for tests: ALIGN_DEBUG_FAIL_AT_STEP=N [ALIGN_DEBUG_FAIL_RANK=r] raises at step N."""
+    at = os.environ.get("ALIGN_DEBUG_FAIL_AT_STEP")
+    if at is None or int(at) != step:
+        return
+    who = os.environ.get("ALIGN_DEBUG_FAIL_RANK")
+    if who is None or int(who) == rank:
+        raise RuntimeError(f"injected failure at step {step} on rank {rank} (ALIGN_DEBUG_FAIL_AT_STEP)")
+
+
+def setup_run(recipe: RecipeBase, stage: str, resume: bool) -> tuple[Run, Path | None]:
+    """Engine, output directory, resolved recipe, run info and metrics logger."""
+    engine = Engine(recipe.train, recipe.deepspeed, recipe.seed)
+    output_dir = Path(recipe.output_dir)
+    checkpoint = None
+    if resume:
+        found = ckpt.list_checkpoints(output_dir / "checkpoints")
+        checkpoint = found[-1] if found else None
+        if checkpoint is None:
+            print_main(engine.dist.is_main, f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; starting fresh")
+    resume_step = ckpt.read_state(checkpoint)["step"] if checkpoint else None
+    info = run_info(recipe.seed, engine.dist.world_size, stage)
+    info["batch"] = engine.layout.__dict__
+    if engine.dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, output_dir / "recipe.yaml")
+        (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        print_main(True, f"[{stage}] world size {engine.dist.world_size}, layout: micro {engine.layout.micro_batch_size} x "
+                   f"accumulation {engine.layout.grad_accum_steps} x ranks {engine.dist.world_size} = global "
+                   f"{engine.layout.global_batch_size}; ZeRO-{recipe.deepspeed.zero_stage}, {recipe.train.precision}, "
+                   f"git {info['git_revision'][:12]}, seed {recipe.seed}")
+    engine.dist.barrier()
+    logger = MetricsLogger(output_dir, recipe.logging, info, enabled=engine.dist.is_main, resume_step=resume_step)
+    return Run(recipe, engine, output_dir, logger, info), checkpoint
+
+
+def read_splits(recipe: RecipeBase) -> tuple[list, list]:
+    """Train and eval rows as the recipe's data section says (file/hub/builtin, split, row caps)."""
+    from alignment.core.data import read_rows, split_rows
+
+    d = recipe.data
+    rows = read_rows(d.train, d.split, d.on_bad_row)
+    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
+    if d.eval_fraction > 0:
+        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
+    rows = rows[: d.max_rows] if d.max_rows is not None else rows
+    eval_rows = eval_rows[: d.max_eval_rows] if d.max_eval_rows is not None else eval_rows
+    return rows, eval_rows
+
+
+def attention_implementation(engine: Engine, recipe: RecipeBase, longest_row: int | None = None) -> str | None:
+    """The attention kernel every model of this run loads with (models.attention_for); rows default to
+    data.max_length tokens."""
+    from alignment.core.models import attention_for
+
+    return attention_for(recipe.model.attn_implementation, engine.dist.device.type, longest_row or recipe.data.max_length)
+
+
+def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, kind: str = "causal_lm",
+                         before_adapters: Callable | None = None, longest_row: int | None = None):
+    """Load (sharded under ZeRO-3 as it loads), then gradient checkpointing and LoRA as the recipe says."""
+    from alignment.core.models import apply_lora, load_model
+
+    attention = attention_implementation(engine, recipe, longest_row)
+    with engine.model_init():
+        model = load_model(model_path, kind, trust_remote_code=recipe.model.trust_remote_code,
+                           revision=recipe.model.revision, attn_implementation=attention)
+    print_main(engine.dist.is_main, f"attention: {model.config._attn_implementation}"
+               f"{'' if recipe.model.attn_implementation else ' (automatic: model.attn_implementation unset)'}")
+    if before_adapters is not None:
+        before_adapters(model)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if recipe.lora.enabled:
+        if recipe.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, recipe.lora, task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
+    return model
+
+
+def total_steps(recipe: RecipeBase, steps_per_epoch: int) -> int:
+    if recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    return max(1, int(round(recipe.train.num_epochs * steps_per_epoch)))
+
+
+LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+def accumulated_step(engine: Engine, model, micro_batches: list[dict], count: Callable[[dict], float],
+                     loss_fn: LossFn, step: int) -> dict[str, float]:
+    """One optimizer step: forward/backward each micro-batch, normalised by the global item count.
+
+    loss_fn(model, batch) returns (sum of per-item losses on this micro-batch, metric sums).
+    Returns the metric sums reduced over ranks plus "count" (the global normaliser) and "lr".
+    A non-finite loss on any rank stops the run before it reaches the weights.
+    """
+    lr = engine.current_lr(model)  # the LR this update uses (the schedule advances at its end)
+    normalizer = engine.dist.global_sum(sum(count(b) for b in micro_batches))
+    if normalizer <= 0:
+        raise RuntimeError(f"step {step}: the global batch has no trainable items")
+    sums: Counter = Counter()
+    for batch in micro_batches:
+        loss_sum, stats = loss_fn(model, batch)
+        bad = 0.0 if torch.isfinite(loss_sum).item() else 1.0
+        if engine.dist.reduce_max(bad) > 0:
+            raise FloatingPointError(
+                f"step {step}: non-finite loss on {'this' if bad else 'another'} rank; stopping before the update "
+                "(check the learning rate, the precision, or the data)"
+            )
+        engine.backward(model, loss_sum / normalizer)
+        engine.step(model)
+        sums.update(stats)
+    reduced = engine.dist.reduce_sums(dict(sums))
+    reduced["count"] = normalizer
+    reduced["lr"] = lr
+    return reduced
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def checkpoint_due(recipe: RecipeBase, step: int) -> bool:
+    return recipe.train.save_interval > 0 and step % recipe.train.save_interval == 0
+
+
+def eval_due(recipe: RecipeBase, step: int, last: int) -> bool:
+    interval = recipe.train.eval_interval
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+def save_checkpoint(run: Run, models: dict, step: int, epoch_hint: int) -> None:
+    """checkpoints/step-N for the stage's trainable models (name -> prepared engine)."""
+    path = ckpt.save_checkpoint(run.engine, run.output_dir / "checkpoints", models,
+                                {"step": step, "epoch": epoch_hint}, keep=run.recipe.train.keep_checkpoints)
+    print_main(run.engine.dist.is_main, f"checkpoint written: {path}")
+
+
+def resume(run: Run, checkpoint: Path | None, models: dict) -> int:
+    """Restore the models and RNG from `checkpoint` (None: a fresh run); the step to continue after."""
+    if checkpoint is None:
+        return 0
+    return int(ckpt.load_checkpoint(run.engine, checkpoint, models)["step"])
+
+
+class StepTimer:
+    """Wall time per optimizer step, for throughput metrics."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def make_progress(run: Run, total: int, start: int, desc: str) -> Progress:
+    return Progress(total, start, enabled=run.engine.dist.is_main and run.recipe.logging.progress_bar, desc=desc)

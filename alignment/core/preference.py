@@ -1,0 +1,415 @@
+"""Preference pairs: reading every common shape, checking, and tokenizing (shared by RM and DPO).
+
+Shapes (detected, or named with `data.format`):
+- ``explicit``: ``prompt`` / ``chosen`` / ``rejected`` as strings or message lists.
+- ``implicit``: ``chosen`` and ``rejected`` as full message lists; the shared prefix
+  up to the final assistant turn is the prompt.
+- ``hh``: raw Anthropic hh-rlhf transcripts (``\\n\\nHuman: ...\\n\\nAssistant: ...``)
+  split into turns; the prompt is everything before the final assistant turn.
+- ``ab``: ``response_a`` / ``response_b`` with ``label`` (0/1, "a"/"b") or per-response
+  scores ``score_a`` / ``score_b`` (the score gap becomes the pair's margin).
+
+Checks per pair (each failure is counted in the data report, never silently trained
+on): both responses non-empty (also after truncation), chosen and rejected share the
+prompt, the two responses differ. Tokenization gives chosen and rejected the very same
+prompt token ids, so the prompt/response boundary is identical on both sides.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+from alignment.core.data import DataError, DataReport, Row, _bos_prefix, _strip_right, check_messages, check_string
+
+Prompt = Union[str, list[dict]]
+
+
+@dataclass
+class PreferencePair:
+    prompt: Prompt            # chat messages, or raw text (no chat template) when the row is plain text
+    chosen: Any               # list of messages (usually one assistant turn) or raw text
+    rejected: Any
+    origin: str
+    margin: float | None = None
+
+
+class PairRejected(Exception):
+    """A row that is well-formed but unusable as a pair; carries the report reason."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh_transcript(text: str, origin: str, field: str) -> list[dict]:
+    """`\\n\\nHuman: a\\n\\nAssistant: b ...` -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
+    if not isinstance(text, str):
+        raise DataError(f"{origin}: field '{field}' must be a string transcript")
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3:
+        raise DataError(f"{origin}: field '{field}' has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": content.strip()})
+    return messages
+
+
+def detect_shape(row: dict, origin: str) -> str:
+    if "response_a" in row and "response_b" in row:
+        return "ab"
+    if "chosen" in row and "rejected" in row:
+        if "prompt" in row:
+            return "explicit"
+        if isinstance(row["chosen"], str) and "\n\nAssistant:" in row["chosen"]:
+            return "hh"
+        return "implicit"
+    raise DataError(
+        f"{origin}: cannot tell the preference shape from fields {sorted(row)}; expected prompt/chosen/rejected, "
+        "chosen/rejected conversations, hh-rlhf transcripts, or response_a/response_b with label or scores"
+    )
+
+
+def _split_final_assistant(messages: list[dict], origin: str, field: str) -> tuple[list[dict], list[dict]]:
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{origin}: field '{field}' has no assistant turn")
+    if last == 0:
+        raise PairRejected("no prompt before the final assistant turn")
+    return messages[:last], messages[last:]
+
+
+def _as_response(value: Any, origin: str, field: str) -> Any:
+    if isinstance(value, list):
+        return check_messages(value, origin, field)
+    return check_string(value, origin, field)
+
+
+def to_pair(row: Row, shape: str = "auto") -> PreferencePair:
+    """Normalise one row; raises DataError (malformed) or PairRejected (unusable)."""
+    row.check()
+    data, origin = row.data, row.origin
+    shape = detect_shape(data, origin) if shape == "auto" else shape
+    margin = None
+    if shape == "explicit":
+        prompt = data.get("prompt")
+        prompt = check_messages(prompt, origin, "prompt") if isinstance(prompt, list) else check_string(prompt, origin, "prompt")
+        chosen = _as_response(data.get("chosen"), origin, "chosen")
+        rejected = _as_response(data.get("rejected"), origin, "rejected")
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            raise DataError(f"{origin}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+        if isinstance(prompt, str) and isinstance(chosen, list):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list) and isinstance(chosen, str):
+            chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    elif shape in ("implicit", "hh"):
+        if shape == "hh":
+            full_c = parse_hh_transcript(data.get("chosen"), origin, "chosen")
+            full_r = parse_hh_transcript(data.get("rejected"), origin, "rejected")
+        else:
+            full_c = check_messages(data.get("chosen"), origin, "chosen")
+            full_r = check_messages(data.get("rejected"), origin, "rejected")
+        prompt, chosen = _split_final_assistant(full_c, origin, "chosen")
+        prompt_r, rejected = _split_final_assistant(full_r, origin, "rejected")
+        if prompt != prompt_r:
+            raise PairRejected("chosen and rejected have different prompts")
+    elif shape == "ab":
+        prompt = data.get("prompt")
+        prompt = check_messages(prompt, origin, "prompt") if isinstance(prompt, list) else check_string(prompt, origin, "prompt")
+        a = _as_response(data.get("response_a"), origin, "response_a")
+        b = _as_response(data.get("response_b"), origin, "response_b")
+        if "label" in data:
+            label = str(data["label"]).strip().lower()
+            if label not in ("0", "1", "a", "b"):
+                raise DataError(f"{origin}: field 'label' must be 0/1 or a/b, got {data['label']!r}")
+            a_wins = label in ("0", "a")
+        elif "score_a" in data and "score_b" in data:
+            try:
+                score_a, score_b = float(data["score_a"]), float(data["score_b"])
+            except (TypeError, ValueError):
+                raise DataError(f"{origin}: fields 'score_a'/'score_b' must be numbers") from None
+            if score_a == score_b:
+                raise PairRejected("tied scores")
+            a_wins, margin = score_a > score_b, abs(score_a - score_b)
+        else:
+            raise DataError(f"{origin}: an A/B row needs field 'label' or fields 'score_a' and 'score_b'")
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        if isinstance(prompt, str) and isinstance(chosen, list):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list) and isinstance(chosen, str):
+            chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    else:
+        raise DataError(f"{origin}: unknown preference format {shape!r}")
+    if "margin" in data and margin is None and data["margin"] is not None:
+        try:
+            margin = float(data["margin"])
+        except (TypeError, ValueError):
+            raise DataError(f"{origin}: field 'margin' must be a number") from None
+    if _text(chosen).strip() == "" or _text(rejected).strip() == "":
+        raise PairRejected("empty response")
+    if chosen == rejected:
+        raise PairRejected("chosen identical to rejected")
+    return PreferencePair(prompt, chosen, rejected, origin, margin)
+
+
+def _text(response: Any) -> str:
+    return response if isinstance(response, str) else "".join(m["content"] for m in response)
+
+
+# ---------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]     # response tokens only
+    rejected_ids: list[int]
+    origin: str
+    margin: float | None = None
+
+    def sequence(self, which: str) -> list[int]:
+        return self.prompt_ids + (self.chosen_ids if which == "chosen" else self.rejected_ids)
+
+
+def _render(tokenizer, prompt: Prompt, response: Any) -> tuple[str, str]:
+    """(prompt text, full text). Chat pairs use the chat template; raw text pairs are concatenated."""
+    if isinstance(prompt, str):
+        eos = tokenizer.eos_token or ""
+        full = prompt + response
+        if eos and not full.endswith(eos):
+            full += eos
+        return prompt, full
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError("the chat template does not render the prompt as a prefix of the conversation")
+    # Drop whitespace after the end-of-turn token: the response ends at the stop token.
+    return prompt_text, full[: _strip_right(full, len(prompt_text), len(full))]
+
+
+def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], full: str) -> tuple[list[int], bool]:
+    """Response token ids after the shared prompt ids; True when the boundary had to be re-split."""
+    whole = tokenizer(full, add_special_tokens=False).input_ids
+    if whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids) :], False
+    # A token merged across the boundary: keep the prompt ids, tokenize the response alone.
+    return tokenizer(full[len(prompt_text) :], add_special_tokens=False).input_ids, True
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_length: int | None,
+                  report: DataReport) -> TokenizedPair:
+    """Shared prompt ids + each response's ids, truncated so each sequence fits max_length.
+
+    Truncation: the prompt keeps its last `max_prompt_length` tokens (default half of
+    max_length) only when prompt + longer response would not fit; each response is then cut
+    to the room left. A response cut to nothing rejects the pair (FAILURES rows 13, 14).
+    """
+    try:
+        prompt_text, full_c = _render(tokenizer, pair.prompt, pair.chosen)
+        prompt_text_r, full_r = _render(tokenizer, pair.prompt, pair.rejected)
+    except DataError as exc:
+        raise DataError(f"{pair.origin}: {exc}") from None
+    assert prompt_text == prompt_text_r
+    prompt_ids = _bos_prefix(tokenizer, prompt_text) + tokenizer(prompt_text, add_special_tokens=False).input_ids
+    bos = len(prompt_ids) - len(tokenizer(prompt_text, add_special_tokens=False).input_ids)
+    chosen, split_c = _response_ids(tokenizer, prompt_text, prompt_ids[bos:], full_c)
+    rejected, split_r = _response_ids(tokenizer, prompt_text, prompt_ids[bos:], full_r)
+    if split_c or split_r:
+        report.notes["response re-tokenized at the prompt boundary"] += 1
+    longest = len(prompt_ids) + max(len(chosen), len(rejected))
+    if longest > max_length:
+        report.truncated += 1
+        limit = max_prompt_length if max_prompt_length is not None else max_length // 2
+        limit = max(bos + 1, min(limit, max_length - 1))  # leave room for at least one response token
+        if len(prompt_ids) > limit:
+            prompt_ids = prompt_ids[:bos] + prompt_ids[len(prompt_ids) - (limit - bos):]  # keep the BOS
+        room = max_length - len(prompt_ids)
+        chosen, rejected = chosen[:room], rejected[:room]
+    if not chosen or not rejected:
+        raise PairRejected("a response is empty after truncation")
+    if chosen == rejected:
+        raise PairRejected("chosen identical to rejected after truncation")
+    return TokenizedPair(prompt_ids, chosen, rejected, pair.origin, pair.margin)
+
+
+def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | None, report: DataReport) -> list[TokenizedPair]:
+    """Rows -> tokenized pairs; malformed rows raise (or are skipped and counted), unusable ones are counted."""
+    pairs = []
+    report.rows_read += len(rows)
+    for row in rows:
+        try:
+            pair = to_pair(row, data_cfg.format)
+            tokenized = tokenize_pair(pair, tokenizer, data_cfg.max_length, max_prompt_length, report)
+        except PairRejected as exc:
+            report.dropped[exc.reason] += 1
+            continue
+        except DataError as exc:
+            if data_cfg.on_bad_row == "error":
+                raise
+            report.skip(str(exc).split(": ", 1)[-1][:60], str(exc))
+            continue
+        pairs.append(tokenized)
+        report.tokens += len(tokenized.prompt_ids) * 2 + len(tokenized.chosen_ids) + len(tokenized.rejected_ids)
+    report.examples = len(pairs)
+    return pairs
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None, share_prompt: bool = False):
+    """Chosen sequences then rejected ones, as one batch for a single forward pass.
+
+    Default: right-padded rows [2B, T]. With pack_to (padding-free): the 2B sequences
+    are packed first-fit-decreasing into rows of at most pack_to tokens, with position
+    ids restarting per sequence and a block-diagonal causal mask, so no compute is spent
+    on padding; `sequence_index` [R, W] maps every token to its sequence (-1 = padding)
+    and `last_position` [2B, 2] gives each sequence's last token (row, column).
+
+    With pack_to and share_prompt (reward models only): each pair is one segment
+    [prompt | chosen | rejected] and its prompt runs once. The mask lets a chosen token
+    see the prompt and the chosen tokens before it, a rejected token the prompt and the
+    rejected tokens before it, never the other response; both responses' positions
+    continue from the prompt's end. Every token thus has the same context and position
+    as in its own sequence, so the hidden states at the two last tokens, and the rewards
+    read there, are those of the separate sequences. Rows hold up to max(pack_to, the
+    longest segment) tokens. No labels: a rejected response's first token is not preceded
+    by its prompt in the row, so next-token targets (DPO) need the separate layout.
+
+    labels mark response tokens (IGNORE on prompt and padding) for DPO's log-probs;
+    the reward model reads its score at each sequence's last real token.
+    """
+    import torch
+
+    from alignment.core.data import IGNORE
+
+    margins = torch.tensor([p.margin if p.margin is not None else 0.0 for p in pairs], dtype=torch.float32)
+    extra = {"margin": margins, "has_margin": any(p.margin is not None for p in pairs),
+             "num_sequences": 2 * len(pairs),
+             # Tokens of the 2B sequences, the same in every layout (a shared prompt counts twice).
+             "sequence_tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)}
+    if share_prompt:
+        if pack_to is None:
+            raise ValueError("share_prompt needs packed rows (pack_to)")
+        return {**_pack_shared_prompt(pairs, pad_id, pack_to), **extra}
+    sequences, labels = [], []
+    for which in ("chosen", "rejected"):
+        for p in pairs:
+            response = p.chosen_ids if which == "chosen" else p.rejected_ids
+            sequences.append(p.prompt_ids + response)
+            labels.append([IGNORE] * len(p.prompt_ids) + response)
+    if pack_to is None:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        lab = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, (seq, lbl) in enumerate(zip(sequences, labels)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            lab[i, : len(seq)] = torch.tensor(lbl)
+            mask[i, : len(seq)] = 1
+        return {"input_ids": ids, "labels": lab, "attention_mask": mask, **extra}
+    return {**_pack_sequences(sequences, labels, pad_id, pack_to), **extra}
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `capacity` tokens, longest first (deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for r, room in enumerate(free):
+            if room >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - n)
+    return rows
+
+
+def _allowed(segment, part=None):
+    """Attention allowed [R, 1, W, W]: same segment, causal, and when `part` is given (0 = shared
+    prompt, 1/2 = a response) only keys in the prompt or in the query's own part; padding
+    queries see themselves (a softmax over nothing would be NaN)."""
+    import torch
+
+    width = segment.shape[1]
+    allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    allowed &= torch.ones(width, width, dtype=torch.bool).tril()[None]
+    if part is not None:
+        allowed &= (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+    return (allowed | torch.eye(width, dtype=torch.bool)[None])[:, None]
+
+
+def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, capacity: int) -> dict:
+    import torch
+
+    from alignment.core.data import IGNORE
+
+    rows = _first_fit_decreasing([len(s) for s in sequences], capacity)
+    width = max(sum(len(sequences[i]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    lab = torch.full(shape, IGNORE, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    seq_index = torch.full(shape, -1, dtype=torch.long)
+    last = torch.zeros((len(sequences), 2), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(sequences[i])
+            ids[r, start : start + n] = torch.tensor(sequences[i])
+            # The first token of a segment is never a target: it would be predicted from the previous sequence.
+            lab[r, start : start + n] = torch.tensor([IGNORE] + labels[i][1:])
+            mask[r, start : start + n] = 1
+            positions[r, start : start + n] = torch.arange(n)
+            seq_index[r, start : start + n] = i
+            last[i] = torch.tensor([r, start + n - 1])
+            start += n
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask, "position_ids": positions,
+            "block_mask": _allowed(seq_index), "sequence_index": seq_index, "last_position": last}
+
+
+def _pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int, capacity: int) -> dict:
+    import torch
+
+    segments = [p.prompt_ids + p.chosen_ids + p.rejected_ids for p in pairs]
+    capacity = max(capacity, max(len(s) for s in segments))
+    rows = _first_fit_decreasing([len(s) for s in segments], capacity)
+    width = max(sum(len(segments[i]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    part = torch.zeros(shape, dtype=torch.long)
+    last = torch.zeros((2 * len(pairs), 2), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            p = pairs[i]
+            n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+            n = n_p + n_c + n_r
+            ids[r, start : start + n] = torch.tensor(segments[i])
+            mask[r, start : start + n] = 1
+            positions[r, start : start + n] = torch.cat(
+                [torch.arange(n_p), torch.arange(n_p, n_p + n_c), torch.arange(n_p, n_p + n_r)])
+            segment[r, start : start + n] = i
+            part[r, start + n_p : start + n_p + n_c] = 1
+            part[r, start + n_p + n_c : start + n] = 2
+            last[i] = torch.tensor([r, start + n_p + n_c - 1])
+            last[len(pairs) + i] = torch.tensor([r, start + n - 1])
+            start += n
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "block_mask": _allowed(segment, part), "last_position": last}

@@ -1,0 +1,460 @@
+"""Direct preference optimisation and its family (DPO, cDPO, IPO, hinge, SimPO, RPO term).
+
+    align dpo configs/tiny/dpo.yaml [--set dpo.loss=ipo] [--nproc 2] [--resume]
+
+The policy learns from preference pairs against a frozen reference, which is one of:
+- ``model``: a frozen copy (sharded under ZeRO-3 like the policy, no optimizer state);
+- ``precomputed``: reference log-probs computed in one pass before training and cached
+  on disk under a key of model weights, tokenized data and lengths (a mismatching cache
+  is recomputed, never reused);
+- ``adapter``: with LoRA, the policy with its adapter switched off (no second model).
+SimPO needs no reference. Chosen and rejected run through the policy in one [2B, T]
+forward, and log-probs are computed only at response tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from alignment.core import loop
+from alignment.core.config import GoldEvalConfig, RecipeBase, RecipeError, register_stage
+from alignment.core.data import DataReport, GlobalBatchSampler
+from alignment.core.export import export_model
+from alignment.rlhf.dpo_losses import dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, simpo_loss
+from alignment.core.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model_path
+from alignment.core.modeling import sequence_logprobs, user_model
+from alignment.core.preference import collate_pairs, load_pairs
+from alignment.core.tracking import print_main
+from alignment.evaluate.gold import gold_eval
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """sigmoid = DPO (with label_smoothing > 0: conservative DPO); ipo; hinge (SLiC); simpo (no reference)."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    """cDPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin gamma."""
+    rpo_alpha: Optional[float] = None
+    """Add alpha x the mean NLL of chosen tokens (RPO). None disables it."""
+    reference: Literal["auto", "model", "precomputed", "adapter"] = "auto"
+    """auto = adapter with LoRA, else model."""
+    reference_model: Optional[str] = None
+    """Reference weights; None = the policy's initial weights (model.name_or_path)."""
+    max_prompt_length: Optional[int] = None
+    """Prompt tokens kept (from the end) when a pair is too long; None = half of data.max_length."""
+    logp_drop_warning: float = 0.5
+    """Warn when the chosen log-prob per token has fallen this many nats below its start while margins rise."""
+    gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
+
+
+@dataclass
+class DPORecipe(RecipeBase):
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+register_stage("dpo", DPORecipe)
+
+
+def validate_dpo(recipe: DPORecipe) -> str:
+    """Cross-field checks; returns the resolved reference mode ("none" for SimPO)."""
+    cfg = recipe.dpo
+    if cfg.max_prompt_length is not None and not 0 < cfg.max_prompt_length < recipe.data.max_length:
+        raise RecipeError("dpo.max_prompt_length must be between 1 and data.max_length - 1")
+    if cfg.beta <= 0:
+        raise RecipeError("dpo.beta must be > 0")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise RecipeError("dpo.label_smoothing must be in [0, 0.5)")
+    if cfg.label_smoothing and cfg.loss != "sigmoid":
+        raise RecipeError("dpo.label_smoothing applies to dpo.loss: sigmoid only")
+    if cfg.loss == "simpo":
+        if cfg.reference not in ("auto",) or cfg.reference_model:
+            raise RecipeError("dpo.loss: simpo is reference-free; leave dpo.reference and dpo.reference_model unset")
+        return "none"
+    mode = cfg.reference
+    if mode == "auto":
+        mode = "adapter" if recipe.lora.enabled and not cfg.reference_model else "model"
+    if mode == "adapter" and not recipe.lora.enabled:
+        raise RecipeError("dpo.reference: adapter needs lora.enabled: true")
+    if mode == "adapter" and cfg.reference_model:
+        raise RecipeError("dpo.reference: adapter uses the policy's own base weights; drop dpo.reference_model")
+    return mode
+
+
+# ---------------------------------------------------------------------------
+# Log-probs and the reference
+# ---------------------------------------------------------------------------
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, ...]:
+    """(chosen, rejected, chosen_len, rejected_len), each [B], from one forward over [2B, T]."""
+    total, count = sequence_logprobs(model, batch)
+    half = total.shape[0] // 2
+    return total[:half], total[half:], count[:half], count[half:]
+
+
+class Reference:
+    """Reference log-probs for a batch of pairs, whichever way the reference is provided."""
+
+    def __init__(self, mode: str, engine=None, frozen=None, table: dict[str, torch.Tensor] | None = None):
+        self.mode, self.engine, self.frozen, self.table = mode, engine, frozen, table
+
+    @torch.no_grad()
+    def logps(self, policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "none":
+            zeros = torch.zeros(batch["index"].shape[0], device=batch["index"].device)
+            return zeros, zeros
+        if self.mode == "precomputed":
+            key = "eval" if batch.get("split") == "eval" else "train"
+            idx = batch["index"].cpu()
+            return self.table[key][idx, 0].to(batch["index"].device), self.table[key][idx, 1].to(batch["index"].device)
+        if self.mode == "adapter":
+            with user_model(policy).disable_adapter():
+                chosen, rejected, _, _ = pair_logps(policy, batch)
+            return chosen, rejected
+        chosen, rejected, _, _ = pair_logps(self.frozen, batch)
+        return chosen, rejected
+
+
+def model_fingerprint(path: str, revision: str | None = None) -> str:
+    """Hash of a model directory's weights and config (or of a hub id + revision)."""
+    digest = hashlib.sha256()
+    folder = Path(path)
+    if not folder.is_dir():
+        digest.update(f"hub:{path}@{revision or 'main'}".encode())
+        return digest.hexdigest()
+    for file in sorted(folder.iterdir()):
+        if file.suffix in (".safetensors", ".bin", ".json") and file.is_file():
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pairs_fingerprint(pairs: list) -> str:
+    digest = hashlib.sha256()
+    for p in pairs:
+        digest.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_table(engine, frozen, pairs: list, pad_id: int, split: str,
+                            pack_to: int | None = None) -> torch.Tensor:
+    """[N, 2] reference log-probs (chosen, rejected) for every pair, computed in lock-step over ranks."""
+    micro, world = engine.layout.micro_batch_size, engine.dist.world_size
+    local = []
+    for b in range(math.ceil(len(pairs) / (micro * world))):
+        start = (b * world + engine.dist.rank) * micro
+        chunk = pairs[start : start + micro]
+        batch = loop.to_device(collate_pairs(chunk or pairs[:1], pad_id, pack_to), engine.dist.device)
+        chosen, rejected, _, _ = pair_logps(frozen, batch)
+        local += [(start + i, chosen[i].item(), rejected[i].item()) for i in range(len(chunk))]
+    rows = sorted(r for part in engine.dist.gather_objects(local) for r in part)
+    assert [r[0] for r in rows] == list(range(len(pairs))), f"{split}: reference pass lost pairs"
+    return torch.tensor([r[1:] for r in rows], dtype=torch.float32)
+
+
+def load_reference(engine, recipe, ref_path: str):
+    """The frozen reference: the policy's revision and remote-code setting unless dpo.reference_model names
+    another model, and the policy's attention kernel (so step-0 log-ratios are exactly zero)."""
+    own = not recipe.dpo.reference_model
+    return load_model(ref_path, "causal_lm", revision=recipe.model.revision if own else None,
+                      trust_remote_code=recipe.model.trust_remote_code,
+                      attn_implementation=loop.attention_implementation(engine, recipe))
+
+
+def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, list], pad_id: int) -> dict:
+    """Cached reference log-probs keyed by model weights, precision, attention kernel and tokenized pairs."""
+    revision = None if recipe.dpo.reference_model else recipe.model.revision
+    key_src = (f"{model_fingerprint(ref_path, revision)}|{recipe.train.precision}|"
+               f"{loop.attention_implementation(engine, recipe)}|") + "|".join(
+        f"{name}:{pairs_fingerprint(pairs)}" for name, pairs in sorted(splits.items())
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    path = cache_dir() / "ref_logps" / f"{key}.pt"
+    if path.exists():
+        table = torch.load(path)
+        if table.get("key") == key and all(table[n].shape[0] == len(p) for n, p in splits.items()):
+            print_main(engine.dist.is_main, f"reference log-probs: cache hit {path}")
+            return table
+    print_main(engine.dist.is_main, f"reference log-probs: computing for {sum(map(len, splits.values()))} pairs (cache {path})")
+    with engine.model_init(trainable=False):
+        frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
+    pack_to = recipe.data.max_length if recipe.data.packing else None
+    table = {name: compute_reference_table(engine, frozen, pairs, pad_id, name, pack_to) for name, pairs in splits.items()}
+    table["key"] = key
+    del frozen
+    if engine.dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{engine.dist.rank}")
+        torch.save(table, tmp)
+        tmp.replace(path)
+    engine.dist.barrier()
+    return table
+
+
+# ---------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------
+
+
+def preference_losses(cfg: DPOConfig, pc, pr, rc, rr, lc, lr) -> torch.Tensor:
+    """Per-pair loss [B] for the configured variant."""
+    if cfg.loss == "sigmoid":
+        return dpo_sigmoid_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+    if cfg.loss == "ipo":
+        return ipo_loss(pc, pr, rc, rr, cfg.beta, lc, lr)
+    if cfg.loss == "hinge":
+        return hinge_loss(pc, pr, rc, rr, cfg.beta)
+    return simpo_loss(pc, pr, lc, lr, cfg.beta, cfg.simpo_gamma)
+
+
+def make_loss_fn(cfg: DPOConfig, reference: Reference, nll_scale: list[float]):
+    """Micro-batch loss: sum over pairs of the variant's loss (+ RPO term), with metric sums.
+
+    The RPO term is alpha x (chosen NLL summed) / (chosen tokens in the global batch);
+    nll_scale[0] = global pairs / global chosen tokens turns it into a per-pair sum.
+    """
+
+    def fn(model, batch):
+        pc, pr, lc, lr = pair_logps(model, batch)
+        rc, rr = reference.logps(model, batch)
+        losses = preference_losses(cfg, pc, pr, rc, rr, lc, lr)
+        loss_sum = losses.sum()
+        if cfg.rpo_alpha:
+            loss_sum = loss_sum + cfg.rpo_alpha * (-pc.sum()) * nll_scale[0]
+        beta = cfg.beta
+        if cfg.loss == "simpo":  # SimPO's reward is length-normalised and reference-free
+            reward_c, reward_r = beta * pc.detach() / lc.clamp(min=1), beta * pr.detach() / lr.clamp(min=1)
+        else:
+            reward_c, reward_r = implicit_rewards(pc.detach(), pr.detach(), rc, rr, beta)
+        return loss_sum, {
+            "loss": loss_sum.detach().item(),
+            "pref_loss": losses.detach().sum().item(),
+            "reward_chosen": reward_c.sum().item(),
+            "reward_rejected": reward_r.sum().item(),
+            "correct": (reward_c > reward_r).float().sum().item(),
+            "logp_chosen": pc.detach().sum().item(),
+            "logp_rejected": pr.detach().sum().item(),
+            "len_chosen": lc.sum().item(),
+            "len_rejected": lr.sum().item(),
+            "tokens": float(batch["attention_mask"].sum()),
+        }
+
+    return fn
+
+
+def pair_batch(pairs: list, indices: list[int], pad_id: int, device, split: str = "train",
+               pack_to: int | None = None) -> dict:
+    batch = loop.to_device(collate_pairs([pairs[i] for i in indices], pad_id, pack_to), device)
+    batch["index"] = torch.tensor(indices, device=device)
+    batch["split"] = split
+    return batch
+
+
+def summarize(sums: dict, prefix: str = "") -> dict:
+    n = sums["count"]
+    return {
+        f"{prefix}loss": sums["loss"] / n,
+        f"{prefix}rewards/chosen": sums["reward_chosen"] / n,
+        f"{prefix}rewards/rejected": sums["reward_rejected"] / n,
+        f"{prefix}rewards/margins": (sums["reward_chosen"] - sums["reward_rejected"]) / n,
+        f"{prefix}rewards/accuracies": sums["correct"] / n,
+        f"{prefix}logps/chosen": sums["logp_chosen"] / n,
+        f"{prefix}logps/rejected": sums["logp_rejected"] / n,
+        f"{prefix}logps/chosen_per_token": sums["logp_chosen"] / max(sums["len_chosen"], 1.0),
+    }
+
+
+class LogpDropWatch:
+    """Warns once when the chosen log-prob per token falls far while margins rise (both
+    responses pushed down, a known DPO failure: Pal et al. 2024, "Smaug", arXiv:2402.13228).
+
+    Compares like with like: the held-out pairs at each eval against the same pairs at
+    step 0 when there is an eval split, otherwise the mean of the last `window` train
+    batches against the first `window` (one batch against another is mostly noise).
+    """
+
+    def __init__(self, threshold: float, window: int = 5):
+        self.threshold, self.window = threshold, window
+        self.eval_baseline: float | None = None
+        self.train_values: list[float] = []
+        self.warned = False
+
+    def update(self, metrics: dict, advice: str) -> str | None:
+        if self.warned:
+            return None
+        if self.eval_baseline is not None:
+            if "eval/logps/chosen_per_token" not in metrics:
+                return None
+            before, now = self.eval_baseline, metrics["eval/logps/chosen_per_token"]
+            margin, where = metrics["eval/rewards/margins"], "held-out "
+        else:
+            self.train_values.append(metrics["logps/chosen_per_token"])
+            if len(self.train_values) < 2 * self.window:
+                return None
+            before = sum(self.train_values[: self.window]) / self.window
+            now = sum(self.train_values[-self.window :]) / self.window
+            margin, where = metrics["rewards/margins"], f"mean of {self.window} batches: "
+        if margin > 0 and now < before - self.threshold:
+            self.warned = True
+            return (f"{where}chosen log-prob per token fell from {before:.3f} to {now:.3f} while margins rise; "
+                    f"both responses are being pushed down (consider {advice})")
+        return None
+
+
+@torch.no_grad()
+def evaluate(engine, model, pairs: list, pad_id: int, loss_fn, pack_to: int | None = None) -> dict[str, float]:
+    micro, world = engine.layout.micro_batch_size, engine.dist.world_size
+    model.eval()
+    sums: dict[str, float] = {}
+    for b in range(math.ceil(len(pairs) / (micro * world))):
+        start = (b * world + engine.dist.rank) * micro
+        indices = list(range(start, min(start + micro, len(pairs))))
+        weight = 1.0 if indices else 0.0
+        _, stats = loss_fn(model, pair_batch(pairs, indices or [0], pad_id, engine.dist.device, "eval", pack_to))
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + weight * v
+        sums["pairs"] = sums.get("pairs", 0.0) + len(indices)
+    model.train()
+    reduced = engine.dist.reduce_sums(sums)
+    reduced["count"] = max(reduced["pairs"], 1.0)
+    return summarize(reduced, "eval/")
+
+
+# ---------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------
+
+
+def run(recipe: DPORecipe, resume: bool = False) -> dict:
+    ref_mode = validate_dpo(recipe)
+    cfg = recipe.dpo
+    # Step 1. Engine, output directory, resolved recipe, metrics logger.
+    run, checkpoint = loop.setup_run(recipe, "dpo", resume)
+    engine = run.engine
+
+    # Step 2. Tokenizer and preference pairs (shared loaders with the reward model), data report.
+    model_path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
+    d = recipe.data
+    rows, eval_rows = loop.read_splits(recipe)
+    reports = [DataReport("train"), DataReport("eval")]
+    train_pairs = load_pairs(rows, tokenizer, d, cfg.max_prompt_length, reports[0])
+    eval_pairs = load_pairs(eval_rows, tokenizer, d, cfg.max_prompt_length, reports[1]) if eval_rows else []
+    for report in reports:
+        if report.rows_read:
+            print_main(engine.dist.is_main, report.format())
+    pad_id = tokenizer.pad_token_id
+    pack_to = d.max_length if d.packing else None  # padding-free pair batches
+    sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
+    steps = loop.total_steps(recipe, sampler.steps_per_epoch)
+
+    # Step 3. Reference: precomputed table, frozen engine, or the policy without its adapter.
+    ref_path = resolve_model_path(cfg.reference_model) if cfg.reference_model else model_path
+    reference = Reference(ref_mode, engine)
+    if ref_mode == "precomputed":
+        splits = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+        reference.table = load_or_compute_reference(engine, ref_path, recipe, splits, pad_id)
+    elif ref_mode == "model":
+        with engine.model_init(trainable=False):
+            reference.frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
+
+    # Step 4. Policy: loaded (sharded under ZeRO-3), LoRA, wrapped with optimizer and schedule.
+    policy = loop.load_trainable_model(engine, recipe, model_path, "causal_lm")
+    trainable, total = count_parameters(policy)
+    print_main(engine.dist.is_main, f"policy {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
+               f"{trainable / 1e6:.2f}M trainable; loss {cfg.loss}, beta {cfg.beta}, reference {ref_mode}; "
+               f"{steps} steps, {sampler.steps_per_epoch} per epoch")
+    policy = engine.prepare(policy, steps)
+    start = loop.resume(run, checkpoint, {"policy": policy})
+
+    gold_results: dict = {}
+    if cfg.gold_eval.prompts and start == 0:
+        gold_results["before"] = gold_eval(engine, model_path, cfg.gold_eval)
+        run.logger.log({"gold/score_before": gold_results["before"]["gold/score"]}, step=0)
+
+    # Step 5. Train: concatenated chosen+rejected forward, variant loss, implicit-reward metrics.
+    nll_scale = [1.0]
+    loss_fn = make_loss_fn(cfg, reference, nll_scale)
+    progress = loop.make_progress(run, steps, start, "dpo")
+    timer = loop.StepTimer()
+    logp_watch = LogpDropWatch(cfg.logp_drop_warning)
+    metrics: dict = {}
+    if eval_pairs and start == 0 and recipe.train.eval_before_training:
+        initial = evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to)
+        logp_watch.eval_baseline = initial["eval/logps/chosen_per_token"]
+        run.logger.log(initial, step=0)
+    policy.train()
+    for step in range(start + 1, steps + 1):
+        loop.debug_fault(step, engine.dist.rank)
+        micro = [pair_batch(train_pairs, idx, pad_id, engine.dist.device, "train", pack_to)
+                 for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
+        if cfg.rpo_alpha:
+            totals = engine.dist.reduce_sums({
+                "pairs": sum(len(b["index"]) for b in micro),
+                "chosen_tokens": sum(sum(len(train_pairs[i].chosen_ids) for i in b["index"].tolist()) for b in micro),
+            })
+            nll_scale[0] = totals["pairs"] / max(totals["chosen_tokens"], 1.0)
+        sums = loop.accumulated_step(engine, policy, micro, lambda b: float(len(b["index"])), loss_fn, step)
+        elapsed = timer.lap()
+        metrics = summarize(sums)
+        metrics.update({
+            "train/lr": sums["lr"],
+            "train/grad_norm": engine.grad_norm(policy),
+            "train/pairs_per_s": sums["count"] / max(elapsed, 1e-9),
+            "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
+            "train/epoch": (step - 1) / sampler.steps_per_epoch,
+        })
+        if step == 1 and ref_mode != "none" and ref_path == model_path:
+            # Reference == policy before the first update: loss ln 2 (sigmoid), implicit rewards 0.
+            deviation = abs(metrics["rewards/chosen"]) + abs(metrics["rewards/rejected"])
+            metrics["check/step1_reward_abs"] = deviation
+            tolerance = 1e-4 if recipe.train.precision == "fp32" else 5e-2
+            if deviation > tolerance:
+                print_main(engine.dist.is_main, f"warning: at step 1 the policy and the reference disagree (|rewards| "
+                           f"{deviation:.3g} > {tolerance}); the reference is not the policy's initial model")
+            elif cfg.loss == "sigmoid" and not cfg.rpo_alpha:
+                print_main(engine.dist.is_main, f"check: step-1 loss {metrics['loss']:.6f} (ln 2 = {LN2:.6f}), "
+                           f"implicit rewards {deviation:.2g}")
+        if eval_pairs and loop.eval_due(recipe, step, steps):
+            metrics.update(evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to))
+        message = logp_watch.update(metrics, advice="a larger rpo_alpha or beta" if cfg.rpo_alpha
+                                    else "rpo_alpha or a larger beta")
+        if message:
+            print_main(engine.dist.is_main, f"warning: step {step}: {message}")
+        if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
+            run.logger.log(metrics, step)
+        progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
+        if loop.checkpoint_due(recipe, step) and step < steps:
+            loop.save_checkpoint(run, {"policy": policy}, step, (step - 1) // sampler.steps_per_epoch)
+    progress.close()
+
+    # Step 6. Export final/, reload check, gold score.
+    final = export_model(engine, policy, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
+                         lora_cfg=recipe.lora, precision=recipe.train.precision)
+    print_main(engine.dist.is_main, f"exported and verified: {final}")
+    if "eval/rewards/accuracies" in metrics:
+        print_main(engine.dist.is_main, f"held-out implicit-reward accuracy {metrics['eval/rewards/accuracies']:.3f} "
+                   f"on {len(eval_pairs)} pairs, margin {metrics['eval/rewards/margins']:.3f}")
+    if cfg.gold_eval.prompts:
+        gold_results["after"] = gold_eval(engine, str(final), cfg.gold_eval)
+        run.logger.log({"gold/score": gold_results["after"]["gold/score"]}, step=steps)
+        if "before" in gold_results:
+            print_main(engine.dist.is_main, f"gold score: {gold_results['before']['gold/score']:.3f} before -> "
+                       f"{gold_results['after']['gold/score']:.3f} after")
+    run.logger.close()
+    engine.close()
+    return {"metrics": metrics, "data": [r.as_dict() for r in reports], "gold": gold_results}

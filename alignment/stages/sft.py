@@ -1,0 +1,161 @@
+"""Supervised fine-tuning: next-token cross-entropy on assistant (or completion) tokens.
+
+    align sft configs/tiny/sft.yaml [--set train.max_steps=20] [--nproc 2] [--resume]
+
+The loss of an optimizer step is the mean negative log-likelihood over every
+supervised token of the global batch (all ranks, all micro-batches), so the
+loss curve and the gradients do not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alignment.core import loop
+from alignment.core.config import SFTRecipe
+from alignment.core.data import (
+    DataReport,
+    GlobalBatchSampler,
+    build_sft_examples,
+    collate,
+    count_targets,
+    pack_examples,
+)
+from alignment.core.export import export_model
+from alignment.core.models import count_parameters, load_tokenizer, resolve_model_path
+from alignment.core.modeling import target_logprobs
+from alignment.core.tracking import print_main
+from alignment.evaluate.gold import gold_eval
+
+
+def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of -log p(target) over the supervised tokens of one micro-batch."""
+    logp, _ = target_logprobs(model, batch)
+    loss_sum = -logp.sum()
+    tokens = float(batch["attention_mask"].sum())
+    return loss_sum, {"nll": loss_sum.item(), "targets": float(logp.numel()), "tokens": tokens}
+
+
+def load_sft_data(recipe: SFTRecipe, tokenizer, is_main: bool):
+    """Rows -> tokenized (and packed) training and eval items, with a printed data report."""
+    d = recipe.data
+    rows, eval_rows = loop.read_splits(recipe)
+    reports = [DataReport("train"), DataReport("eval")]
+    train = build_sft_examples(rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[0])
+    evals = build_sft_examples(eval_rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[1]) if eval_rows else []
+    if d.packing:
+        packed = pack_examples(train, d.max_length)
+        print_main(is_main, f"packing: {len(train)} examples -> {len(packed)} rows of <= {d.max_length} tokens")
+        train = packed
+    for report in reports:
+        if report.rows_read:
+            print_main(is_main, report.format())
+    if not train:
+        raise ValueError(f"{d.train}: no usable training examples (see the data report above)")
+    return train, evals, reports
+
+
+@torch.no_grad()
+def evaluate(engine, model, items: list, pad_id: int) -> dict[str, float]:
+    """Mean token NLL over held-out items, sharded over ranks in lock-step (ZeRO-3 safe)."""
+    micro, world = engine.layout.micro_batch_size, engine.dist.world_size
+    model.eval()
+    nll = targets = 0.0
+    for b in range(math.ceil(len(items) / (micro * world))):
+        start = (b * world + engine.dist.rank) * micro
+        chunk = items[start : start + micro]
+        weight = 1.0 if chunk else 0.0
+        batch = loop.to_device(collate(chunk or items[:1], pad_id), engine.dist.device)
+        logp, _ = target_logprobs(model, batch)
+        nll += weight * -logp.sum().item()
+        targets += weight * logp.numel()
+    model.train()
+    sums = engine.dist.reduce_sums({"nll": nll, "targets": targets})
+    loss = sums["nll"] / max(1.0, sums["targets"])
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/targets": sums["targets"]}
+
+
+def run(recipe: SFTRecipe, resume: bool = False) -> dict:
+    # Step 1. Engine, output directory, resolved recipe, metrics logger.
+    run, checkpoint = loop.setup_run(recipe, "sft", resume)
+    engine = run.engine
+
+    # Step 2. Tokenizer and data (the data report counts everything dropped or cut).
+    model_path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
+    train_items, eval_items, reports = load_sft_data(recipe, tokenizer, engine.dist.is_main)
+    sampler = GlobalBatchSampler(len(train_items), engine.layout, recipe.seed)
+    steps = loop.total_steps(recipe, sampler.steps_per_epoch)
+
+    # Step 3. Model: loaded (and sharded under ZeRO-3) inside the engine's init context, LoRA, wrap.
+    model = loop.load_trainable_model(engine, recipe, model_path, "causal_lm")
+    trainable, total = count_parameters(model)
+    print_main(engine.dist.is_main, f"model {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
+               f"{trainable / 1e6:.2f}M trainable; {steps} steps, {sampler.steps_per_epoch} per epoch")
+    model = engine.prepare(model, steps)
+
+    # Step 4. Resume: weights, optimizer, LR schedule, RNG and data position.
+    start = loop.resume(run, checkpoint, {"policy": model})
+    gold_cfg = recipe.sft.gold_eval
+    results: dict = {"data": [r.as_dict() for r in reports]}
+    if gold_cfg.prompts and start == 0:
+        before = gold_eval(engine, model_path, gold_cfg)
+        results["gold_before"] = before
+        run.logger.log({"gold/score_before": before["gold/score"]}, step=0)
+
+    # Step 5. Train: each optimizer step is one global batch.
+    pad_id = tokenizer.pad_token_id
+    if eval_items and start == 0 and recipe.train.eval_before_training:
+        run.logger.log(evaluate(engine, model, eval_items, pad_id), step=0)
+    progress = loop.make_progress(run, steps, start, "sft")
+    timer = loop.StepTimer()
+    model.train()
+    for step in range(start + 1, steps + 1):
+        loop.debug_fault(step, engine.dist.rank)
+        micro = [loop.to_device(collate([train_items[i] for i in idx], pad_id), engine.dist.device)
+                 for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
+        sums = loop.accumulated_step(engine, model, micro, lambda b: float(count_targets_batch(b)), nll_loss, step)
+        elapsed = timer.lap()
+        metrics = {
+            "loss": sums["nll"] / sums["count"],
+            "train/lr": sums["lr"],
+            "train/grad_norm": engine.grad_norm(model),
+            "train/tokens": sums["tokens"],
+            "train/targets": sums["targets"],
+            "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
+            "train/epoch": (step - 1) / sampler.steps_per_epoch,
+        }
+        if eval_items and loop.eval_due(recipe, step, steps):
+            metrics.update(evaluate(engine, model, eval_items, pad_id))
+        if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
+            run.logger.log(metrics, step)
+        progress.update(int(sums["tokens"]), loss=metrics["loss"])
+        if loop.checkpoint_due(recipe, step) and step < steps:
+            loop.save_checkpoint(run, {"policy": model}, step, (step - 1) // sampler.steps_per_epoch)
+    progress.close()
+    results["final_loss"] = metrics["loss"] if steps > start else None
+    results["final_eval"] = {k: v for k, v in metrics.items() if k.startswith("eval/")} if steps > start else {}
+
+    # Step 6. Export final/, reload it in a fresh process and compare; then the gold score.
+    final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
+                         lora_cfg=recipe.lora, precision=recipe.train.precision)
+    print_main(engine.dist.is_main, f"exported and verified: {final}")
+    if gold_cfg.prompts:
+        after = gold_eval(engine, str(final), gold_cfg)
+        results["gold_after"] = after
+        run.logger.log({"gold/score": after["gold/score"], "gold/exact": after["gold/exact"]}, step=steps)
+        if "gold_before" in results:
+            print_main(engine.dist.is_main, f"gold score on {int(after['gold/n'])} held-out prompts: "
+                       f"{results['gold_before']['gold/score']:.3f} before -> {after['gold/score']:.3f} after")
+    run.logger.close()
+    engine.close()
+    return results
+
+
+def count_targets_batch(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+__all__ = ["run", "nll_loss", "evaluate", "load_sft_data", "count_targets"]

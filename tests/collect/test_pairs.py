@@ -1,0 +1,89 @@
+"""On-policy pairs (`align pairs`, alignment/onpolicy.py): pair selection by hand, and a
+tiny end-to-end run whose output the preference loaders read back.
+
+The tiny random Llama is the policy; a tiny reward model with a unit-std random head is
+the judge (its scores never tie), and the built-in held-out prompts carry gold specs, so
+the judge-vs-gold agreement is counted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from alignment.evaluate import task
+from alignment.core.config import DataConfig
+from alignment.core.data import DataError, DataReport, read_rows
+from alignment.core.models import load_model, load_tokenizer, resolve_model_path
+from alignment.collect.pairs import best_and_worst, make_pairs
+from alignment.core.preference import load_pairs
+from reward.model import ensure_distinct_pad
+
+
+def test_best_and_worst_by_hand():
+    assert best_and_worst([0.0, 1.0, 0.5], 1e-6) == (1, 0)
+    assert best_and_worst([0.25, 0.25, 1.0, 1.0], 1e-6) == (2, 0)  # ties go to the earliest sample
+    assert best_and_worst([0.5, 0.5], 1e-6) is None  # all tied: no pair
+    assert best_and_worst([0.0, 0.3], 0.5) is None  # gap below min_gap
+    assert best_and_worst([0.0, 0.5], 0.5) == (1, 0)
+
+
+def _args(**overrides) -> argparse.Namespace:
+    base = dict(model="tiny-llama", prompts="builtin:prompts_eval", judge="gold", out="pairs.jsonl",
+                num_prompts=6, samples=3, temperature=1.0, max_new_tokens=6, min_gap=1e-6,
+                batch_size=4, max_length=256, seed=0)
+    base.update(overrides)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory):
+    path = resolve_model_path("tiny-llama")
+    tok = load_tokenizer(path)
+    model = load_model(path, "reward").eval()
+    ensure_distinct_pad(tok, model)
+    with torch.no_grad():  # a unit-std head: rewards differ between any two responses
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(0)))
+    out = tmp_path_factory.mktemp("judge") / "rm"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_pairs_with_reward_model_judge(tmp_path, tiny_judge):
+    out = tmp_path / "pairs.jsonl"
+    report = make_pairs(_args(judge=str(tiny_judge), out=str(out)))
+    assert (report.prompts, report.samples, report.dropped_all_tied) == (6, 18, 0)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == report.pairs == 6
+    for record in records:
+        assert record["score_chosen"] > record["score_rejected"]
+        assert record["prompt"][-1]["role"] == "user" and record["chosen"][0]["role"] == "assistant"
+    # Judge-vs-gold agreement is only counted where gold orders the two responses.
+    golds = {row.data["id"]: row.data["gold"] for row in read_rows("builtin:prompts_eval")}
+    orderable = sum(task.score(golds[r["id"]], r["chosen"][0]["content"])
+                    != task.score(golds[r["id"]], r["rejected"][0]["content"]) for r in records)
+    assert report.judged_against_gold == orderable
+    assert json.loads((tmp_path / "pairs.report.json").read_text())["pairs"] == 6
+
+    # The file is a preference dataset like any other: the shared loaders read every row
+    # (pairs whose two samples decode to the same text are the loaders' to drop and count).
+    tok = load_tokenizer(resolve_model_path("tiny-llama"))
+    data_report = DataReport("pairs")
+    pairs = load_pairs(read_rows(str(out)), tok, DataConfig(train=str(out), max_length=128), None, data_report)
+    assert data_report.rows_read == 6 and len(pairs) + sum(data_report.dropped.values()) == 6
+
+    # Same seed, same pairs.
+    again = tmp_path / "again.jsonl"
+    make_pairs(_args(judge=str(tiny_judge), out=str(again)))
+    assert again.read_text() == out.read_text()
+
+
+def test_gold_judge_needs_gold_specs(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:1.*'gold'"):
+        make_pairs(_args(prompts=str(prompts), out=str(tmp_path / "p.jsonl")))

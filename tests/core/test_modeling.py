@@ -1,0 +1,228 @@
+"""Tests for alignment.core.modeling on the tiny random Llama (fp32, CPU): packed forward
+equivalence, agreement with a full-logits reference, and invariance to padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import alignment.core.modeling as modeling
+from alignment.core.data import IGNORE, Row, collate, pack_examples, sft_example
+from alignment.core.modeling import sequence_logprobs, target_logprobs
+from alignment.core.models import load_model, load_tokenizer, resolve_model_path
+
+ATOL = 1e-5
+
+CHATS = [
+    ("What is 2+2?", "It is 4."),
+    ("Name an animal that is quick and brown.", "The quick brown fox jumps over the lazy dog."),
+    ("hi", "hello there, friend"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    return resolve_model_path("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_path):
+    return load_tokenizer(tiny_path)
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request, tiny_path):
+    m = load_model(tiny_path, attn_implementation=request.param).eval()
+    assert m.config._attn_implementation == request.param
+    assert next(m.parameters()).dtype == torch.float32
+    return m
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    out = []
+    for user, answer in CHATS:
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        out.append(sft_example(Row({"messages": msgs}, f"mem:{user[:6]}"), tok, "auto", assistant_only=True))
+    assert len({len(e.input_ids) for e in out}) == 3
+    assert all(e.labels[0] == IGNORE for e in out)
+    return out
+
+
+def _alone(model, ex, pad_id):
+    with torch.no_grad():
+        return target_logprobs(model, collate([ex], pad_id))
+
+
+def _segments(packed, examples):
+    """(row, start, example index) for every example inside the packed rows, in row/position order."""
+    out = []
+    for b, row in enumerate(packed):
+        start = 0
+        for n in row.lengths:
+            seg = row.input_ids[start:start + n]
+            matches = [k for k, e in enumerate(examples) if e.input_ids == seg and e.labels == row.labels[start:start + n]]
+            assert matches, "a packed segment matches no example"
+            out.append((b, start, matches[0]))
+            start += n
+    return out
+
+
+# ---------------------------------------------------------------------------
+# packed forward == separate forwards
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_length", [256, 64], ids=["one-row", "two-rows-padded"])
+def test_packed_equals_separate(model, tok, examples, max_length):
+    pad = tok.pad_token_id
+    packed = pack_examples(examples, max_length)
+    assert sum(len(r.lengths) for r in packed) == 3
+    assert len(packed) == (1 if max_length == 256 else 2)
+    batch = collate(packed, pad)
+    with torch.no_grad():
+        logp, where = target_logprobs(model, batch)
+    assert logp.dtype == torch.float32
+
+    expected_logp, expected_where = [], []
+    for b, start, k in _segments(packed, examples):
+        lp, w = _alone(model, examples[k], pad)
+        assert w[:, 0].eq(0).all()
+        expected_logp.append(lp)
+        expected_where.append(torch.stack([torch.full_like(w[:, 0], b), w[:, 1] + start], dim=1))
+    expected_logp = torch.cat(expected_logp)
+    expected_where = torch.cat(expected_where)
+
+    assert where.tolist() == expected_where.tolist()  # same targets, same positions
+    assert logp.shape == expected_logp.shape and logp.numel() == sum(e.num_trainable for e in examples)
+    torch.testing.assert_close(logp, expected_logp, atol=ATOL, rtol=0)
+
+    # control: without the block mask the later examples see the earlier ones and the values move
+    leaky = {"input_ids": batch["input_ids"], "labels": batch["labels"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        leaked, _ = target_logprobs(model, leaky)
+    assert (leaked - expected_logp).abs().max() > 1e-3
+
+
+def test_packed_gradients_equal_separate(tok, examples, tiny_path):
+    """One backward through a packed row gives the gradient of the separate forwards."""
+    pad = tok.pad_token_id
+    m = load_model(tiny_path, attn_implementation="sdpa")
+    m.train()  # no dropout in this model; train mode must not change the values
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    m.zero_grad()
+    logp, _ = target_logprobs(m, collate(pack_examples(examples, 256), pad))
+    logp.sum().backward()
+    packed_grads = [p.grad.clone() for p in params]
+
+    m.zero_grad()
+    for ex in examples:
+        lp, _ = target_logprobs(m, collate([ex], pad))
+        lp.sum().backward()
+    for gp, p in zip(packed_grads, params):
+        torch.testing.assert_close(gp, p.grad, atol=ATOL, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in packed_grads)
+
+
+# ---------------------------------------------------------------------------
+# agreement with a plain full-logits reference
+# ---------------------------------------------------------------------------
+
+
+def _reference(model, batch):
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logp_all = F.log_softmax(logits.float()[:, :-1], dim=-1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    per_token = logp_all.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return per_token[mask], mask
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["default-chunk", "chunk-5"])
+def test_matches_full_logits_reference(model, tok, examples, monkeypatch, chunk):
+    if chunk is not None:
+        monkeypatch.setattr(modeling, "LOGIT_CHUNK", chunk)
+    short, long = examples[0], examples[1]
+    batch = collate([short, long], tok.pad_token_id)  # right-padded, unequal lengths
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+    ref, mask = _reference(model, batch)
+    with torch.no_grad():
+        logp, where = target_logprobs(model, batch)
+    assert where.tolist() == [[b, t + 1] for b, t in mask.nonzero().tolist()]
+    torch.testing.assert_close(logp, ref, atol=ATOL, rtol=0)
+    # every target position really is a labelled token
+    assert all(batch["labels"][b, t].item() != IGNORE for b, t in where.tolist())
+
+    with torch.no_grad():
+        total, count = sequence_logprobs(model, batch)
+    per_token = torch.zeros(mask.shape)
+    per_token[mask] = ref
+    # a sum of n fp32 log-probs of size ~6 carries ~n ulps of rounding: scale the tolerance with n
+    torch.testing.assert_close(total, per_token.sum(1), atol=ATOL * float(mask.sum(1).max()), rtol=0)
+    assert count.tolist() == mask.sum(1).float().tolist()
+    assert count.tolist() == [float(short.num_trainable - (short.labels[0] != IGNORE)),
+                              float(long.num_trainable - (long.labels[0] != IGNORE))]
+
+
+def test_padded_row_equals_alone(model, tok, examples):
+    """A short example inside a right-padded batch scores exactly as it does alone."""
+    batch = collate(examples, tok.pad_token_id)
+    with torch.no_grad():
+        total, count = sequence_logprobs(model, batch)
+        for b, ex in enumerate(examples):
+            t1, c1 = sequence_logprobs(model, collate([ex], tok.pad_token_id))
+            torch.testing.assert_close(total[b : b + 1], t1, atol=ATOL * ex.num_trainable, rtol=0)
+            assert count[b].item() == c1.item() == ex.num_trainable
+
+
+def test_no_targets_gives_empty():
+    from alignment.core.data import Example
+
+    m = load_model(resolve_model_path("tiny-llama")).eval()
+    batch = collate([Example([1, 5, 6], [IGNORE, IGNORE, IGNORE])], pad_id=3)
+    with torch.no_grad():
+        logp, where = target_logprobs(m, batch)
+        total, count = sequence_logprobs(m, batch)
+    assert logp.shape == (0,) and where.shape == (0, 2)
+    assert total.tolist() == [0.0] and count.tolist() == [0.0]
+
+
+# ---------------------------------------------------------------------------
+# padding content is invisible
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed-padded"])
+def test_padding_ids_do_not_matter(model, tok, examples, packed):
+    items = pack_examples(examples, 64) if packed else examples
+    batch = collate(items, tok.pad_token_id)
+    pad_positions = batch["attention_mask"] == 0
+    assert pad_positions.sum() > 0
+    with torch.no_grad():
+        logp, where = target_logprobs(model, batch)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        noisy = dict(batch)
+        ids = batch["input_ids"].clone()
+        ids[pad_positions] = torch.randint(4, len(tok), (int(pad_positions.sum()),), generator=g)
+        assert not torch.equal(ids, batch["input_ids"])
+        noisy["input_ids"] = ids
+        with torch.no_grad():
+            logp2, where2 = target_logprobs(model, noisy)
+        assert torch.equal(where, where2)
+        torch.testing.assert_close(logp2, logp, atol=1e-6, rtol=0)
+
+
+def test_attention_choice():
+    """model.attn_implementation unset: eager on CPU for rows up to 512 tokens, else transformers' default."""
+    from alignment.core.models import EAGER_ATTENTION_MAX_ROW, attention_for
+
+    assert attention_for(None, "cpu", 192) == "eager"
+    assert attention_for(None, "cpu", EAGER_ATTENTION_MAX_ROW) == "eager"
+    assert attention_for(None, "cpu", EAGER_ATTENTION_MAX_ROW + 1) is None
+    assert attention_for(None, "cuda", 192) is None
+    assert attention_for("sdpa", "cpu", 192) == "sdpa"  # the recipe's choice always wins
+    assert attention_for("flash_attention_2", "cuda", 4096) == "flash_attention_2"
