@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -59,30 +63,83 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_once(name: str, builder) -> Path:
-    """Return cache/<name>, calling builder(tmp_dir) under a lock if it is not complete yet."""
+def model_dir_problems(path: Path) -> list[str]:
+    """What a model directory lacks to load: config.json with a model_type, weights, a tokenizer."""
+    path = Path(path)
+    problems = []
+    config = path / "config.json"
+    try:
+        if "model_type" not in json.loads(config.read_text()):
+            problems.append("config.json has no model_type")
+    except (OSError, ValueError):
+        problems.append("no readable config.json")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        problems.append("no weights (*.safetensors)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        problems.append("no tokenizer")
+    return problems
+
+
+def build_once(name: str, builder: Callable[[Path], None],
+               check: Callable[[Path], list[str]] | None = None) -> Path:
+    """Return cache/<name>, building it with builder(tmp_dir) under a lock unless it is complete.
+
+    One process builds while the others wait on the lock. `check` lists what a built entry
+    lacks: an entry is marked complete only when that list is empty, and an entry marked
+    complete that has lost something is rebuilt.
+    """
     target = cache_dir() / name
     marker = target / ".complete"
-    if marker.exists():
+
+    def whole() -> bool:
+        return marker.exists() and not (check and check(target))
+
+    if whole():
         return target
     with file_lock(cache_dir() / f".{name}.lock"):
-        if marker.exists():
+        if whole():
             return target
         tmp = cache_dir() / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        builder(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            builder(tmp)
+            missing = check(tmp) if check else []
+            if missing:
+                raise RuntimeError(f"building cache entry {name!r} left it incomplete: {'; '.join(missing)}")
+            (tmp / ".complete").write_text("ok\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_in_fresh_process(builder: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`builder` run in a new Python process, one without torch.distributed state.
+
+    transformers 5 writes `save_pretrained` files only on torch.distributed rank 0, so a builder
+    running inside rank 1 of a job wrote a tokenizer and no config or weights. A fresh process
+    writes everything whichever rank asked for the build.
+    """
+
+    def run(out: Path) -> None:
+        target = f"{builder.__module__}:{builder.__qualname__}"
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        result = subprocess.run([sys.executable, "-m", "alignment.core.models", "build", target, str(out)],
+                                capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"building {target} into {out} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+
+    return run
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """Turn a recipe's `model.name_or_path` into something `from_pretrained` can load."""
     builtin = BUILTIN_MODELS.get(name_or_path)
     if builtin is not None:
-        return str(build_once(builtin.cache_name, builtin.builder))
+        return str(build_once(builtin.cache_name, build_in_fresh_process(builtin.builder), check=model_dir_problems))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -200,3 +257,18 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += numel
     return trainable, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m alignment.core.models build MODULE:FUNCTION OUT_DIR` (see build_in_fresh_process)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] != "build":
+        print("usage: python -m alignment.core.models build MODULE:FUNCTION OUT_DIR", file=sys.stderr)
+        return 2
+    module, _, function = args[1].partition(":")
+    getattr(importlib.import_module(module), function)(Path(args[2]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
