@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--data", required=True, help="JSONL/JSON/Parquet file of pairs or prompt+response rows")
     score.add_argument("--out", required=True, help="output JSONL")
     score.add_argument("--batch-size", type=int, default=16)
-    score.add_argument("--max-length", type=int, default=512)
+    score.add_argument("--max-length", type=int, default=None,
+                       help="tokens the reward model reads (default: its training data.max_length, else 512)")
     score.add_argument("--normalize", action="store_true", help="subtract the stored mean, divide by the std")
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample from a policy, rank with a judge",
                            description="Sample responses from a policy for each prompt, score them with the "
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max-new-tokens", type=int, default=32)
     pairs.add_argument("--min-gap", type=float, default=1e-6, help="smallest best-worst score gap kept as a pair")
     pairs.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    pairs.add_argument("--max-length", type=int, default=512, help="tokens a reward-model judge reads")
+    pairs.add_argument("--max-length", type=int, default=None,
+                       help="tokens a reward-model judge reads (default: its training data.max_length, else 512)")
     pairs.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("data", help="write the built-in task's data files (SFT, preferences, prompts)")
     data.add_argument("out_dir")

@@ -95,8 +95,9 @@ class PairData:
     sets: dict = field(default_factory=dict)
 
 
-def build_pairs(s: Settings) -> PairData:
-    """The pairs our stage will train on, and their order, computed with our own loaders."""
+def build_pairs(s: Settings, reward_model: bool = False) -> PairData:
+    """The pairs our stage will train on, and their order, computed with our own loaders (a reward model's
+    responses carry the template's suffix: alignment.core.text)."""
     from alignment.core.config import DataConfig
     from alignment.core.data import DataReport, GlobalBatchSampler, read_rows
     from alignment.core.models import load_tokenizer
@@ -112,14 +113,14 @@ def build_pairs(s: Settings) -> PairData:
         if n > len(rows):
             raise SystemExit(f"{DATA} has too few usable pairs for {need}")
         report = DataReport("train")
-        pairs = load_pairs(rows[:n], tokenizer, cfg, s.max_prompt_length, report)
+        pairs = load_pairs(rows[:n], tokenizer, cfg, s.max_prompt_length, report, reward_model)
         if len(pairs) >= need:
             break
         n += need - len(pairs)
     while len(pairs) > need:  # only if the last rows added more than needed
         n -= 1
         report = DataReport("train")
-        pairs = load_pairs(rows[:n], tokenizer, cfg, s.max_prompt_length, report)
+        pairs = load_pairs(rows[:n], tokenizer, cfg, s.max_prompt_length, report, reward_model)
     assert len(pairs) == need
     sampler = GlobalBatchSampler(len(pairs), _Layout(s), SEED)
     order: list[int] = []

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-rm-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        data = pc.build_pairs(s)
+        data = pc.build_pairs(s, reward_model=True)
         print(f"rm-vs-trl: smollm2-135m + scalar head, full fine-tune, {s.precision}, max_length {s.max_length}, "
               f"global batch {s.global_batch} (micro {s.micro_batch}), {s.steps} steps ({s.warmup} warm-up + "
               f"{s.steps - s.warmup} timed), AdamW lr {LR:g} cosine, center coef {CENTER_COEF}; "

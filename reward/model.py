@@ -88,6 +88,9 @@ def ensure_distinct_pad(tokenizer, model) -> None:
     config.pad_token_id = tokenizer.pad_token_id
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
 class RewardScorer:
     """Score responses with an exported reward model (plain transformers/peft load)."""
 
@@ -102,6 +105,9 @@ class RewardScorer:
         config = unwrap(self.model).config
         self.mean = getattr(config, "reward_mean", None)
         self.std = getattr(config, "reward_std", None)
+        # Score sequences cut the way training cut them (alignment.core.text.fit), when the export says how.
+        self.max_length = getattr(config, "reward_max_length", None) or DEFAULT_MAX_LENGTH
+        self.max_prompt_length = getattr(config, "reward_max_prompt_length", None)
         if normalize and (self.mean is None or self.std is None):
             raise ValueError(
                 f"{self.path} stores no reward statistics (config.reward_mean / reward_std); "

@@ -11,20 +11,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from alignment.core import text
 from alignment.core.data import DataError, Row, check_messages, read_rows
 from alignment.core.preference import PairRejected, to_pair
 
 
-def sequence_ids(tokenizer, prompt, response, max_length: int) -> list[int]:
-    """Token ids of prompt + response as the reward model reads them (chat template for messages)."""
-    if isinstance(prompt, str) and isinstance(response, str):
-        text = prompt + response + (tokenizer.eos_token or "")
-    else:
-        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        response = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
-        text = tokenizer.apply_chat_template(prompt + response, tokenize=False).rstrip()
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    return ids[-max_length:]  # keep the end: the reward is read at the last token
+def sequence_ids(tokenizer, prompt, response, max_length: int, max_prompt_length: int | None = None) -> list[int]:
+    """What the reward model reads for prompt + response: the standard rendering (alignment.core.text),
+    fitted to max_length the way training fits it."""
+    return scored_sequence(tokenizer, prompt, response, max_length, max_prompt_length)[0]
+
+
+def scored_sequence(tokenizer, prompt, response, max_length: int,
+                    max_prompt_length: int | None = None) -> tuple[list[int], bool]:
+    """(ids, truncated) for prompt + response; a string prompt with message responses becomes a user turn."""
+    if isinstance(prompt, str) and not isinstance(response, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and isinstance(response, str):
+        response = [{"role": "assistant", "content": response}]
+    try:
+        return text.reward_ids(tokenizer, prompt, response, max_length, max_prompt_length)
+    except text.TemplateError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _row_items(row: Row) -> list[tuple[str, object, object]]:
@@ -45,13 +53,17 @@ def main(args) -> int:
     from reward.model import RewardScorer
 
     scorer = RewardScorer(args.model, normalize=args.normalize)
+    max_length = args.max_length or scorer.max_length
     rows = read_rows(args.data)
     items, records = [], []
     for number, row in enumerate(rows):
         record = {"origin": row.origin}
         try:
             for name, prompt, response in _row_items(row):
-                items.append((number, name, sequence_ids(scorer.tokenizer, prompt, response, args.max_length)))
+                ids, cut = scored_sequence(scorer.tokenizer, prompt, response, max_length, scorer.max_prompt_length)
+                items.append((number, name, ids))
+                if cut:
+                    record["truncated"] = True
         except PairRejected as exc:
             record["skipped"] = exc.reason
         records.append(record)
@@ -69,6 +81,9 @@ def main(args) -> int:
     summary = f"scored {len(records)} rows -> {out}"
     if pairs:
         summary += f"; pair accuracy {sum(r['margin'] > 0 for r in pairs) / len(pairs):.3f} on {len(pairs)} pairs"
+    truncated = sum("truncated" in r for r in records)
+    if truncated:
+        summary += f"; {truncated} rows cut to {max_length} tokens as training cuts them ('truncated')"
     skipped = sum("skipped" in r for r in records)
     if skipped:
         summary += f"; {skipped} rows not scorable (see 'skipped')"

@@ -142,8 +142,9 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters,
                                       longest_row=2 * d.max_length if share_prompt else d.max_length)
     reports = [DataReport("train"), DataReport("eval")]
-    train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0])
-    eval_pairs = load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1]) if eval_rows else []
+    train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0], reward_model=True)
+    eval_pairs = (load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1], reward_model=True)
+                  if eval_rows else [])
     for report in reports:
         if report.rows_read:
             print_main(engine.dist.is_main, report.format())
@@ -206,6 +207,8 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         sample = evaluate(engine, model, train_pairs[:256], pad_id, *layout)
         stats = {"reward_mean": sample["eval/reward_mean"], "reward_std": sample["eval/reward_std"],
                  "reward_stats_source": "training responses (no eval split)"}
+    # How training cut long rows, so `align score` and the PPO reward cut them the same way.
+    stats.update(reward_max_length=d.max_length, reward_max_prompt_length=recipe.rm.max_prompt_length)
     final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="reward", base_path=model_path,
                          lora_cfg=recipe.lora, precision=recipe.train.precision, extra_config=stats)
     print_main(engine.dist.is_main, f"exported and verified: {final}")

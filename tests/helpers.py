@@ -153,3 +153,52 @@ def surviving_processes(*needles: str, session: int | None = None) -> list[str]:
         if in_session or any(n in cmdline for n in needles):
             found.append(f"{pid}: {cmdline}")
     return found
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers with the habits of other model families (for the one-tokenization-path tests)
+# ---------------------------------------------------------------------------
+
+END = "<|im_end|>"
+
+
+def bos_adding_tokenizer(tiny_tok, template: str):
+    """tiny-llama's vocabulary, with an encoder that prepends BOS (`<|endoftext|>`) as Llama-2's does."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tiny_tok.backend_tokenizer.to_str())
+    bos_id = backend.token_to_id("<|endoftext|>")
+    backend.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", bos_id)]
+    )
+    t = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token=END, pad_token="<pad>")
+    t.chat_template = template
+    assert t("a").input_ids[0] == bos_id == t.bos_token_id
+    return t
+
+
+def sentencepiece_style_tokenizer():
+    """A Metaspace BPE tokenizer as Llama-2's: spaces become '▁' glued to the next word, BOS `<s>` is added
+    by the encoder, EOS `</s>`; Llama-2's [INST] chat template. A prompt ending in a space then shares a
+    token with the completion that follows it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["[INST] What is 2 + 2? [/INST] Sure, it is 4.", "[INST] Say hello. [/INST] Sure: hello there!",
+              "Sure thing. The answer is four, I think."] * 20
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  show_progress=False)
+    backend.train_from_iterator(corpus, trainer=trainer)
+    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    t = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="<pad>")
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                       "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+    return t

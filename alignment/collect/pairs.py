@@ -128,7 +128,7 @@ def make_pairs(args) -> PairsReport:
         from reward.score import sequence_ids
 
         scorer = RewardScorer(args.judge)
-        flat = [sequence_ids(scorer.tokenizer, p, r, args.max_length)
+        flat = [sequence_ids(scorer.tokenizer, p, r, args.max_length or scorer.max_length, scorer.max_prompt_length)
                 for p, group in zip(prompts, responses) for r in group]
         values = scorer.score_batched(flat, args.batch_size)
         scores = [values[i : i + args.samples] for i in range(0, len(values), args.samples)]

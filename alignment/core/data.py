@@ -6,10 +6,10 @@ see alignment.evaluate.task). Every row keeps its origin (file, line) so a malfo
 is reported as ``file:line: field ...``.
 
 SFT shapes: chat ``messages``; ``prompt``/``completion`` as strings or message
-lists; plain ``text``. Chats are rendered by the tokenizer's own chat template and
-tokenized once as a whole; the loss mask comes from character spans of the
-assistant turns, so no token at a prompt/response boundary is merged, split or
-duplicated, and exactly one BOS is present when the tokenizer uses one.
+lists; plain ``text``. Rendering and tokenization go through alignment.core.text (the
+one path every stage, scorer and generator shares): the loss covers each assistant
+turn up to its end-of-turn token, prompt and response are tokenized as generation sees
+them, and exactly one BOS is present when the tokenizer uses one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from alignment.core import text
 
 IGNORE = -100
 
@@ -226,103 +228,52 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     origin: str = ""
+    resplit: bool = False  # a token would have merged across a prompt/response boundary (alignment.core.text)
 
     @property
     def num_trainable(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
-def _bos_prefix(tokenizer, text: str) -> list[int]:
-    """[bos] when the tokenizer normally adds one and the rendered text lacks it; else []."""
-    bos = tokenizer.bos_token
-    if bos is None or tokenizer.bos_token_id is None or text.startswith(bos):
-        return []
-    probe = tokenizer("a", add_special_tokens=True).input_ids
-    return [tokenizer.bos_token_id] if probe and probe[0] == tokenizer.bos_token_id else []
-
-
-def tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> Example:
-    """Tokenize `text` once; label tokens that start inside one of the character spans."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    labels = [IGNORE] * len(ids)
-    span_iter = sorted(spans)
-    for index, (start, end) in enumerate(encoded["offset_mapping"]):
-        if end <= start:  # zero-width offsets carry no text of their own
-            continue
-        if any(s <= start < e for s, e in span_iter):
-            labels[index] = ids[index]
-    prefix = _bos_prefix(tokenizer, text)
-    return Example(prefix + ids, [IGNORE] * len(prefix) + labels)
-
-
-def _strip_right(text: str, start: int, end: int) -> int:
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return end
-
-
-def render_chat_spans(
-    tokenizer, messages: list[dict], origin: str, train_from: int = 0
-) -> tuple[str, list[tuple[int, int]]]:
-    """Render with the chat template; return the text and the character spans of assistant turns.
-
-    The span of turn i runs from the end of the render of messages[:i] with the
-    generation prompt to the end of the render of messages[:i+1], minus trailing
-    whitespace, so it covers the answer and the end-of-turn token.
-    """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < train_from:
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(upto) or not upto.startswith(before):
-            raise DataError(
-                f"{origin}: the chat template does not render conversations prefix-consistently "
-                "(turn {i}); assistant-only loss cannot be located"
-            )
-        spans.append((len(before), _strip_right(upto, len(before), len(upto))))
-    return full, spans
-
-
 def sft_example(row: Row, tokenizer, fmt: str, assistant_only: bool) -> Example:
-    """One row -> token ids and labels (IGNORE where no loss)."""
+    """One row -> token ids and labels (IGNORE where no loss), through alignment.core.text."""
     row.check()
     data, origin = row.data, row.origin
     shape = detect_sft_format(data, origin) if fmt == "auto" else fmt
-    if shape == "messages":
-        messages = check_messages(data.get("messages", data.get("conversations")), origin, "messages")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{origin}: field 'messages' has no assistant turn")
-        text, spans = render_chat_spans(tokenizer, messages, origin)
-    elif shape == "prompt_completion":
-        prompt, completion = data.get("prompt"), data.get("completion")
-        if isinstance(prompt, list) or isinstance(completion, list):
-            prompt_msgs = check_messages(prompt, origin, "prompt")
-            completion_msgs = check_messages(completion, origin, "completion")
-            text, spans = render_chat_spans(tokenizer, prompt_msgs + completion_msgs, origin, len(prompt_msgs))
-        else:
-            prompt = check_string(prompt, origin, "prompt")
-            completion = check_string(completion, origin, "completion")
+    try:
+        if shape == "messages":
+            messages = check_messages(data.get("messages", data.get("conversations")), origin, "messages")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise DataError(f"{origin}: field 'messages' has no assistant turn")
+            rendered, spans = text.chat_spans(tokenizer, messages)
+        elif shape == "prompt_completion":
+            prompt, completion = data.get("prompt"), data.get("completion")
+            if isinstance(prompt, list) or isinstance(completion, list):
+                prompt_msgs = check_messages(prompt, origin, "prompt")
+                completion_msgs = check_messages(completion, origin, "completion")
+                rendered, spans = text.chat_spans(tokenizer, prompt_msgs + completion_msgs, len(prompt_msgs))
+            else:
+                prompt = check_string(prompt, origin, "prompt")
+                completion = check_string(completion, origin, "completion")
+                eos = tokenizer.eos_token or ""
+                if eos and not completion.endswith(eos):
+                    completion = completion + eos
+                rendered = prompt + completion
+                spans = [(len(prompt), len(rendered))]
+        elif shape == "text":
+            rendered = check_string(data.get("text"), origin, "text")
             eos = tokenizer.eos_token or ""
-            if eos and not completion.endswith(eos):
-                completion = completion + eos
-            text = prompt + completion
-            spans = [(len(prompt), len(text))]
-    elif shape == "text":
-        text = check_string(data.get("text"), origin, "text")
-        eos = tokenizer.eos_token or ""
-        if eos and not text.endswith(eos):
-            text = text + eos
-        spans = [(0, len(text))]
-        assistant_only = True  # every token of plain text is trainable
-    else:
-        raise DataError(f"{origin}: unknown SFT format {shape!r}")
-    example = tokenize_with_spans(tokenizer, text, spans if assistant_only else [(0, len(text))])
-    example.origin = origin
-    return example
+            if eos and not rendered.endswith(eos):
+                rendered = rendered + eos
+            spans = [(0, len(rendered))]
+            assistant_only = True  # every token of plain text is trainable
+        else:
+            raise DataError(f"{origin}: unknown SFT format {shape!r}")
+    except text.TemplateError as exc:
+        raise DataError(f"{origin}: {exc}") from None
+    ids, inside, resplit = text.encode_spans(tokenizer, rendered, spans if assistant_only else [(0, len(rendered))])
+    labels = [token if keep else IGNORE for token, keep in zip(ids, inside)]
+    return Example(ids, labels, origin, resplit)
 
 
 def build_sft_examples(rows: list[Row], tokenizer, data_cfg, assistant_only: bool, report: DataReport) -> list[Example]:
@@ -337,6 +288,8 @@ def build_sft_examples(rows: list[Row], tokenizer, data_cfg, assistant_only: boo
                 raise
             report.skip(str(exc).split(": ", 1)[-1].split(";")[0][:60], str(exc))
             continue
+        if example.resplit:
+            report.notes["response re-tokenized at the prompt boundary"] += 1
         if len(example.input_ids) > data_cfg.max_length:
             if data_cfg.overlong == "drop":
                 report.dropped["longer than max_length"] += 1

@@ -31,9 +31,12 @@ class ExportMismatch(RuntimeError):
 
 
 def fixed_input(tokenizer) -> dict[str, torch.Tensor]:
-    text = tokenizer.apply_chat_template(FIXED_CONVERSATION, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+    """The fixed conversation as the one tokenization path renders it (alignment.core.text)."""
+    from alignment.core import text
+
+    prompt, response = FIXED_CONVERSATION[:1], FIXED_CONVERSATION[1:]
+    ids = torch.tensor([text.encode(tokenizer, prompt, response).reward_ids])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def model_outputs(model, inputs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:

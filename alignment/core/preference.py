@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Union
 
-from alignment.core.data import DataError, DataReport, Row, _bos_prefix, _strip_right, check_messages, check_string
+from alignment.core import text
+from alignment.core.data import DataError, DataReport, Row, check_messages, check_string
 
 Prompt = Union[str, list[dict]]
 
@@ -182,75 +183,45 @@ class TokenizedPair:
         return self.prompt_ids + (self.chosen_ids if which == "chosen" else self.rejected_ids)
 
 
-def _render(tokenizer, prompt: Prompt, response: Any) -> tuple[str, str]:
-    """(prompt text, full text). Chat pairs use the chat template; raw text pairs are concatenated."""
-    if isinstance(prompt, str):
-        eos = tokenizer.eos_token or ""
-        full = prompt + response
-        if eos and not full.endswith(eos):
-            full += eos
-        return prompt, full
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise DataError("the chat template does not render the prompt as a prefix of the conversation")
-    # Drop whitespace after the end-of-turn token: the response ends at the stop token.
-    return prompt_text, full[: _strip_right(full, len(prompt_text), len(full))]
-
-
-def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], full: str) -> tuple[list[int], bool]:
-    """Response token ids after the shared prompt ids; True when the boundary had to be re-split."""
-    whole = tokenizer(full, add_special_tokens=False).input_ids
-    if whole[: len(prompt_ids)] == prompt_ids:
-        return whole[len(prompt_ids) :], False
-    # A token merged across the boundary: keep the prompt ids, tokenize the response alone.
-    return tokenizer(full[len(prompt_text) :], add_special_tokens=False).input_ids, True
-
-
 def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_length: int | None,
-                  report: DataReport) -> TokenizedPair:
-    """Shared prompt ids + each response's ids, truncated so each sequence fits max_length.
+                  report: DataReport, reward_model: bool = False) -> TokenizedPair:
+    """Shared prompt ids + each response's ids (alignment.core.text), fitted to max_length.
 
-    Truncation: the prompt keeps its last `max_prompt_length` tokens (default half of
+    A policy (DPO) reads a response up to its end-of-turn token; a reward model reads the
+    standard rendering, so its responses carry the template's suffix too. Truncation
+    (text.fit): the prompt keeps its last `max_prompt_length` tokens (default half of
     max_length) only when prompt + longer response would not fit; each response is then cut
     to the room left. A response cut to nothing rejects the pair (FAILURES rows 13, 14).
     """
     try:
-        prompt_text, full_c = _render(tokenizer, pair.prompt, pair.chosen)
-        prompt_text_r, full_r = _render(tokenizer, pair.prompt, pair.rejected)
-    except DataError as exc:
+        chosen = text.encode(tokenizer, pair.prompt, pair.chosen)
+        rejected = text.encode(tokenizer, pair.prompt, pair.rejected)
+    except text.TemplateError as exc:
         raise DataError(f"{pair.origin}: {exc}") from None
-    assert prompt_text == prompt_text_r
-    prompt_ids = _bos_prefix(tokenizer, prompt_text) + tokenizer(prompt_text, add_special_tokens=False).input_ids
-    bos = len(prompt_ids) - len(tokenizer(prompt_text, add_special_tokens=False).input_ids)
-    chosen, split_c = _response_ids(tokenizer, prompt_text, prompt_ids[bos:], full_c)
-    rejected, split_r = _response_ids(tokenizer, prompt_text, prompt_ids[bos:], full_r)
-    if split_c or split_r:
+    assert chosen.prompt_ids == rejected.prompt_ids  # the same prompt text, tokenized alone
+    if chosen.resplit or rejected.resplit:
         report.notes["response re-tokenized at the prompt boundary"] += 1
-    longest = len(prompt_ids) + max(len(chosen), len(rejected))
-    if longest > max_length:
-        report.truncated += 1
-        limit = max_prompt_length if max_prompt_length is not None else max_length // 2
-        limit = max(bos + 1, min(limit, max_length - 1))  # leave room for at least one response token
-        if len(prompt_ids) > limit:
-            prompt_ids = prompt_ids[:bos] + prompt_ids[len(prompt_ids) - (limit - bos):]  # keep the BOS
-        room = max_length - len(prompt_ids)
-        chosen, rejected = chosen[:room], rejected[:room]
-    if not chosen or not rejected:
+    responses = [e.response_ids + (e.suffix_ids if reward_model else []) for e in (chosen, rejected)]
+    prompt_ids, (chosen_ids, rejected_ids), cut = text.fit(chosen.prompt_ids, responses, max_length,
+                                                           max_prompt_length, tokenizer.bos_token_id)
+    report.truncated += cut
+    if not chosen_ids or not rejected_ids:
         raise PairRejected("a response is empty after truncation")
-    if chosen == rejected:
+    if chosen_ids == rejected_ids:
         raise PairRejected("chosen identical to rejected after truncation")
-    return TokenizedPair(prompt_ids, chosen, rejected, pair.origin, pair.margin)
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.origin, pair.margin)
 
 
-def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | None, report: DataReport) -> list[TokenizedPair]:
-    """Rows -> tokenized pairs; malformed rows raise (or are skipped and counted), unusable ones are counted."""
+def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | None, report: DataReport,
+               reward_model: bool = False) -> list[TokenizedPair]:
+    """Rows -> tokenized pairs (for a reward model when `reward_model`, else for a policy); malformed rows
+    raise (or are skipped and counted), unusable ones are counted."""
     pairs = []
     report.rows_read += len(rows)
     for row in rows:
         try:
             pair = to_pair(row, data_cfg.format)
-            tokenized = tokenize_pair(pair, tokenizer, data_cfg.max_length, max_prompt_length, report)
+            tokenized = tokenize_pair(pair, tokenizer, data_cfg.max_length, max_prompt_length, report, reward_model)
         except PairRejected as exc:
             report.dropped[exc.reason] += 1
             continue

@@ -1,8 +1,11 @@
-"""Gold score: generate answers to held-out built-in task prompts and score them with the verifier.
+"""Generation from chat prompts, and the gold score: answers to held-out built-in task prompts scored
+with the verifier.
 
-Runs on a plain transformers model (the exported `final/` directory or the base
-model), sharded across ranks, greedy decoding, left padding. Reports the mean
-gold reward (alignment.evaluate.task.score) and the exact-answer rate.
+Generation starts from the prompt ids of the one tokenization path (alignment.core.text),
+left-padded, and stops at the template's end-of-turn token, so a response is the very ids
+training puts after its prompt. The gold score runs on a plain transformers model (the
+exported `final/` directory or the base model), sharded across ranks, greedy decoding, and
+reports the mean gold reward (alignment.evaluate.task.score) and the exact-answer rate.
 """
 
 from __future__ import annotations
@@ -11,35 +14,60 @@ from pathlib import Path
 
 import torch
 
+from alignment.core import text
 from alignment.evaluate import task
 from alignment.core.data import read_rows
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-             device: torch.device, samples: int = 1, temperature: float = 0.0) -> list[str]:
-    """Completions for chat prompts (lists of messages), `samples` per prompt in prompt order.
+def generation_batch(tokenizer, prompts: list, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded prompt ids (alignment.core.text.prompt_ids: the ids training puts before a response)."""
+    rows = [text.prompt_ids(tokenizer, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
-    temperature 0: greedy; above 0: plain temperature sampling (no top-k/top-p), seeded by
-    the caller through torch's global generator.
+
+def response_until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    """A generated row cut after its first stop token (what follows is padding)."""
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[: i + 1]
+    return ids
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int, device: torch.device,
+                 samples: int = 1, temperature: float = 0.0, logits_processor=None) -> list[list[int]]:
+    """Response ids for prompts (chat message lists or raw text), `samples` per prompt in prompt order,
+    each ending with its stop token (text.stop_token_ids) unless max_new_tokens cut it.
+
+    temperature 0: greedy; above 0: plain temperature sampling (no top-k/top-p), seeded by the
+    caller through torch's global generator.
     """
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
         else {"do_sample": False}
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from each prompt's last real token
-    outputs = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=samples, **sampling,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, enc["input_ids"].shape[1]:]:
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-    return outputs
+    stops = text.stop_token_ids(tokenizer)
+    out_rows: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = generation_batch(tokenizer, prompts[start : start + batch_size], device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=samples, **sampling,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+                             logits_processor=logits_processor)
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            out_rows.append(response_until_stop(row, set(stops)))
+    return out_rows
+
+
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int,
+             device: torch.device, samples: int = 1, temperature: float = 0.0) -> list[str]:
+    """Completions as text (special tokens dropped); see generate_ids."""
+    rows = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, device, samples, temperature)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
 def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, max_new_tokens: int,
