@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--max-length", type=int, default=None,
                        help="tokens the reward model reads (default: its training data.max_length, else 512)")
     score.add_argument("--normalize", action="store_true", help="subtract the stored mean, divide by the std")
+    score.add_argument("--trust-remote-code", action="store_true", help="the model ships its own modelling code")
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample from a policy, rank with a judge",
                            description="Sample responses from a policy for each prompt, score them with the "
                            "built-in task's verifier (--judge gold) or a reward model directory, and write "
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max-length", type=int, default=None,
                        help="tokens a reward-model judge reads (default: its training data.max_length, else 512)")
     pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")
     data = sub.add_parser("data", help="write the built-in task's data files (SFT, preferences, prompts)")
     data.add_argument("out_dir")
     data.add_argument("--seed", type=int, default=0)

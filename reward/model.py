@@ -94,13 +94,15 @@ DEFAULT_MAX_LENGTH = 512
 class RewardScorer:
     """Score responses with an exported reward model (plain transformers/peft load)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = False):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = False, *,
+                 trust_remote_code: bool = False, revision: str | None = None):
         from alignment.core.export import load_exported
         from alignment.core.models import load_tokenizer
 
         self.path = Path(path)
-        self.tokenizer = load_tokenizer(str(self.path))
-        self.model = load_exported(self.path, "reward").to(device).eval()
+        self.tokenizer = load_tokenizer(str(path), trust_remote_code, revision)
+        self.model = load_exported(str(path), "reward", trust_remote_code=trust_remote_code,
+                                   revision=revision).to(device).eval()
         self.device = torch.device(device)
         config = unwrap(self.model).config
         self.mean = getattr(config, "reward_mean", None)

@@ -52,7 +52,7 @@ def _row_items(row: Row) -> list[tuple[str, object, object]]:
 def main(args) -> int:
     from reward.model import RewardScorer
 
-    scorer = RewardScorer(args.model, normalize=args.normalize)
+    scorer = RewardScorer(args.model, normalize=args.normalize, trust_remote_code=args.trust_remote_code)
     max_length = args.max_length or scorer.max_length
     rows = read_rows(args.data)
     items, records = [], []

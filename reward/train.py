@@ -210,7 +210,8 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     # How training cut long rows, so `align score` and the PPO reward cut them the same way.
     stats.update(reward_max_length=d.max_length, reward_max_prompt_length=recipe.rm.max_prompt_length)
     final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="reward", base_path=model_path,
-                         lora_cfg=recipe.lora, precision=recipe.train.precision, extra_config=stats)
+                         lora_cfg=recipe.lora, precision=recipe.train.precision,
+                         model_cfg=recipe.model, extra_config=stats)
     print_main(engine.dist.is_main, f"exported and verified: {final}")
     if "eval/accuracy" in metrics:
         print_main(engine.dist.is_main, f"held-out: accuracy {metrics['eval/accuracy']:.3f} on "

@@ -111,9 +111,9 @@ def make_pairs(args) -> PairsReport:
 
     # Step 2. Sample from the policy (a plain transformers model: no engine hooks, fastest generate).
     model_dir = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = load_exported(model_dir, "causal_lm").to(device).eval()
+    policy = load_exported(model_dir, "causal_lm", trust_remote_code=args.trust_remote_code).to(device).eval()
     responses = sample_responses(policy, tokenizer, prompts, args.samples, args.temperature,
                                  args.max_new_tokens, args.batch_size, args.seed, device)
     del policy
@@ -127,7 +127,7 @@ def make_pairs(args) -> PairsReport:
         from reward.model import RewardScorer
         from reward.score import sequence_ids
 
-        scorer = RewardScorer(args.judge)
+        scorer = RewardScorer(args.judge, trust_remote_code=args.trust_remote_code)
         flat = [sequence_ids(scorer.tokenizer, p, r, args.max_length or scorer.max_length, scorer.max_prompt_length)
                 for p, group in zip(prompts, responses) for r in group]
         values = scorer.score_batched(flat, args.batch_size)

@@ -6,7 +6,7 @@ tied weights included. After writing, a fresh process loads the directory with
 plain transformers/peft and compares its output on a fixed input with the live
 model's; a mismatch fails the run.
 
-Run by hand: ``python -m alignment.core.export verify DIR --expected logits.pt --kind causal_lm``.
+Run by hand: ``python -m alignment.core.export verify DIR --expected outputs.safetensors --kind causal_lm``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+BASE_CONFIG = "base_model_config.json"  # next to a LoRA adapter: the live base model's config
 FIXED_CONVERSATION = [
     {"role": "user", "content": "What is 12 + 30? Answer with just the number."},
     {"role": "assistant", "content": "42"},
@@ -59,37 +61,48 @@ def live_outputs(engine, model, tokenizer, kind: str) -> torch.Tensor:
 
 
 def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_path: str, lora_cfg, precision: str,
-                 extra_config: dict | None = None) -> Path:
-    """Gather, write and verify `out_dir`. Collective: every rank calls it."""
+                 model_cfg=None, extra_config: dict | None = None) -> Path:
+    """Gather, write and verify `out_dir` (and `out_dir/merged` for LoRA). Collective: every rank calls it.
+
+    `model_cfg` (the recipe's model section) gives the base's revision and trust_remote_code to every
+    reload; `extra_config` goes into the exported config (a reward model's statistics).
+    """
     out_dir = Path(out_dir)
     from alignment.core.modeling import unwrap, user_model
 
     module = user_model(model)
+    revision = getattr(model_cfg, "revision", None)
+    remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
     expected = live_outputs(engine, model, tokenizer, kind)
     state = engine.full_state_dict(module)
     error = None
     if engine.dist.is_main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if extra_config:
-                config = module.get_base_model().config if hasattr(module, "get_base_model") else module.config
-                for key, value in extra_config.items():
-                    setattr(config, key, value)
+            is_lora = hasattr(module, "peft_config")
+            base_config = module.get_base_model().config if is_lora else module.config
+            for key, value in (extra_config or {}).items():
+                setattr(base_config, key, value)
+            if is_lora:  # recorded in adapter_config.json, so the base reloads at the revision it trained from
+                for peft_config in module.peft_config.values():
+                    peft_config.revision = revision
             module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
-            is_lora = hasattr(module, "peft_config")
             if is_lora:
-                _write_base_config(module, out_dir)
-            torch.save(expected, out_dir.parent / f".{out_dir.name}-expected.pt")
+                # The live base's config (a reward head's single label, the distinct pad token, reward
+                # statistics): the adapter alone does not carry it, and the hub base does not have it.
+                (out_dir / BASE_CONFIG).write_text(json.dumps(base_config.to_dict(), indent=2, default=str))
+            expected_file = out_dir.parent / f".{out_dir.name}-expected.safetensors"
+            save_file({"outputs": expected.contiguous()}, str(expected_file))
             # Reload with the live model's attention kernel: the check is about the weights, and in bf16
             # eager and SDPA differ by more than its tolerance (0.1 + 2%) on many logits.
             attention = getattr(unwrap(module).config, "_attn_implementation", None)
             attention = attention if attention in ("eager", "sdpa") else None  # verify runs on CPU
-            verify_in_fresh_process(out_dir, out_dir.parent / f".{out_dir.name}-expected.pt", kind, precision,
-                                    attention)
+            verify_in_fresh_process(out_dir, expected_file, kind, precision, attention, remote_code)
             if is_lora and lora_cfg.merge_on_export:
                 with engine.plain_init():
-                    merge_adapter(out_dir, base_path, kind, out_dir / "merged", extra_config)
+                    merge_adapter(out_dir, kind, out_dir / "merged", remote_code)
+                verify_in_fresh_process(out_dir / "merged", expected_file, kind, precision, attention, remote_code)
         except Exception as exc:  # reported on every rank below, so no rank waits forever
             error = f"{type(exc).__name__}: {exc}"
     error = engine.dist.broadcast_object(error)
@@ -98,63 +111,70 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
     return out_dir
 
 
-def _write_base_config(module, out_dir: Path) -> None:
-    """Record the base model's config next to the adapter for tools that want it without the hub."""
-    base = module.get_base_model()
-    (out_dir / "base_model_config.json").write_text(json.dumps(base.config.to_dict(), indent=2, default=str))
-
-
-def merge_adapter(adapter_dir: Path, base_path: str, kind: str, merged_dir: Path, extra_config: dict | None) -> None:
-    from peft import PeftModel
+def merge_adapter(adapter_dir: Path, kind: str, merged_dir: Path, trust_remote_code: bool = False) -> None:
+    """Base weights with the adapter merged in, as a plain transformers directory with the live config."""
     from transformers import AutoTokenizer
 
-    from alignment.core.models import load_model
-
-    base = load_model(base_path, kind)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    for key, value in (extra_config or {}).items():
-        setattr(merged.config, key, value)
+    merged = load_exported(adapter_dir, kind, torch.float32, trust_remote_code=trust_remote_code).merge_and_unload()
     merged.save_pretrained(merged_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(merged_dir)
 
 
 def verify_in_fresh_process(out_dir: Path, expected_file: Path, kind: str, precision: str,
-                            attention: str | None = None) -> None:
+                            attention: str | None = None, trust_remote_code: bool = False) -> None:
     cmd = [sys.executable, "-m", "alignment.core.export", "verify", str(out_dir), "--expected", str(expected_file),
-           "--kind", kind, "--precision", precision] + (["--attn-implementation", attention] if attention else [])
+           "--kind", kind, "--precision", precision] + (["--attn-implementation", attention] if attention else []) \
+        + (["--trust-remote-code"] if trust_remote_code else [])
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise ExportMismatch(f"reloading {out_dir} in a fresh process failed:\n{result.stdout}{result.stderr[-3000:]}")
 
 
-def load_exported(path: str | Path, kind: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
-    """Load an exported directory with plain transformers / peft, as a user would."""
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+def load_exported(path: str | Path, kind: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                  *, trust_remote_code: bool = False, revision: str | None = None):
+    """Load a model directory (or hub id) with plain transformers / peft, as a user would.
+
+    A LoRA export loads its base at the revision recorded in adapter_config.json, with the live
+    base config written next to the adapter (a reward model's one-label head and pad token).
+    """
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if kind == "reward":
+        kwargs["num_labels"] = 1
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.exists():
         from peft import PeftModel
 
-        base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        base = load_exported(base_path, kind, dtype, attn_implementation)
+        adapter = json.loads(adapter_config.read_text())
+        base = load_exported(adapter["base_model_name_or_path"], kind, dtype, attn_implementation,
+                             trust_remote_code=trust_remote_code, revision=adapter.get("revision"))
+        saved = Path(path) / BASE_CONFIG
+        if saved.exists():
+            live = json.loads(saved.read_text())
+            for key in ("pad_token_id", *[k for k in live if k.startswith("reward_")]):
+                if key in live:
+                    setattr(base.config, key, live[key])
         # With an explicit dtype keep the adapter in it too (peft upcasts adapters to fp32 by default).
         return PeftModel.from_pretrained(base, path, autocast_adapter_dtype=dtype is None)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    return cls.from_pretrained(path, **kwargs)
+    return cls.from_pretrained(path, revision=revision, **kwargs)
 
 
-def verify(path: Path, expected: torch.Tensor, kind: str, precision: str, attention: str | None = None) -> float:
+def verify(path: Path, expected: torch.Tensor, kind: str, precision: str, attention: str | None = None,
+           trust_remote_code: bool = False) -> float:
     from transformers import AutoTokenizer
 
     from alignment.core.models import torch_dtype
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     # Compare in the precision the model was trained in: a bf16-trained adapter on an fp32
     # base computes differently in fp32, which is not an export error.
-    model = load_exported(path, kind, torch_dtype(precision), attention).eval()
+    model = load_exported(path, kind, torch_dtype(precision), attention, trust_remote_code=trust_remote_code).eval()
     with torch.no_grad():
         got = model_outputs(model, fixed_input(tokenizer), kind)
     if got.shape != expected.shape:
@@ -179,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--kind", choices=["causal_lm", "reward"], default="causal_lm")
     check.add_argument("--precision", choices=list(TOLERANCE), default="fp32")
     check.add_argument("--attn-implementation", default=None, help="the live model's (default: transformers')")
+    check.add_argument("--trust-remote-code", action="store_true", help="the model ships its own modelling code")
     args = parser.parse_args(argv)
-    expected = torch.load(args.expected)
-    max_diff = verify(args.path, expected, args.kind, args.precision, args.attn_implementation)
+    expected = load_file(str(args.expected))["outputs"]
+    max_diff = verify(args.path, expected, args.kind, args.precision, args.attn_implementation, args.trust_remote_code)
     print(f"export verified: {args.path} reloads with max |diff| {max_diff:.3g}")
     return 0
 

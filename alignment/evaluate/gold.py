@@ -71,16 +71,19 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: i
 
 
 def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, max_new_tokens: int,
-               batch_size: int) -> dict[str, float]:
-    """Mean gold reward of a saved model on the first `num_prompts` prompts; every rank calls."""
+               batch_size: int, *, trust_remote_code: bool = False, revision: str | None = None,
+               tokenizer_path: str | None = None) -> dict[str, float]:
+    """Mean gold reward of a model (a directory or hub id at `revision`) on the first `num_prompts` prompts;
+    every rank calls."""
     from alignment.core.export import load_exported
     from alignment.core.models import load_tokenizer
 
     rows = read_rows(prompts_source)[:num_prompts]
     mine = rows[engine.dist.rank :: engine.dist.world_size]
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(tokenizer_path or model_dir, trust_remote_code, None if tokenizer_path else revision)
     with engine.plain_init():
-        model = load_exported(model_dir, "causal_lm").to(engine.dist.device).eval()
+        model = load_exported(model_dir, "causal_lm", trust_remote_code=trust_remote_code,
+                              revision=revision).to(engine.dist.device).eval()
     responses = generate(model, tokenizer, [r.data["prompt"] for r in mine], max_new_tokens, batch_size, engine.dist.device)
     scores = [task.score(r.data["gold"], resp) for r, resp in zip(mine, responses)]
     sums = engine.dist.reduce_sums({"score": sum(scores), "exact": sum(s == 1.0 for s in scores), "n": len(scores)})
@@ -89,8 +92,16 @@ def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, ma
             "_examples": list(zip([r.data["prompt"][-1]["content"] for r in mine[:3]], responses[:3]))}
 
 
-def gold_eval(engine, model_dir: str, cfg) -> dict:
-    result = gold_score(engine, model_dir, cfg.prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size)
+def gold_eval(engine, model_dir: str, cfg, model_cfg=None, base: bool = False) -> dict:
+    """Gold score of `model_dir` as a stage's gold_eval section says, printed with two examples.
+
+    `model_cfg` (the recipe's model section) gives trust_remote_code; for the `base` model also its
+    revision and tokenizer (an export carries its own)."""
+    remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
+    revision = getattr(model_cfg, "revision", None) if base else None
+    tokenizer_path = getattr(model_cfg, "tokenizer", None) if base else None
+    result = gold_score(engine, model_dir, cfg.prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size,
+                        trust_remote_code=remote_code, revision=revision, tokenizer_path=tokenizer_path)
     examples = result.pop("_examples")
     if engine.dist.is_main:
         print(f"gold score of {Path(model_dir).name}: {result['gold/score']:.3f} (exact {result['gold/exact']:.3f})")

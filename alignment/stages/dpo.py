@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -26,6 +27,7 @@ from alignment.core import loop
 from alignment.core.config import GoldEvalConfig, RecipeBase, RecipeError, register_stage
 from alignment.core.data import DataReport, GlobalBatchSampler
 from alignment.core.export import export_model
+from alignment.core.fingerprint import model_fingerprint, sequence_fingerprint
 from alignment.rlhf.dpo_losses import dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, simpo_loss
 from alignment.core.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model_path
 from alignment.core.modeling import sequence_logprobs, user_model
@@ -126,27 +128,8 @@ class Reference:
         return chosen, rejected
 
 
-def model_fingerprint(path: str, revision: str | None = None) -> str:
-    """Hash of a model directory's weights and config (or of a hub id + revision)."""
-    digest = hashlib.sha256()
-    folder = Path(path)
-    if not folder.is_dir():
-        digest.update(f"hub:{path}@{revision or 'main'}".encode())
-        return digest.hexdigest()
-    for file in sorted(folder.iterdir()):
-        if file.suffix in (".safetensors", ".bin", ".json") and file.is_file():
-            digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
 def pairs_fingerprint(pairs: list) -> str:
-    digest = hashlib.sha256()
-    for p in pairs:
-        digest.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
-    return digest.hexdigest()
+    return sequence_fingerprint((p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs)
 
 
 @torch.no_grad()
@@ -175,32 +158,53 @@ def load_reference(engine, recipe, ref_path: str):
                       attn_implementation=loop.attention_implementation(engine, recipe))
 
 
+def read_reference_cache(path: Path, key: str, splits: dict[str, list]) -> dict | None:
+    """The cached table at `path` when it is whole and was written under `key`; None otherwise.
+    Plain tensors in safetensors (nothing in the file is executed)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+            table = {name: handle.get_tensor(name) for name in splits}
+    except Exception:  # absent, truncated, or not a safetensors file at all
+        return None
+    return table if all(table[n].shape == (len(p), 2) for n, p in splits.items()) else None
+
+
+def write_reference_cache(path: Path, key: str, table: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+
+
 def load_or_compute_reference(engine, ref_path: str, recipe, splits: dict[str, list], pad_id: int) -> dict:
-    """Cached reference log-probs keyed by model weights, precision, attention kernel and tokenized pairs."""
+    """Reference log-probs, cached under a key of model weights (a hub model pinned to its commit),
+    precision, attention kernel and tokenized pairs; a model that cannot be pinned is not cached."""
     revision = None if recipe.dpo.reference_model else recipe.model.revision
-    key_src = (f"{model_fingerprint(ref_path, revision)}|{recipe.train.precision}|"
-               f"{loop.attention_implementation(engine, recipe)}|") + "|".join(
-        f"{name}:{pairs_fingerprint(pairs)}" for name, pairs in sorted(splits.items())
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
-    path = cache_dir() / "ref_logps" / f"{key}.pt"
-    if path.exists():
-        table = torch.load(path)
-        if table.get("key") == key and all(table[n].shape[0] == len(p) for n, p in splits.items()):
-            print_main(engine.dist.is_main, f"reference log-probs: cache hit {path}")
-            return table
-    print_main(engine.dist.is_main, f"reference log-probs: computing for {sum(map(len, splits.values()))} pairs (cache {path})")
+    weights = model_fingerprint(ref_path, revision)
+    key = hashlib.sha256(((f"{weights}|{recipe.train.precision}|{loop.attention_implementation(engine, recipe)}|")
+                          + "|".join(f"{name}:{pairs_fingerprint(pairs)}" for name, pairs in sorted(splits.items())))
+                         .encode()).hexdigest()[:32]
+    path = cache_dir() / "ref_logps" / f"{key}.safetensors" if weights else None
+    table = read_reference_cache(path, key, splits) if path else None
+    if table is not None:
+        print_main(engine.dist.is_main, f"reference log-probs: cache hit {path}")
+        return table
+    where = f"cache {path}" if path else (f"not cached: {ref_path}@{revision or 'main'} is not in the local "
+                                          "Hugging Face cache, so its commit cannot be pinned")
+    print_main(engine.dist.is_main, f"reference log-probs: computing for {sum(map(len, splits.values()))} pairs ({where})")
     with engine.model_init(trainable=False):
         frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
     pack_to = recipe.data.max_length if recipe.data.packing else None
     table = {name: compute_reference_table(engine, frozen, pairs, pad_id, name, pack_to) for name, pairs in splits.items()}
-    table["key"] = key
     del frozen
-    if engine.dist.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{engine.dist.rank}")
-        torch.save(table, tmp)
-        tmp.replace(path)
+    if engine.dist.is_main and path:
+        write_reference_cache(path, key, table)
     engine.dist.barrier()
     return table
 
@@ -383,7 +387,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
 
     gold_results: dict = {}
     if cfg.gold_eval.prompts and start == 0:
-        gold_results["before"] = gold_eval(engine, model_path, cfg.gold_eval)
+        gold_results["before"] = gold_eval(engine, model_path, cfg.gold_eval, recipe.model, base=True)
         run.logger.log({"gold/score_before": gold_results["before"]["gold/score"]}, step=0)
 
     # Step 5. Train: concatenated chosen+rejected forward, variant loss, implicit-reward metrics.
@@ -444,13 +448,14 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
 
     # Step 6. Export final/, reload check, gold score.
     final = export_model(engine, policy, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
-                         lora_cfg=recipe.lora, precision=recipe.train.precision)
+                         lora_cfg=recipe.lora, precision=recipe.train.precision,
+                         model_cfg=recipe.model)
     print_main(engine.dist.is_main, f"exported and verified: {final}")
     if "eval/rewards/accuracies" in metrics:
         print_main(engine.dist.is_main, f"held-out implicit-reward accuracy {metrics['eval/rewards/accuracies']:.3f} "
                    f"on {len(eval_pairs)} pairs, margin {metrics['eval/rewards/margins']:.3f}")
     if cfg.gold_eval.prompts:
-        gold_results["after"] = gold_eval(engine, str(final), cfg.gold_eval)
+        gold_results["after"] = gold_eval(engine, str(final), cfg.gold_eval, recipe.model)
         run.logger.log({"gold/score": gold_results["after"]["gold/score"]}, step=steps)
         if "before" in gold_results:
             print_main(engine.dist.is_main, f"gold score: {gold_results['before']['gold/score']:.3f} before -> "

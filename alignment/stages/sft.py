@@ -101,7 +101,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
     gold_cfg = recipe.sft.gold_eval
     results: dict = {"data": [r.as_dict() for r in reports]}
     if gold_cfg.prompts and start == 0:
-        before = gold_eval(engine, model_path, gold_cfg)
+        before = gold_eval(engine, model_path, gold_cfg, recipe.model, base=True)
         results["gold_before"] = before
         run.logger.log({"gold/score_before": before["gold/score"]}, step=0)
 
@@ -140,10 +140,11 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
 
     # Step 6. Export final/, reload it in a fresh process and compare; then the gold score.
     final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
-                         lora_cfg=recipe.lora, precision=recipe.train.precision)
+                         lora_cfg=recipe.lora, precision=recipe.train.precision,
+                         model_cfg=recipe.model)
     print_main(engine.dist.is_main, f"exported and verified: {final}")
     if gold_cfg.prompts:
-        after = gold_eval(engine, str(final), gold_cfg)
+        after = gold_eval(engine, str(final), gold_cfg, recipe.model)
         results["gold_after"] = after
         run.logger.log({"gold/score": after["gold/score"], "gold/exact": after["gold/exact"]}, step=steps)
         if "gold_before" in results:

@@ -34,7 +34,7 @@ def test_best_and_worst_by_hand():
 def _args(**overrides) -> argparse.Namespace:
     base = dict(model="tiny-llama", prompts="builtin:prompts_eval", judge="gold", out="pairs.jsonl",
                 num_prompts=6, samples=3, temperature=1.0, max_new_tokens=6, min_gap=1e-6,
-                batch_size=4, max_length=256, seed=0)
+                batch_size=4, max_length=256, seed=0, trust_remote_code=False)
     base.update(overrides)
     return argparse.Namespace(**base)
 

@@ -235,7 +235,9 @@ def test_untied_embeddings_export(tmp_path, untied_dir):
     from alignment.core.export import fixed_input
     from transformers import AutoTokenizer
 
-    expected = torch.load(out / ".final-expected.pt")
+    from safetensors.torch import load_file
+
+    expected = load_file(str(out / ".final-expected.safetensors"))["outputs"]
     with torch.no_grad():
         reloaded = model(**fixed_input(AutoTokenizer.from_pretrained(final)), use_cache=False).logits.float()
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-4)

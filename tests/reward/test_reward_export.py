@@ -87,3 +87,34 @@ def test_full_rm_scores_the_same_plain_with_align_score_and_in_training(tmp_path
         assert s["reward_chosen"] == pytest.approx(p[0], abs=1e-4) and s["reward_rejected"] == pytest.approx(p[1], abs=1e-4)
         assert o[0] == pytest.approx(p[0], abs=1e-4) and o[1] == pytest.approx(p[1], abs=1e-4)
 
+
+
+def test_lora_rm_final_and_merged_score_with_normalisation_and_match(tmp_path, pairs_file):
+    """A LoRA reward model trains, exports an adapter that reloads with its one-label head, and a merged/
+    that keeps the distinct pad token and the reward statistics; both score as the live model did."""
+    from reward.model import RewardScorer
+
+    data, rows = pairs_file
+    out = tmp_path / "rm-lora"
+    result = run_cli(TINY_RM + ["--set", f"output_dir={out}", "--set", "train.precision=fp32",
+                                "--set", "lora.enabled=true", "--set", "lora.r=8"]).check()
+    assert "exported and verified" in result.output
+    final, merged = out / "final", out / "final" / "merged"
+    assert (final / "adapter_config.json").is_file() and (merged / "config.json").is_file()
+    config = json.loads((merged / "config.json").read_text())
+    tok = json.loads((merged / "tokenizer_config.json").read_text())
+    assert config["pad_token_id"] is not None and config["pad_token_id"] != config["eos_token_id"], config
+    assert len(config["id2label"]) == 1 and "reward_mean" in config and "reward_std" in config
+    assert tok.get("pad_token") not in (None, tok.get("eos_token"))
+
+    plain = plain_rewards(merged, rows)  # transformers alone, on the merged weights
+    for model_dir in (final, merged):
+        raw = RewardScorer(model_dir)
+        normed = RewardScorer(model_dir, normalize=True)  # raised for a LoRA final/ before
+        assert (normed.mean, normed.std) == (config["reward_mean"], config["reward_std"])
+        scored = score_cli(model_dir, data, tmp_path / f"{model_dir.name}.jsonl")
+        scored_norm = score_cli(model_dir, data, tmp_path / f"{model_dir.name}-n.jsonl", "--normalize")
+        for p, s, n in zip(plain, scored, scored_norm):
+            assert s["reward_chosen"] == pytest.approx(p[0], abs=1e-4), model_dir
+            assert s["reward_rejected"] == pytest.approx(p[1], abs=1e-4), model_dir
+            assert n["reward_chosen"] == pytest.approx((p[0] - raw.mean) / raw.std, abs=1e-4)

@@ -153,7 +153,7 @@ def test_resume_skips_incomplete_checkpoints(tmp_path, uninterrupted):
     from alignment.core.checkpoint import CHECKPOINT_DONE, list_checkpoints
 
     out = tmp_path / "C"
-    shutil.copytree(uninterrupted, out, ignore=shutil.ignore_patterns("final", ".final-expected.pt"))
+    shutil.copytree(uninterrupted, out, ignore=shutil.ignore_patterns("final", ".final-expected.safetensors"))
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000003", "step-00000006"]
     partial = ckpts / ".step-00000009.partial"
