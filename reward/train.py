@@ -45,6 +45,8 @@ class RMConfig:
     """Train only the head, the final norm and the top N decoder layers (None = all; ignored with LoRA)."""
     head_init_std: Optional[float] = None
     """Std of the new scalar head's init; None = the model's initializer_range."""
+    disable_dropout: bool = True
+    """Train without dropout (TRL's default), so the model trained is the one evaluated and exported."""
     share_prompt: bool = True
     """With data.packing: a pair is one packed segment [prompt | chosen | rejected], its prompt run once
     (alignment.core.preference.collate_pairs); false packs the two sequences separately. No effect unpacked."""
@@ -140,7 +142,8 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     share_prompt = d.packing and recipe.rm.share_prompt
     # A shared-prompt segment holds prompt + both responses: up to 2 x max_length - 1 tokens.
     model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters,
-                                      longest_row=2 * d.max_length if share_prompt else d.max_length)
+                                      longest_row=2 * d.max_length if share_prompt else d.max_length,
+                                      disable_dropout=recipe.rm.disable_dropout)
     reports = [DataReport("train"), DataReport("eval")]
     train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0], reward_model=True)
     eval_pairs = (load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1], reward_model=True)

@@ -89,9 +89,12 @@ def attention_implementation(engine: Engine, recipe: RecipeBase, longest_row: in
 
 
 def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, kind: str = "causal_lm",
-                         before_adapters: Callable | None = None, longest_row: int | None = None):
-    """Load (sharded under ZeRO-3 as it loads), then gradient checkpointing and LoRA as the recipe says."""
+                         before_adapters: Callable | None = None, longest_row: int | None = None,
+                         disable_dropout: bool = False):
+    """Load (sharded under ZeRO-3 as it loads), then gradient checkpointing, LoRA and (when asked) no
+    dropout, as the recipe says."""
     from alignment.core.models import apply_lora, load_model
+    from alignment.core.models import disable_dropout as turn_off_dropout
 
     attention = attention_implementation(engine, recipe, longest_row)
     with engine.model_init():
@@ -108,6 +111,10 @@ def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, ki
         if recipe.model.gradient_checkpointing:
             model.enable_input_require_grads()
         model = apply_lora(model, recipe.lora, task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
+    if disable_dropout:
+        turned_off = turn_off_dropout(model)
+        if turned_off:
+            print_main(engine.dist.is_main, f"dropout: {turned_off} dropout layers set to 0 (disable_dropout)")
     return model
 
 

@@ -248,6 +248,29 @@ def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
+def disable_dropout(model) -> int:
+    """Turn every dropout in `model` off, as TRL does for preference training; returns how many.
+
+    nn.Dropout modules (peft's LoRA dropout among them) get p = 0, and attention modules'
+    float dropout rates (`attention_dropout`, which eager and SDPA attention read) get 0.
+    Without this, the adapter-off reference of DPO is itself noisy, and a reward model trains
+    a different function from the one it is evaluated and exported as.
+    """
+    import torch
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            count += module.p > 0
+            module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout_p"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                count += value > 0
+                setattr(module, name, 0.0)
+    return count
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), correct under ZeRO-3 where local tensors are empty."""
     trainable = total = 0

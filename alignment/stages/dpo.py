@@ -55,6 +55,8 @@ class DPOConfig:
     """Reference weights; None = the policy's initial weights (model.name_or_path)."""
     max_prompt_length: Optional[int] = None
     """Prompt tokens kept (from the end) when a pair is too long; None = half of data.max_length."""
+    disable_dropout: bool = True
+    """Train without dropout (TRL's default): the adapter-off reference is then exact, and the step-1 check holds."""
     logp_drop_warning: float = 0.5
     """Warn when the chosen log-prob per token has fallen this many nats below its start while margins rise."""
     gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
@@ -225,11 +227,12 @@ def preference_losses(cfg: DPOConfig, pc, pr, rc, rr, lc, lr) -> torch.Tensor:
     return simpo_loss(pc, pr, lc, lr, cfg.beta, cfg.simpo_gamma)
 
 
-def make_loss_fn(cfg: DPOConfig, reference: Reference, nll_scale: list[float]):
+def make_loss_fn(cfg: DPOConfig, reference: Reference):
     """Micro-batch loss: sum over pairs of the variant's loss (+ RPO term), with metric sums.
 
-    The RPO term is alpha x (chosen NLL summed) / (chosen tokens in the global batch);
-    nll_scale[0] = global pairs / global chosen tokens turns it into a per-pair sum.
+    The RPO term is alpha x (chosen NLL summed) / (chosen tokens of the whole batch it belongs to):
+    batch["rpo_scale"] = pairs / chosen tokens of that batch (the global training batch, or the whole
+    eval set) turns it into a per-pair sum, so a mean over pairs is alpha x the NLL per chosen token.
     """
 
     def fn(model, batch):
@@ -238,7 +241,7 @@ def make_loss_fn(cfg: DPOConfig, reference: Reference, nll_scale: list[float]):
         losses = preference_losses(cfg, pc, pr, rc, rr, lc, lr)
         loss_sum = losses.sum()
         if cfg.rpo_alpha:
-            loss_sum = loss_sum + cfg.rpo_alpha * (-pc.sum()) * nll_scale[0]
+            loss_sum = loss_sum + cfg.rpo_alpha * (-pc.sum()) * batch["rpo_scale"]
         beta = cfg.beta
         if cfg.loss == "simpo":  # SimPO's reward is length-normalised and reference-free
             reward_c, reward_r = beta * pc.detach() / lc.clamp(min=1), beta * pr.detach() / lr.clamp(min=1)
@@ -320,15 +323,24 @@ class LogpDropWatch:
 
 
 @torch.no_grad()
+def rpo_scale(pairs: list) -> float:
+    """Pairs per chosen token of a batch of pairs (make_loss_fn's RPO normaliser)."""
+    return len(pairs) / max(1, sum(len(p.chosen_ids) for p in pairs))
+
+
 def evaluate(engine, model, pairs: list, pad_id: int, loss_fn, pack_to: int | None = None) -> dict[str, float]:
+    """Held-out DPO metrics over every pair, sharded over ranks in lock-step; the RPO term normalised over
+    the whole eval set, so eval/loss is the same quantity at every evaluation."""
     micro, world = engine.layout.micro_batch_size, engine.dist.world_size
+    scale = rpo_scale(pairs)
     model.eval()
     sums: dict[str, float] = {}
     for b in range(math.ceil(len(pairs) / (micro * world))):
         start = (b * world + engine.dist.rank) * micro
         indices = list(range(start, min(start + micro, len(pairs))))
         weight = 1.0 if indices else 0.0
-        _, stats = loss_fn(model, pair_batch(pairs, indices or [0], pad_id, engine.dist.device, "eval", pack_to))
+        batch = pair_batch(pairs, indices or [0], pad_id, engine.dist.device, "eval", pack_to)
+        _, stats = loss_fn(model, dict(batch, rpo_scale=scale))
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + weight * v
         sums["pairs"] = sums.get("pairs", 0.0) + len(indices)
@@ -377,7 +389,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
             reference.frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
 
     # Step 4. Policy: loaded (sharded under ZeRO-3), LoRA, wrapped with optimizer and schedule.
-    policy = loop.load_trainable_model(engine, recipe, model_path, "causal_lm")
+    policy = loop.load_trainable_model(engine, recipe, model_path, "causal_lm", disable_dropout=cfg.disable_dropout)
     trainable, total = count_parameters(policy)
     print_main(engine.dist.is_main, f"policy {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
                f"{trainable / 1e6:.2f}M trainable; loss {cfg.loss}, beta {cfg.beta}, reference {ref_mode}; "
@@ -391,8 +403,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         run.logger.log({"gold/score_before": gold_results["before"]["gold/score"]}, step=0)
 
     # Step 5. Train: concatenated chosen+rejected forward, variant loss, implicit-reward metrics.
-    nll_scale = [1.0]
-    loss_fn = make_loss_fn(cfg, reference, nll_scale)
+    loss_fn = make_loss_fn(cfg, reference)
     progress = loop.make_progress(run, steps, start, "dpo")
     timer = loop.StepTimer()
     logp_watch = LogpDropWatch(cfg.logp_drop_warning)
@@ -404,14 +415,11 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
     policy.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.dist.rank)
-        micro = [pair_batch(train_pairs, idx, pad_id, engine.dist.device, "train", pack_to)
+        # The RPO term is normalised over the global batch, which every rank knows from the sampler.
+        scale = rpo_scale([train_pairs[i] for r in range(engine.dist.world_size)
+                           for idx in sampler.micro_batches(step - 1, r) for i in idx])
+        micro = [dict(pair_batch(train_pairs, idx, pad_id, engine.dist.device, "train", pack_to), rpo_scale=scale)
                  for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
-        if cfg.rpo_alpha:
-            totals = engine.dist.reduce_sums({
-                "pairs": sum(len(b["index"]) for b in micro),
-                "chosen_tokens": sum(sum(len(train_pairs[i].chosen_ids) for i in b["index"].tolist()) for b in micro),
-            })
-            nll_scale[0] = totals["pairs"] / max(totals["chosen_tokens"], 1.0)
         sums = loop.accumulated_step(engine, policy, micro, lambda b: float(len(b["index"])), loss_fn, step)
         elapsed = timer.lap()
         metrics = summarize(sums)

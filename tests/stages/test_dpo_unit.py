@@ -186,7 +186,7 @@ def test_preference_losses_dispatch_and_rpo_term(monkeypatch):
     got = preference_losses(DPOConfig(loss="sigmoid", beta=0.1, label_smoothing=0.1), *args)
     torch.testing.assert_close(got, dpo_sigmoid_loss(*args[:4], 0.1, 0.1), atol=0, rtol=0)
 
-    # make_loss_fn: sum of per-pair losses + alpha * chosen NLL * nll_scale; rewards for metrics.
+    # make_loss_fn: sum of per-pair losses + alpha * chosen NLL * rpo_scale; rewards for metrics.
     class FakeRef:
         def logps(self, policy, batch):
             return _t(RC), _t(RR)
@@ -195,8 +195,8 @@ def test_preference_losses_dispatch_and_rpo_term(monkeypatch):
 
     monkeypatch.setattr(dpo_mod, "pair_logps", lambda model, batch: (_t(PC), _t(PR), _t(LC), _t(LR)))
     scale = 2 / (LC[0] + LC[1])
-    fn = make_loss_fn(DPOConfig(loss="sigmoid", beta=0.1, rpo_alpha=0.5), FakeRef(), [scale])
-    loss, stats = fn(None, {"attention_mask": torch.ones(4, 3)})
+    fn = make_loss_fn(DPOConfig(loss="sigmoid", beta=0.1, rpo_alpha=0.5), FakeRef())
+    loss, stats = fn(None, {"attention_mask": torch.ones(4, 3), "rpo_scale": scale})
     sig = [-_ls(0.1 * h) for h in H]
     expected = sum(sig) + 0.5 * (-(PC[0] + PC[1])) * scale
     assert float(loss) == pytest.approx(expected, abs=1e-7)
@@ -250,8 +250,8 @@ def test_loss_matches_trl_dpo_trainer(tmp_path, tiny_path, tok, pairs, case):
         reference = Reference("model", frozen=frozen)
         pc, pr, lc, lr = pair_logps(policy, batch)
         n_pairs = pc.shape[0]
-        nll_scale = [n_pairs / float(lc.sum())]  # per-pair sum -> TRL's token-mean NLL over the batch
-        loss_sum, stats = make_loss_fn(cfg, reference, nll_scale)(policy, batch)
+        scale = n_pairs / float(lc.sum())  # per-pair sum -> TRL's token-mean NLL over the batch
+        loss_sum, stats = make_loss_fn(cfg, reference)(policy, dict(batch, rpo_scale=scale))
     ours = float(loss_sum) / n_pairs
     assert abs(ours - trl_loss) <= 1e-5, (case, ours, trl_loss)
     # Informative: the policy differs from the reference, so the loss is not its step-0 value.
@@ -373,11 +373,11 @@ def test_precomputed_reference_failures_22(tiny_path, tok, pairs):
     torch.testing.assert_close(rr, frr, atol=1e-4, rtol=1e-6)
 
     cfg = DPOConfig(loss="sigmoid", beta=0.1)
-    loss_sum, stats = make_loss_fn(cfg, reference, [1.0])(policy, batch)
+    loss_sum, stats = make_loss_fn(cfg, reference)(policy, dict(batch, rpo_scale=1.0))
     step1 = float(loss_sum) / 3
     assert math.isfinite(step1) and abs(step1 - LN2) > 1e-3, step1
     assert abs(stats["reward_chosen"]) + abs(stats["reward_rejected"]) > 1e-3
-    loss_model, _ = make_loss_fn(cfg, Reference("model", frozen=frozen), [1.0])(policy, batch)
+    loss_model, _ = make_loss_fn(cfg, Reference("model", frozen=frozen))(policy, dict(batch, rpo_scale=1.0))
     assert float(loss_model) / 3 == pytest.approx(step1, abs=1e-5)
     # The gradient flows to the policy (the cached values are constants).
     loss_sum.backward()
