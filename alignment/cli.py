@@ -35,8 +35,11 @@ def _stage_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("recipe", help="YAML recipe (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key by its dotted name, e.g. --set train.max_steps=10 (repeatable)")
-    p.add_argument("--nproc", type=int, default=1, help="local ranks to launch through DeepSpeed's launcher")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local ranks to launch through DeepSpeed's launcher (default 1; a pipeline: its recipe's nproc)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    if name == "pipeline":
+        p.add_argument("--dry-run", action="store_true", help="check every stage's recipe, print the commands, run nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,33 +116,15 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def run_stage(stage: str, recipe, resume: bool) -> dict:
-    if stage == "sft":
-        from alignment.stages import sft
+def stage_module(name: str):
+    """The module that runs `align NAME` and registers its recipe; None for a stage not built yet."""
+    from alignment import stages
 
-        return sft.run(recipe, resume=resume)
-    if stage == "rm":
-        from reward import train
-
-        return train.run(recipe, resume=resume)
-    if stage == "dpo":
-        from alignment.stages import dpo
-
-        return dpo.run(recipe, resume=resume)
-    if stage == "pipeline":
+    if name == "pipeline":
         from alignment import pipeline
 
-        return pipeline.run(recipe, resume=resume)
-    raise NotImplementedError(f"align {stage} is not implemented yet")
-
-
-def _register_stages() -> None:
-    """Import stage recipe schemas that live outside alignment.core.config."""
-    for module in ("reward.train", "alignment.stages.dpo", "alignment.pipeline"):
-        try:
-            __import__(module)
-        except ImportError:
-            pass
+        return pipeline
+    return stages.load(name) if name in stages.MODULES else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,26 +149,34 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return pairs_main(args)
 
-    from alignment.core.config import STAGE_RECIPES, RecipeError, load_recipe
+    from alignment.core.config import RecipeError, load_recipe
 
-    _register_stages()
-    if args.command not in STAGE_RECIPES:
+    module = stage_module(args.command)
+    if module is None:
         print(f"align {args.command}: not implemented yet", file=sys.stderr)
         return 2
+    if args.nproc is not None and args.nproc < 1:
+        print("error: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides)
+    if args.command == "pipeline" and args.nproc is not None:
+        overrides.append(f"nproc={args.nproc}")
     try:
-        recipe = load_recipe(args.recipe, args.command, args.overrides)
+        recipe = load_recipe(args.recipe, args.command, overrides)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.nproc < 1:
-        print("error: --nproc must be >= 1", file=sys.stderr)
-        return 2
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.nproc > 1 and not in_job and args.command != "pipeline":
+    if (args.nproc or 1) > 1 and not in_job and args.command != "pipeline":
         return launch_local(args.nproc, _strip_nproc(argv))
     rank = os.environ.get("RANK", "0")
+    extra = {"dry_run": args.dry_run} if args.command == "pipeline" else {}
     try:
-        run_stage(args.command, recipe, args.resume)
+        module.run(recipe, resume=args.resume, **extra)
+    except RecipeError as exc:  # the recipe no longer fits the run it resumes, or a stage's own check
+        sys.stderr.write(f"[rank {rank}] error: {exc}\n")
+        sys.stderr.flush()
+        os._exit(2)
     except Exception:
         # Print this rank's traceback and exit non-zero; the launcher then stops the other ranks.
         sys.stderr.write(f"[rank {rank}] align {args.command} failed:\n{traceback.format_exc()}")

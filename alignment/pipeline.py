@@ -11,6 +11,7 @@ output_dir/pipeline.json, and the reward model's held-out accuracy with them.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -67,9 +68,95 @@ class PipelineRecipe:
 register_stage("pipeline", PipelineRecipe)
 
 
-def _final_model(stage_dir: Path) -> str:
+@dataclass
+class PlannedStage:
+    name: str
+    directory: Path
+    command: list[str]      # after `python -m alignment.cli`
+    recipe: object = None   # the stage's recipe, loaded and fully checked (training stages)
+
+
+def _policy_dir(stage_dir: Path, stage_recipe) -> Path:
+    """Where a stage's exported policy will be: the merged weights when it trains LoRA with a merge."""
     final = stage_dir / "final"
-    return str(final / "merged") if (final / "merged").is_dir() else str(final)
+    lora = stage_recipe.lora
+    return final / "merged" if lora.enabled and lora.merge_on_export else final
+
+
+def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
+    """Every enabled stage with its command and overrides, each training stage's recipe loaded with the
+    same checks `align STAGE` runs: a mistake in the last stage stops the pipeline before the first trains."""
+    from alignment import stages
+    from alignment.core.config import load_recipe
+
+    out = Path(recipe.output_dir)
+    planned: list[PlannedStage] = []
+    recipes: dict = {}
+    policy = pairs_file = None
+    for name in ("sft", "rm", "pairs", "dpo"):
+        stage = getattr(recipe, name)
+        if not stage.enabled:
+            continue
+        stage_dir = out / name
+        if name == "pairs":
+            pairs_file = stage_dir / "pairs.jsonl"
+            judge = "gold" if stage.judge == "gold" else str(_policy_dir(out / "rm", recipes["rm"]))
+            command = ["pairs", "--model", str(policy), "--prompts", stage.prompts, "--judge", judge,
+                       "--out", str(pairs_file), "--num-prompts", str(stage.num_prompts), "--samples",
+                       str(stage.samples), "--temperature", str(stage.temperature), "--max-new-tokens",
+                       str(stage.max_new_tokens), "--seed", str(recipe.seed)]
+            planned.append(PlannedStage(name, stage_dir, command))
+            continue
+        overrides = [f"output_dir={stage_dir}", f"seed={recipe.seed}", *stage.overrides]
+        if name == "dpo" and policy:
+            overrides.append(f"model.name_or_path={policy}")
+        if name == "dpo" and pairs_file:
+            overrides.append(f"data.train={pairs_file}")
+        stages.load(name)  # registers the stage's recipe and checks
+        stage_recipe = recipes[name] = load_recipe(stage.recipe, name, overrides)
+        command = [name, stage.recipe, "--nproc", str(recipe.nproc)] + [x for o in overrides for x in ("--set", o)]
+        planned.append(PlannedStage(name, stage_dir, command, stage_recipe))
+        if name == "sft":
+            policy = _policy_dir(stage_dir, stage_recipe)
+    return planned
+
+
+def _pairs_inputs(step: PlannedStage) -> dict:
+    from alignment.core.data import resolve_source
+    from alignment.core.fingerprint import file_fingerprint, model_fingerprint
+
+    args = dict(zip(step.command[1::2], step.command[2::2]))
+    judge = args["--judge"]
+    prompts = Path(resolve_source(args["--prompts"]))
+    return {"recipe": json.dumps([a for a in step.command if not a.startswith(str(step.directory))]),
+            "files": {"policy": model_fingerprint(args["--model"]),
+                      "judge": judge if judge == "gold" else model_fingerprint(judge),
+                      "prompts": file_fingerprint(prompts) if prompts.is_file() else args["--prompts"]}}
+
+
+def _decide(step: PlannedStage, inputs: dict, resume: bool) -> str:
+    """'skip', 'resume' or 'run' for a stage, from what its manifest says; clears stale checkpoints."""
+    from alignment.core import manifest
+
+    before = manifest.read(step.directory)
+    if before is None:
+        return "run"
+    if before.get("inputs") == inputs:
+        if before.get("complete"):
+            print(f"\n=== pipeline stage {step.name}: finished with the same inputs, skipped ({step.directory}; "
+                  "delete it to run the stage again)", flush=True)
+            return "skip"
+        if resume:
+            return "resume"
+        print(f"\n=== pipeline stage {step.name}: an interrupted run is there; starting over (--resume continues it)",
+              flush=True)
+    else:
+        what = ", ".join(manifest.changed(before.get("inputs", {}), inputs))
+        verb = "finished" if before.get("complete") else "was interrupted"
+        print(f"\n=== pipeline stage {step.name}: inputs changed since it {verb} ({what}); running it again",
+              flush=True)
+    shutil.rmtree(step.directory / "checkpoints", ignore_errors=True)  # never resume another run's state
+    return "run"
 
 
 def _last_metrics(stage_dir: Path) -> dict:
@@ -82,64 +169,48 @@ def _last_metrics(stage_dir: Path) -> dict:
     return merged
 
 
-def run(recipe: PipelineRecipe, resume: bool = False) -> dict:
-    from alignment.core.config import load_recipe
+def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> dict:
+    from alignment.core import manifest
 
+    planned = plan(recipe)  # step 0: every stage's recipe checked before anything trains
+    if dry_run:
+        for step in planned:
+            print(" ".join(["align", *step.command]))
+        return {"stages": {}}
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"stages": {}}
-    previous_policy = None
-    pairs_file = None
-    for name in ("sft", "rm", "pairs", "dpo"):
-        stage = getattr(recipe, name)
-        if not stage.enabled:
-            continue
-        stage_dir = out / name
+    for step in planned:
         started = time.time()
-        if name == "pairs":
-            pairs_file = stage_dir / "pairs.jsonl"
-            judge = "gold" if stage.judge == "gold" else _final_model(out / "rm")
-            cmd = [sys.executable, "-m", "alignment.cli", "pairs", "--model", previous_policy,
-                   "--prompts", stage.prompts, "--judge", judge, "--out", str(pairs_file),
-                   "--num-prompts", str(stage.num_prompts), "--samples", str(stage.samples),
-                   "--temperature", str(stage.temperature), "--max-new-tokens", str(stage.max_new_tokens),
-                   "--seed", str(recipe.seed)]
-            print(f"\n=== pipeline stage pairs: {' '.join(cmd[2:])}", flush=True)
-            if subprocess.call(cmd) != 0:
-                raise RuntimeError("pipeline stage pairs failed")
-            report = json.loads((stage_dir / "pairs.report.json").read_text())
-            summary["stages"][name] = {"output_dir": str(stage_dir), "minutes": round((time.time() - started) / 60, 2),
-                                       "pairs": report["pairs"], "gold/sample_score" if stage.judge == "gold"
-                                       else "judge/mean_sample_score": report["mean_sample_score"]}
+        inputs = _pairs_inputs(step) if step.name == "pairs" else manifest.stage_inputs(step.recipe)
+        decision = _decide(step, inputs, resume)
+        if decision != "skip":
+            cmd = [sys.executable, "-m", "alignment.cli", *step.command] + (["--resume"] if decision == "resume" else [])
+            print(f"\n=== pipeline stage {step.name}: {' '.join(cmd[2:])}", flush=True)
+            code = subprocess.call(cmd)
+            if code != 0:
+                raise RuntimeError(f"pipeline stage {step.name} failed with exit code {code}")
+            if step.name == "pairs":  # `align pairs` is not a training stage: its manifest is written here
+                step.directory.mkdir(parents=True, exist_ok=True)
+                manifest.write(step.directory, "pairs", inputs, {}, complete=True)
+        minutes = round((time.time() - started) / 60, 2)
+        if step.name == "pairs":
+            report = json.loads((step.directory / "pairs.report.json").read_text())
+            score_key = "gold/sample_score" if "--judge" in step.command and \
+                step.command[step.command.index("--judge") + 1] == "gold" else "judge/mean_sample_score"
+            summary["stages"]["pairs"] = {"output_dir": str(step.directory), "minutes": minutes,
+                                          "pairs": report["pairs"], score_key: report["mean_sample_score"]}
             continue
-        overrides = [f"output_dir={stage_dir}", f"seed={recipe.seed}", *stage.overrides]
-        if name == "dpo" and previous_policy:
-            overrides.append(f"model.name_or_path={previous_policy}")
-        if name == "dpo" and pairs_file:
-            overrides.append(f"data.train={pairs_file}")
-        load_recipe(stage.recipe, name, overrides)  # fail fast on a bad stage recipe, before any training
-        cmd = [sys.executable, "-m", "alignment.cli", name, stage.recipe, "--nproc", str(recipe.nproc)]
-        for item in overrides:
-            cmd += ["--set", item]
-        if resume:
-            cmd.append("--resume")
-        print(f"\n=== pipeline stage {name}: {' '.join(cmd[2:])}", flush=True)
-        code = subprocess.call(cmd)
-        if code != 0:
-            raise RuntimeError(f"pipeline stage {name} failed with exit code {code}")
-        metrics = _last_metrics(stage_dir)
-        summary["stages"][name] = {
-            "output_dir": str(stage_dir),
-            "minutes": round((time.time() - started) / 60, 2),
+        metrics = _last_metrics(step.directory)
+        summary["stages"][step.name] = {
+            "output_dir": str(step.directory), "minutes": minutes, "skipped": decision == "skip",
             **{k: v for k, v in metrics.items() if k.startswith(("gold/", "eval/"))},
         }
-        if name == "sft":
-            previous_policy = _final_model(stage_dir)
     (out / "pipeline.json").write_text(json.dumps(summary, indent=2))
     print("\n=== pipeline summary")
     for name, info in summary["stages"].items():
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()
                  if k.startswith(("gold/", "eval/accuracy", "eval/rewards/accuracies", "eval/loss"))
-                 or k in ("minutes", "pairs")}
+                 or k in ("minutes", "pairs", "skipped")}
         print(f"  {name:4s} {shown}")
     return summary

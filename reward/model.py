@@ -64,26 +64,39 @@ def _packed_rewards(model, batch: dict) -> torch.Tensor:
     return score_head(hf)(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float()
 
 
+def _spare_token(tokenizer) -> str | None:
+    """A token of the vocabulary that can serve as padding: not EOS or BOS, and not one the chat template
+    writes (a pad id inside real text would end transformers' pooling early)."""
+    rendered = ""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant",
+                                                  "content": "b"}], tokenize=False)
+    added = [tok.content for tok in getattr(tokenizer, "added_tokens_decoder", {}).values() if tok.special]
+    named = sorted(added, key=lambda tok: ("pad" not in tok.lower(), "reserved" not in tok.lower()))
+    vocab = tokenizer.get_vocab()
+    for token in [tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|pad|>", *named, *tokenizer.all_special_tokens]:
+        if token and token in vocab and token not in (tokenizer.eos_token, tokenizer.bos_token) and token not in rendered:
+            return token
+    return None
+
+
 def ensure_distinct_pad(tokenizer, model) -> None:
     """Give the tokenizer a pad token distinct from EOS and record it in the model config.
 
     Our scoring never needs this (it uses the attention mask), but transformers'
     own AutoModelForSequenceClassification pooling finds the last token by pad id:
     with pad == eos it would read the reward one token early. A distinct pad makes the
-    exported model score the same under plain transformers.
+    exported model score the same under plain transformers. Without a spare token in the
+    vocabulary (Llama-3 has neither pad nor unk), a `<|pad|>` token is added and the
+    embeddings grow by one row, which no real token ever reads.
     """
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        candidates = [tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|pad|>"] + list(tokenizer.all_special_tokens)
-        vocab = tokenizer.get_vocab()
-        for token in candidates:
-            if token and token in vocab and token not in (tokenizer.eos_token, tokenizer.bos_token):
-                tokenizer.pad_token = token
-                break
+        spare = _spare_token(tokenizer)
+        if spare is not None:
+            tokenizer.pad_token = spare
         else:
-            raise ValueError(
-                "the tokenizer has no pad token distinct from EOS and no spare special token to use; "
-                "add one (e.g. tokenizer.add_special_tokens({'pad_token': '<|pad|>'}) and resize embeddings)"
-            )
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            unwrap(model).resize_token_embeddings(len(tokenizer))
     config = unwrap(model).config
     config.pad_token_id = tokenizer.pad_token_id
 

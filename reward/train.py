@@ -20,15 +20,16 @@ from typing import Optional
 import torch
 
 from alignment.core import loop
-from alignment.core.config import RecipeBase, register_stage
+from alignment.core.config import RecipeBase, RecipeError, register_stage
 from alignment.core.data import DataReport, GlobalBatchSampler
 from alignment.core.export import export_model
+from alignment.core.fingerprint import sequence_fingerprint
 from alignment.core.models import count_parameters, load_tokenizer, resolve_model_path
 from alignment.core.preference import collate_pairs, load_pairs
 from alignment.core.tracking import print_main
 from reward.losses import reward_loss
 from reward.metrics import reward_report
-from reward.model import batch_rewards, ensure_distinct_pad
+from reward.model import batch_rewards, ensure_distinct_pad, score_head
 
 LENGTH_BIAS_WARNING = 0.5
 
@@ -57,7 +58,15 @@ class RMRecipe(RecipeBase):
     rm: RMConfig = field(default_factory=RMConfig)
 
 
-register_stage("rm", RMRecipe)
+def validate_rm(recipe: RMRecipe) -> None:
+    """The rm section's cross-field checks (run by load_recipe)."""
+    if recipe.rm.max_prompt_length is not None and not 0 < recipe.rm.max_prompt_length < recipe.data.max_length:
+        raise RecipeError("rm.max_prompt_length must be between 1 and data.max_length - 1")
+    if recipe.rm.head_init_std is not None and recipe.rm.head_init_std <= 0:
+        raise RecipeError("rm.head_init_std must be > 0")
+
+
+register_stage("rm", RMRecipe, validate_rm)
 
 
 def pair_loss(center_coef: float, use_margin: bool):
@@ -77,6 +86,13 @@ def pair_loss(center_coef: float, use_margin: bool):
         }
 
     return fn
+
+
+def init_head(engine, model, std: float) -> None:
+    """Draw the new scalar head from N(0, std^2), on rank 0, ZeRO-3 included (FAILURES row 5)."""
+    head = score_head(model).weight
+    with engine.modifying([head]):
+        torch.nn.init.normal_(head, std=std)
 
 
 def freeze_lower_layers(model, keep_top: int) -> None:
@@ -119,10 +135,7 @@ def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None
 
 
 def run(recipe: RMRecipe, resume: bool = False) -> dict:
-    if recipe.rm.max_prompt_length is not None and not 0 < recipe.rm.max_prompt_length < recipe.data.max_length:
-        from alignment.core.config import RecipeError
-
-        raise RecipeError("rm.max_prompt_length must be between 1 and data.max_length - 1")
+    validate_rm(recipe)
     # Step 1. Engine, output directory, resolved recipe, metrics logger.
     run, checkpoint = loop.setup_run(recipe, "rm", resume)
     engine = run.engine
@@ -136,8 +149,8 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     # Step 3. Model: backbone + scalar head (sharded under ZeRO-3 as it loads), LoRA or partial freeze.
     def before_adapters(model):
         ensure_distinct_pad(tokenizer, model)
-        if recipe.rm.head_init_std is not None and engine.ds_cfg.zero_stage != 3:
-            torch.nn.init.normal_(model.score.weight, std=recipe.rm.head_init_std)
+        if recipe.rm.head_init_std is not None:
+            init_head(engine, model, recipe.rm.head_init_std)
 
     share_prompt = d.packing and recipe.rm.share_prompt
     # A shared-prompt segment holds prompt + both responses: up to 2 x max_length - 1 tokens.
@@ -154,6 +167,10 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     if not recipe.lora.enabled and recipe.rm.trainable_layers is not None:
         freeze_lower_layers(model, recipe.rm.trainable_layers)
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
+    print_main(engine.dist.is_main, sampler.describe())
+    order = loop.data_order(sequence_fingerprint((p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in train_pairs),
+                            len(train_pairs), engine, recipe.seed)
+    loop.check_resume(checkpoint, order)
     steps = loop.total_steps(recipe, sampler.steps_per_epoch)
     trainable, total = count_parameters(model)
     print_main(engine.dist.is_main, f"reward model {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
@@ -199,7 +216,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
         if loop.checkpoint_due(recipe, step) and step < steps:
-            loop.save_checkpoint(run, {"reward": model}, step, (step - 1) // sampler.steps_per_epoch)
+            loop.save_checkpoint(run, {"reward": model}, step, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
 
     # Step 6. Reward statistics over held-out responses, export with them, reload check.
@@ -220,6 +237,5 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         print_main(engine.dist.is_main, f"held-out: accuracy {metrics['eval/accuracy']:.3f} on "
                    f"{int(metrics['eval/pairs'])} pairs, margin {metrics['eval/margin']:.3f}, "
                    f"ECE {metrics['eval/ece']:.3f}, length corr {metrics['eval/length_corr']:.2f}")
-    run.logger.close()
-    engine.close()
+    loop.finish(run, {**metrics, **stats})
     return {"metrics": metrics, "data": [r.as_dict() for r in reports], "stats": stats}

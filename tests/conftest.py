@@ -19,6 +19,13 @@ def repo() -> Path:
     return REPO
 
 
+def pytest_report_header(config):
+    if not SHARED_HH.exists():
+        return (f"NOTE: the shared hh-rlhf data is missing ({SHARED_HH}): the real-data tests that need it are "
+                "skipped (see the skip reasons in the summary)")
+    return f"real data: {SHARED_HH}"
+
+
 @pytest.fixture(scope="session")
 def hh_path() -> Path:
     if not SHARED_HH.exists():

@@ -34,7 +34,7 @@ def save_checkpoint(engine, root: Path, models: dict, trainer_state: dict, keep:
     dist.barrier()
     for name, model in models.items():
         model.save_checkpoint(str(partial), tag=name, client_state={}, save_latest=False)
-    torch.save(rng_state(), partial / f"rng_rank{dist.rank:05d}.pt")
+    save_rng_state(partial, dist.rank)
     dist.barrier()
     if dist.is_main:
         state = dict(trainer_state, world_size=dist.world_size, models=sorted(models), time=time.time())
@@ -56,9 +56,8 @@ def load_checkpoint(engine, path: Path, models: dict) -> dict:
                                              load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the {name} state in {path}")
-    rng_file = path / f"rng_rank{engine.dist.rank:05d}.pt"
-    if state.get("world_size") == engine.dist.world_size and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if state.get("world_size") == engine.dist.world_size and (path / f"rng_rank{engine.dist.rank:05d}.json").exists():
+        load_rng_state(path, engine.dist.rank)
     else:
         set_seed(engine.seed + engine.dist.rank + 7919 * int(state["step"]))
     return state
@@ -77,20 +76,33 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def rng_state() -> dict:
+def save_rng_state(folder: Path, rank: int) -> None:
+    """This rank's RNG state as JSON (Python, NumPy) and safetensors (torch, CUDA): nothing to unpickle."""
     import numpy as np
+    from safetensors.torch import save_file
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    (folder / f"rng_rank{rank:05d}.json").write_text(json.dumps(plain))
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(folder / f"rng_rank{rank:05d}.safetensors"))
 
 
-def set_rng_state(state: dict) -> None:
+def load_rng_state(folder: Path, rank: int) -> None:
     import numpy as np
+    from safetensors.torch import load_file
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    plain = json.loads((folder / f"rng_rank{rank:05d}.json").read_text())
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = load_file(str(folder / f"rng_rank{rank:05d}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

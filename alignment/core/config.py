@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -127,7 +127,6 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0: no periodic checkpoints)."""
     keep_checkpoints: int = 2
     """Keep the newest N periodic checkpoints."""
-    dataloader_workers: int = 0
 
 
 @dataclass
@@ -195,24 +194,17 @@ class GoldEvalConfig:
     batch_size: int = 16
 
 
-@dataclass
-class SFTConfig:
-    assistant_only_loss: bool = True
-    """Loss on assistant/completion tokens only; `text` rows train on every token."""
-    gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
+STAGE_RECIPES: dict[str, type] = {}
+STAGE_CHECKS: dict[str, Callable[[Any], Any]] = {}
 
 
-@dataclass
-class SFTRecipe(RecipeBase):
-    sft: SFTConfig = field(default_factory=SFTConfig)
-
-
-STAGE_RECIPES: dict[str, type] = {"sft": SFTRecipe}
-
-
-def register_stage(name: str, recipe_cls: type) -> None:
-    """Stages defined outside this module (reward/, dpo) add their recipe class here."""
+def register_stage(name: str, recipe_cls: type, check: Callable[[Any], Any] | None = None) -> None:
+    """A stage module adds its recipe class here when imported (alignment.stages.load), with the stage's own
+    cross-field checks: load_recipe runs them, so every mistake surfaces before any model loads (the
+    pipeline checks every stage's recipe before the first trains)."""
     STAGE_RECIPES[name] = recipe_cls
+    if check is not None:
+        STAGE_CHECKS[name] = check
 
 
 # ---------------------------------------------------------------------------
@@ -369,6 +361,11 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None
         raise RecipeError(f"{path or 'recipe'}: required keys not set: {', '.join(missing)}.")
     if isinstance(recipe, RecipeBase):
         validate(recipe, source=str(path or "recipe"))
+        if stage in STAGE_CHECKS:
+            try:
+                STAGE_CHECKS[stage](recipe)
+            except RecipeError as exc:
+                raise RecipeError(f"{path or 'recipe'}: {exc}") from None
     elif hasattr(recipe, "validate"):  # recipes of their own shape (the pipeline) check themselves
         try:
             recipe.validate()

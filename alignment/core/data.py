@@ -165,6 +165,11 @@ def _read_json(path: Path) -> list[Row]:
         if "data" in data and isinstance(data["data"], list):
             data = data["data"]
         else:
+            lengths = {k: len(v) if isinstance(v, list) else None for k, v in data.items()}
+            if any(n is None for n in lengths.values()) or len(set(lengths.values())) > 1:
+                shown = ", ".join(f"'{k}': {'not a list' if n is None else n}" for k, n in lengths.items())
+                raise DataError(f"{path}: a column-oriented JSON object needs lists of one length per column; "
+                                f"got {shown}")
             keys = list(data)
             data = [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
     if not isinstance(data, list):
@@ -394,7 +399,8 @@ class GlobalBatchSampler:
 
     Global batch `step` of an epoch holds the same examples whatever the world
     size; rank r takes micro-batch m from slots [(m * world + r) * micro, +micro).
-    The incomplete tail of an epoch is dropped (and reported).
+    An epoch's incomplete last global batch is left out (a different `tail` examples each epoch, as
+    the order is reshuffled); the stages print :meth:`describe` so it is never silent.
     """
 
     def __init__(self, num_items: int, layout, seed: int, shuffle: bool = True):
@@ -403,11 +409,21 @@ class GlobalBatchSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.steps_per_epoch = num_items // layout.global_batch_size
+        self.tail = num_items % layout.global_batch_size
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"only {num_items} training examples, fewer than one global batch "
                 f"(train.global_batch_size = {layout.global_batch_size})"
             )
+
+    def describe(self) -> str:
+        g = self.layout.global_batch_size
+        text = (f"epoch: {self.steps_per_epoch} steps of {g} = {self.steps_per_epoch * g} of {self.num_items} "
+                "training examples")
+        if self.tail:
+            text += (f"; {self.tail} left out of each epoch (an incomplete global batch; a different {self.tail} each "
+                     f"epoch, the order is reshuffled). A train.global_batch_size dividing {self.num_items} uses all.")
+        return text
 
     def epoch_order(self, epoch: int) -> list[int]:
         order = list(range(self.num_items))

@@ -280,5 +280,19 @@ class Engine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
 
+    @contextlib.contextmanager
+    def modifying(self, params: list[torch.nn.Parameter]):
+        """Change parameters in place inside (e.g. a new head's init). Under ZeRO-3 they are gathered whole
+        first and rank 0's values are partitioned back on exit (a write to a partitioned parameter is lost);
+        otherwise DeepSpeed broadcasts rank 0's weights when the model is prepared."""
+        partitioned = [p for p in params if hasattr(p, "ds_id")]
+        if not partitioned:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+            yield
+
     def close(self) -> None:
         self.dist.close()

@@ -15,8 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from alignment.core.config import RecipeBase, dump_recipe
+from alignment.core.config import RecipeBase, RecipeError, dump_recipe
 from alignment.core import checkpoint as ckpt
+from alignment.core import manifest
 from alignment.core.engine import Engine
 from alignment.core.tracking import MetricsLogger, Progress, print_main, run_info
 
@@ -28,6 +29,8 @@ class Run:
     output_dir: Path
     logger: MetricsLogger
     info: dict
+    stage: str = ""
+    inputs: dict | None = None  # manifest inputs (rank 0 only)
 
 
 def debug_fault(step: int, rank: int) -> None:
@@ -53,17 +56,29 @@ def setup_run(recipe: RecipeBase, stage: str, resume: bool) -> tuple[Run, Path |
     resume_step = ckpt.read_state(checkpoint)["step"] if checkpoint else None
     info = run_info(recipe.seed, engine.dist.world_size, stage)
     info["batch"] = engine.layout.__dict__
+    inputs = None
     if engine.dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, output_dir / "recipe.yaml")
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        inputs = manifest.stage_inputs(recipe)
+        manifest.write(output_dir, stage, inputs, info, complete=False)
         print_main(True, f"[{stage}] world size {engine.dist.world_size}, layout: micro {engine.layout.micro_batch_size} x "
                    f"accumulation {engine.layout.grad_accum_steps} x ranks {engine.dist.world_size} = global "
                    f"{engine.layout.global_batch_size}; ZeRO-{recipe.deepspeed.zero_stage}, {recipe.train.precision}, "
                    f"git {info['git_revision'][:12]}, seed {recipe.seed}")
     engine.dist.barrier()
     logger = MetricsLogger(output_dir, recipe.logging, info, enabled=engine.dist.is_main, resume_step=resume_step)
-    return Run(recipe, engine, output_dir, logger, info), checkpoint
+    return Run(recipe, engine, output_dir, logger, info, stage, inputs), checkpoint
+
+
+def finish(run: Run, final_metrics: dict) -> None:
+    """The run is done (final/ exported and verified): its manifest says so, with the final metrics."""
+    if run.engine.dist.is_main:
+        clean = {k: v for k, v in final_metrics.items() if isinstance(v, (int, float, str)) or v is None}
+        manifest.write(run.output_dir, run.stage, run.inputs, run.info, complete=True, final_metrics=clean)
+    run.logger.close()
+    run.engine.close()
 
 
 def read_splits(recipe: RecipeBase) -> tuple[list, list]:
@@ -170,10 +185,40 @@ def eval_due(recipe: RecipeBase, step: int, last: int) -> bool:
     return step == last or (interval > 0 and step % interval == 0)
 
 
-def save_checkpoint(run: Run, models: dict, step: int, epoch_hint: int) -> None:
-    """checkpoints/step-N for the stage's trainable models (name -> prepared engine)."""
+def data_order(items_fingerprint: str, num_items: int, engine: Engine, seed: int) -> dict:
+    """What determines which examples each step trains on: the items in order, the global batch, the seed.
+    (Not the world size: a global batch holds the same examples however many ranks share it.)"""
+    return {"items_fingerprint": items_fingerprint, "items": num_items,
+            "global_batch_size": engine.layout.global_batch_size, "seed": seed}
+
+
+class ResumeMismatch(RecipeError):
+    """--resume from a checkpoint whose run would have trained on other examples at its steps."""
+
+
+def check_resume(checkpoint: Path | None, order: dict) -> None:
+    """Refuse to resume when the data order differs from the checkpoint's (a changed data file,
+    tokenizer, max_length, max_rows, global batch size or seed): the steps after it would train on
+    other examples than the steps before it chose them for."""
+    if checkpoint is None:
+        return
+    saved = ckpt.read_state(checkpoint).get("data_order")
+    if saved is None or saved == order:
+        return
+    causes = {"items_fingerprint": "the training examples (data.train, data.max_rows, data.max_length, the "
+              "tokenizer or the chat template)", "items": "the number of training examples",
+              "global_batch_size": "train.global_batch_size", "seed": "seed"}
+    changes = [f"{causes[k]}: {saved.get(k)!s:.16} -> {order[k]!s:.16}" for k in causes if saved.get(k) != order[k]]
+    raise ResumeMismatch(f"--resume: the data order changed since {checkpoint} was written, so the remaining "
+                         f"steps would not continue that run; changed: {'; '.join(changes)}. Resume with the "
+                         "recipe it was written with, or start a new output_dir.")
+
+
+def save_checkpoint(run: Run, models: dict, step: int, epoch_hint: int, order: dict) -> None:
+    """checkpoints/step-N for the stage's trainable models (name -> prepared engine) and its data order."""
     path = ckpt.save_checkpoint(run.engine, run.output_dir / "checkpoints", models,
-                                {"step": step, "epoch": epoch_hint}, keep=run.recipe.train.keep_checkpoints)
+                                {"step": step, "epoch": epoch_hint, "data_order": order},
+                                keep=run.recipe.train.keep_checkpoints)
     print_main(run.engine.dist.is_main, f"checkpoint written: {path}")
 
 
@@ -181,7 +226,9 @@ def resume(run: Run, checkpoint: Path | None, models: dict) -> int:
     """Restore the models and RNG from `checkpoint` (None: a fresh run); the step to continue after."""
     if checkpoint is None:
         return 0
-    return int(ckpt.load_checkpoint(run.engine, checkpoint, models)["step"])
+    step = int(ckpt.load_checkpoint(run.engine, checkpoint, models)["step"])
+    print_main(run.engine.dist.is_main, f"resuming from {checkpoint} (step {step})")
+    return step
 
 
 class StepTimer:

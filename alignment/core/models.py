@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -169,8 +170,27 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHATML_TEMPLATE
+        problem = chatml_problem(tokenizer)
+        if problem is None:
+            tokenizer.chat_template = CHATML_TEMPLATE
+            warnings.warn(f"{path}: the tokenizer has no chat template; using ChatML, whose <|im_start|> and "
+                          "<|im_end|> are single tokens of its vocabulary and <|im_end|> its EOS", stacklevel=2)
+        else:
+            warnings.warn(f"{path}: the tokenizer has no chat template and ChatML cannot stand in ({problem}); "
+                          "chat rows will be refused (prompt/completion strings and text rows still work). Set "
+                          "model.tokenizer to one with a chat template.", stacklevel=2)
     return tokenizer
+
+
+def chatml_problem(tokenizer) -> str | None:
+    """Why the ChatML template would not fit this tokenizer (None when it fits): its markers must be single
+    tokens, and EOS must be <|im_end|> so that generation stops where a turn ends."""
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        if len(tokenizer(marker, add_special_tokens=False).input_ids) != 1:
+            return f"{marker} is not a single token"
+    if tokenizer.eos_token != "<|im_end|>":
+        return f"its EOS is {tokenizer.eos_token!r}, not <|im_end|>"
+    return None
 
 
 def torch_dtype(precision: str):

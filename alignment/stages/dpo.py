@@ -67,7 +67,6 @@ class DPORecipe(RecipeBase):
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
-register_stage("dpo", DPORecipe)
 
 
 def validate_dpo(recipe: DPORecipe) -> str:
@@ -93,6 +92,9 @@ def validate_dpo(recipe: DPORecipe) -> str:
     if mode == "adapter" and cfg.reference_model:
         raise RecipeError("dpo.reference: adapter uses the policy's own base weights; drop dpo.reference_model")
     return mode
+
+
+register_stage("dpo", DPORecipe, validate_dpo)
 
 
 # ---------------------------------------------------------------------------
@@ -376,6 +378,9 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id
     pack_to = d.max_length if d.packing else None  # padding-free pair batches
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
+    print_main(engine.dist.is_main, sampler.describe())
+    order = loop.data_order(pairs_fingerprint(train_pairs), len(train_pairs), engine, recipe.seed)
+    loop.check_resume(checkpoint, order)
     steps = loop.total_steps(recipe, sampler.steps_per_epoch)
 
     # Step 3. Reference: precomputed table, frozen engine, or the policy without its adapter.
@@ -451,7 +456,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
         if loop.checkpoint_due(recipe, step) and step < steps:
-            loop.save_checkpoint(run, {"policy": policy}, step, (step - 1) // sampler.steps_per_epoch)
+            loop.save_checkpoint(run, {"policy": policy}, step, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
 
     # Step 6. Export final/, reload check, gold score.
@@ -468,6 +473,5 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         if "before" in gold_results:
             print_main(engine.dist.is_main, f"gold score: {gold_results['before']['gold/score']:.3f} before -> "
                        f"{gold_results['after']['gold/score']:.3f} after")
-    run.logger.close()
-    engine.close()
+    loop.finish(run, {**metrics, **gold_results.get("after", {})})
     return {"metrics": metrics, "data": [r.as_dict() for r in reports], "gold": gold_results}

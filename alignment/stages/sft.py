@@ -10,11 +10,12 @@ loss curve and the gradients do not depend on how the batch is split.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from alignment.core import loop
-from alignment.core.config import SFTRecipe
+from alignment.core.config import GoldEvalConfig, RecipeBase, register_stage
 from alignment.core.data import (
     DataReport,
     GlobalBatchSampler,
@@ -24,10 +25,26 @@ from alignment.core.data import (
     pack_examples,
 )
 from alignment.core.export import export_model
+from alignment.core.fingerprint import sequence_fingerprint
 from alignment.core.models import count_parameters, load_tokenizer, resolve_model_path
 from alignment.core.modeling import target_logprobs
 from alignment.core.tracking import print_main
 from alignment.evaluate.gold import gold_eval
+
+
+@dataclass
+class SFTConfig:
+    assistant_only_loss: bool = True
+    """Loss on assistant/completion tokens only; `text` rows train on every token."""
+    gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
+
+
+@dataclass
+class SFTRecipe(RecipeBase):
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+register_stage("sft", SFTRecipe)
 
 
 def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -87,6 +104,10 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
     train_items, eval_items, reports = load_sft_data(recipe, tokenizer, engine.dist.is_main)
     sampler = GlobalBatchSampler(len(train_items), engine.layout, recipe.seed)
+    print_main(engine.dist.is_main, sampler.describe())
+    order = loop.data_order(sequence_fingerprint((it.input_ids, it.labels) for it in train_items),
+                            len(train_items), engine, recipe.seed)
+    loop.check_resume(checkpoint, order)
     steps = loop.total_steps(recipe, sampler.steps_per_epoch)
 
     # Step 3. Model: loaded (and sharded under ZeRO-3) inside the engine's init context, LoRA, wrap.
@@ -133,7 +154,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"])
         if loop.checkpoint_due(recipe, step) and step < steps:
-            loop.save_checkpoint(run, {"policy": model}, step, (step - 1) // sampler.steps_per_epoch)
+            loop.save_checkpoint(run, {"policy": model}, step, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
     results["final_loss"] = metrics["loss"] if steps > start else None
     results["final_eval"] = {k: v for k, v in metrics.items() if k.startswith("eval/")} if steps > start else {}
@@ -150,8 +171,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
         if "gold_before" in results:
             print_main(engine.dist.is_main, f"gold score on {int(after['gold/n'])} held-out prompts: "
                        f"{results['gold_before']['gold/score']:.3f} before -> {after['gold/score']:.3f} after")
-    run.logger.close()
-    engine.close()
+    loop.finish(run, {"loss": results["final_loss"], **results["final_eval"], **results.get("gold_after", {})})
     return results
 
 

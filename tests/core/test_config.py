@@ -17,13 +17,13 @@ from alignment.core.config import (
     STAGE_RECIPES,
     DeepSpeedConfig,
     RecipeError,
-    SFTRecipe,
     TrainConfig,
     batch_layout,
     dump_recipe,
     load_recipe,
     to_dict,
 )
+from alignment.stages.sft import SFTRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs"
@@ -31,13 +31,12 @@ REQUIRED_CONFIGS = ("configs/tiny/sft.yaml", "configs/smollm2/sft.yaml")
 
 
 def _register_stages() -> None:
-    """Register stage schemas living outside alignment.core.config, exactly as the CLI does."""
-    try:
-        from alignment.cli import _register_stages as register
+    """Import every stage module, as the CLI does for its stage: each registers its schema. A stage module
+    that fails to import fails this file loudly (it used to be skipped, and its recipes went unchecked)."""
+    from alignment import pipeline, stages  # noqa: F401
 
-        register()
-    except Exception:  # a half-written stage module must not break collection of these tests
-        pass
+    for name in stages.MODULES:
+        stages.load(name)
 
 
 _register_stages()
@@ -558,3 +557,38 @@ def test_pipeline_pairs_stage_cross_checks(sets, message):
         load_recipe(REPO / "configs" / "smollm2" / "pipeline.yaml", "pipeline", sets)
     # the same recipe without the pairs stage is fine
     load_recipe(REPO / "configs" / "smollm2" / "pipeline.yaml", "pipeline", [s for s in sets if "pairs.enabled" not in s])
+
+
+def test_removed_option_is_an_unknown_key(tmp_path):
+    """train.dataloader_workers did nothing; a recipe naming it now fails instead of being ignored."""
+    with pytest.raises(RecipeError, match="unknown key 'train.dataloader_workers'"):
+        _load(tmp_path, {"train": {"dataloader_workers": 4}})
+
+
+def test_stage_checks_run_when_a_recipe_loads():
+    """Each stage's own cross-field checks run in load_recipe (before any model loads, in the pipeline too)."""
+    with pytest.raises(RecipeError, match="dpo.reference: adapter needs lora.enabled"):
+        load_recipe(REPO / "configs" / "tiny" / "dpo.yaml", "dpo", ["dpo.reference=adapter"])
+    with pytest.raises(RecipeError, match="rm.max_prompt_length must be between"):
+        load_recipe(REPO / "configs" / "tiny" / "rm.yaml", "rm", ["rm.max_prompt_length=500"])
+
+
+def test_a_stage_module_that_fails_to_import_is_not_reported_as_not_implemented(monkeypatch, capsys):
+    from alignment import cli, stages
+
+    monkeypatch.setitem(stages.MODULES, "dpo", "alignment.stages.no_such_module")
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        cli.main(["dpo", str(REPO / "configs" / "tiny" / "dpo.yaml")])
+    assert "not implemented" not in capsys.readouterr().err
+
+
+def test_pipeline_nproc_and_dry_run(capsys):
+    from alignment import cli
+
+    assert cli.main(["pipeline", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--nproc", "2", "--dry-run",
+                     "--set", "output_dir=/tmp/never-written"]) == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert [c.split()[1] for c in commands] == ["sft", "rm", "dpo"]
+    assert all("--nproc 2" in c for c in commands), commands
+    assert "model.name_or_path=/tmp/never-written/sft/final" in commands[2]
+    assert not Path("/tmp/never-written").exists()

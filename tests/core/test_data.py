@@ -633,3 +633,39 @@ def test_sampler_no_shuffle_and_too_few_items():
     assert s.micro_batches(2, 0) == [[0, 1]]  # next epoch, item 8 dropped
     with pytest.raises(DataError, match="fewer than one global batch"):
         GlobalBatchSampler(3, lay, seed=0)
+
+
+# ---------------------------------------------------------------------------
+# Nothing dropped silently
+# ---------------------------------------------------------------------------
+
+
+def test_epoch_tail_is_counted_and_described():
+    layout = batch_layout(TrainConfig(global_batch_size=8, micro_batch_size=4), 1)
+    sampler = GlobalBatchSampler(20, layout, seed=0)
+    assert (sampler.steps_per_epoch, sampler.tail) == (2, 4)
+    text = sampler.describe()
+    assert "16 of 20 training examples" in text and "4 left out of each epoch" in text
+    used = {i for step in range(2) for micro in sampler.micro_batches(step, 0) for i in micro}
+    assert len(used) == 16 and len(set(range(20)) - used) == 4
+    assert "left out" not in GlobalBatchSampler(16, layout, seed=0).describe()
+
+
+def test_column_json_with_columns_of_different_lengths_is_an_error(tmp_path):
+    path = tmp_path / "cols.json"
+    path.write_text(json.dumps({"prompt": ["a", "b", "c"], "completion": ["x", "y"]}))
+    with pytest.raises(DataError, match=r"cols.json: .*'prompt': 3, 'completion': 2"):
+        read_rows(str(path))
+    path.write_text(json.dumps({"prompt": ["a", "b"], "completion": ["x", "y"]}))
+    assert [r.data for r in read_rows(str(path))] == [{"prompt": "a", "completion": "x"}, {"prompt": "b", "completion": "y"}]
+
+
+def test_inconsistent_template_error_names_the_turn(tiny_tok):
+    tok = copy.deepcopy(tiny_tok)
+    # renders the last message differently from how it renders it mid-conversation
+    tok.chat_template = ("{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}"
+                         "<{{ m['role'] }}>{{ m['content'] }}{% endif %}{% endfor %}")
+    row = Row({"messages": TWO_TURNS}, "sft.jsonl:9")
+    with pytest.raises(DataError, match=r"sft.jsonl:9: .*\(turn 1\)") as err:
+        sft_example(row, tok, "auto", True)
+    assert "{i}" not in str(err.value)

@@ -445,11 +445,8 @@ def test_short_chosen_long_rejected_failures_13(tiny_tok, tiny_path_model):
 
     report = DataReport("t")
     pairs = load_pairs([_row(row)], tok, _cfg(max_length=512), None, report)
-    assert report.rows_read == 1
-    if not pairs:  # dropping is allowed, but only with a counted reason
-        assert sum(report.dropped.values()) == 1, report.format()
-        return
-    (tp,) = pairs
+    assert report.rows_read == 1 and not report.dropped, report.format()
+    (tp,) = pairs  # kept: the long side is cut, the short side whole
     assert len(tp.chosen_ids) >= 1 and len(tp.rejected_ids) >= 1
     assert tp.chosen_ids == full.chosen_ids, "the short response is kept whole"
     assert len(tp.sequence("chosen")) <= 512 and len(tp.sequence("rejected")) <= 512
@@ -475,7 +472,7 @@ def tiny_path_model():
     return load_model(resolve_model_path("tiny-llama")).eval()
 
 
-def test_prompt_filling_max_length_is_dropped_and_counted(tiny_tok):
+def test_prompt_filling_max_length_keeps_one_token_per_response(tiny_tok):
     tok = tiny_tok
     long_prompt = _user(" ".join(["the"] * 300))
     row = {"prompt": long_prompt, "chosen": _asst("yes"), "rejected": _asst("no")}
@@ -492,13 +489,13 @@ def test_prompt_filling_max_length_is_dropped_and_counted(tiny_tok):
 
 def test_prompt_budget_larger_than_max_length_never_exceeds_it(tiny_tok):
     tok = tiny_tok
-    row = {"prompt": _user(" ".join(["the"] * 70)), "chosen": _asst(" ".join(["the"] * 40)),
-           "rejected": _asst(" ".join(["the"] * 45))}
+    row = {"prompt": _user(" ".join(["the"] * 70)), "chosen": _asst(" ".join(["yes"] * 40)),
+           "rejected": _asst(" ".join(["no"] * 45))}
     report = DataReport("t")
-    pairs = load_pairs([_row(row)], tok, _cfg(max_length=64), 128, report)
-    assert report.rows_read == len(pairs) + sum(report.dropped.values())
-    for tp in pairs:
-        assert len(tp.sequence("chosen")) <= 64 and len(tp.sequence("rejected")) <= 64
+    (tp,) = load_pairs([_row(row)], tok, _cfg(max_length=64), 128, report)  # kept, not dropped
+    assert report.truncated == 1 and not report.dropped
+    assert len(tp.sequence("chosen")) <= 64 and len(tp.sequence("rejected")) <= 64
+    assert len(tp.prompt_ids) == 63 and len(tp.chosen_ids) == len(tp.rejected_ids) == 1  # budget capped at 63
 
 
 @pytest.mark.parametrize("prompt_words", [3, 50])

@@ -59,6 +59,10 @@ def test_zero3_reward_head_and_frozen_reference(tmp_path, align_cache):
     assert ranks[0]["head_partitioned"]
     assert head0.shape == (1, 64) and torch.equal(head0, head1)
     assert head0.abs().sum() > 0 and 0.005 < head0.std().item() < 0.05  # initializer_range 0.02
+    # rm.head_init_std under ZeRO-3: used to be ignored; now drawn on rank 0 and partitioned, whole on both ranks.
+    init0, init1 = ranks[0]["head_std"], ranks[1]["head_std"]
+    assert torch.equal(init0, init1) and not torch.equal(init0, head0)
+    assert 0.4 < init0.std().item() < 0.6, init0.std().item()
     # Row 23: the frozen reference is sharded, has no optimizer and nothing requires grad.
     for facts in ranks:
         assert not facts["ref_requires_grad"]

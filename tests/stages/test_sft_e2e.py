@@ -37,7 +37,8 @@ def test_tiny_sft_end_to_end(tmp_path, align_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    result = run_sft(out, "train.learning_rate=3.0e-3", "data.max_eval_rows=16", steps=16).check()
+    result = run_sft(out, "train.learning_rate=3.0e-3", "data.max_eval_rows=16", "data.max_rows=250", steps=16).check()
+    assert "31 steps of 8 = 248 of 250 training examples; 2 left out of each epoch" in result.output
 
     records = read_metrics(out)
     steps = step_metrics(out)

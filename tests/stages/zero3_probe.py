@@ -11,6 +11,7 @@ import torch
 from alignment.core.config import DeepSpeedConfig, TrainConfig
 from alignment.core.engine import Engine
 from alignment.core.models import load_model, resolve_model_path
+from reward.train import init_head
 
 
 def main(out: str) -> None:
@@ -21,10 +22,14 @@ def main(out: str) -> None:
         reward_model = load_model(path, "reward")
     with engine.gathered_parameters(reward_model):
         head = reward_model.score.weight.detach().clone()
+    init_head(engine, reward_model, std=0.5)  # rm.head_init_std, as the rm stage applies it
+    with engine.gathered_parameters(reward_model):
+        head_std = reward_model.score.weight.detach().clone()
     with engine.model_init(trainable=False):
         reference = engine.prepare_frozen(load_model(path, "causal_lm"))
     facts = {
         "head": head,
+        "head_std": head_std,
         "head_partitioned": hasattr(reward_model.score.weight, "ds_id"),
         "ref_requires_grad": any(p.requires_grad for p in reference.module.parameters()),
         "ref_optimizer": type(getattr(reference, "optimizer", None)).__name__,
