@@ -1,5 +1,6 @@
-"""`align pipeline` end to end on the tiny model: SFT -> RM -> on-policy pairs judged by that
-RM -> DPO from the SFT model on those pairs, each stage in its own process."""
+"""`align pipeline` end to end on the tiny model: SFT -> RM -> on-policy pairs judged by that RM -> DPO from
+the SFT model on those pairs, each stage in its own process; every stage's recipe checked before the first
+trains; interrupted, resumed, and rerun only where its inputs changed."""
 
 from __future__ import annotations
 
@@ -9,28 +10,58 @@ import math
 import pytest
 import yaml
 
-from helpers import align_cache, read_metrics, run_cli  # noqa: F401
+from helpers import align_cache, read_metrics, run_cli, step_metrics  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+QUICK = '["train.max_steps=2", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=0"]'
+DPO = '["train.max_steps=4", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=1", ' \
+      '"dpo.reference=precomputed"{extra}]'
 
 
-@pytest.mark.timeout(600)
-def test_tiny_pipeline_with_onpolicy_pairs(tmp_path, align_cache):
+def pipeline(out, *extra: str, resume: bool = False, env=None, dpo_extra: str = ""):
+    args = ["pipeline", "configs/tiny/pipeline.yaml", "--set", f"output_dir={out}", "--set", f"sft.overrides={QUICK}",
+            "--set", f"rm.overrides={QUICK}", "--set", "dpo.overrides=" + DPO.format(extra=dpo_extra),
+            "--set", "pairs.enabled=true", "--set", "pairs.judge=rm", "--set", "pairs.num_prompts=12",
+            "--set", "pairs.samples=2", "--set", "pairs.max_new_tokens=6"]
+    for item in extra:
+        args += ["--set", item]
+    return run_cli(args + (["--resume"] if resume else []), env=env, timeout=580)
+
+
+def test_a_bad_later_stage_fails_before_the_first_trains(tmp_path):
     out = tmp_path / "pipe"
-    quick = '["train.max_steps=4", "train.precision=fp32", "logging.progress_bar=false"]'
-    result = run_cli([
-        "pipeline", "configs/tiny/pipeline.yaml", "--set", f"output_dir={out}",
-        "--set", f"sft.overrides={quick}", "--set", f"rm.overrides={quick}",
-        "--set", 'dpo.overrides=["train.max_steps=4", "train.precision=fp32", "logging.progress_bar=false", '
-                 '"dpo.reference=precomputed"]',
-        "--set", "pairs.enabled=true", "--set", "pairs.judge=rm", "--set", "pairs.num_prompts=12",
-        "--set", "pairs.samples=2", "--set", "pairs.max_new_tokens=6",
-    ], timeout=580).check()
+    result = pipeline(out, dpo_extra=', "dpo.reference=adapter"')  # an adapter reference needs LoRA
+    assert result.returncode == 2, result.output[-3000:]
+    assert "dpo.reference: adapter needs lora.enabled" in result.output
+    assert not (out / "sft").exists(), "nothing trained"
+
+
+def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_path):
+    out = tmp_path / "pipe"
+    # 1. DPO dies at step 3 (SFT and RM stop at 2, so only DPO gets there), after checkpointing step 2.
+    crashed = pipeline(out, env={"ALIGN_DEBUG_FAIL_AT_STEP": "3"})
+    assert crashed.returncode != 0 and "injected failure at step 3" in crashed.output, crashed.output[-3000:]
+    for stage in ("sft", "rm", "pairs"):
+        assert json.loads((out / stage / "manifest.json").read_text())["complete"], stage
+    assert json.loads((out / "dpo" / "manifest.json").read_text())["complete"] is False  # started, not finished
+    assert not (out / "dpo" / "final").exists()
+    finished = {s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns for s in ("sft", "rm")}
+
+    # 2. --resume: the finished stages are skipped, DPO continues from its checkpoint.
+    resumed = pipeline(out, resume=True).check()
+    for stage in ("sft", "rm", "pairs"):
+        assert f"stage {stage}: finished with the same inputs, skipped" in resumed.output
+    assert "resuming from" in resumed.output and "step-00000002" in resumed.output
+    assert {s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns for s in ("sft", "rm")} == finished
+    assert sorted(step_metrics(out / "dpo")) == [1, 2, 3, 4]
 
     summary = json.loads((out / "pipeline.json").read_text())
-    assert list(summary["stages"]) == ["sft", "rm", "pairs", "dpo"], result.output[-3000:]
-    for stage in ("sft", "rm", "dpo"):
+    assert list(summary["stages"]) == ["sft", "rm", "pairs", "dpo"], resumed.output[-3000:]
+    for stage, steps in (("sft", 2), ("rm", 2), ("dpo", 4)):
         assert (out / stage / "final" / "config.json").is_file()
         losses = [m["loss"] for m in read_metrics(out / stage) if "loss" in m]
-        assert len(losses) == 4 and all(math.isfinite(x) for x in losses), (stage, losses)
+        assert len(losses) == steps and all(math.isfinite(x) for x in losses), (stage, losses)
         manifest = json.loads((out / stage / "manifest.json").read_text())
         assert manifest["complete"] and manifest["stage"] == stage
     # Each stage's held-out numbers reach the summary as its own metrics logged them.
@@ -38,8 +69,7 @@ def test_tiny_pipeline_with_onpolicy_pairs(tmp_path, align_cache):
     assert 0.0 <= summary["stages"]["dpo"]["eval/rewards/accuracies"] <= 1.0
     # DPO starts from the SFT export: with the reference precomputed from that same model, the policy and
     # the reference agree exactly before the first update (a DPO that started elsewhere would not).
-    dpo_steps = {m["step"]: m for m in read_metrics(out / "dpo") if "loss" in m}
-    assert dpo_steps[1]["check/step1_reward_abs"] < 1e-5
+    assert step_metrics(out / "dpo")[1]["check/step1_reward_abs"] < 1e-5
     from alignment.core.fingerprint import model_fingerprint
 
     dpo_inputs = json.loads((out / "dpo" / "manifest.json").read_text())["inputs"]["files"]
@@ -50,7 +80,7 @@ def test_tiny_pipeline_with_onpolicy_pairs(tmp_path, align_cache):
     records = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     assert len(records) == summary["stages"]["pairs"]["pairs"] > 0
     assert all(r["score_chosen"] > r["score_rejected"] for r in records)
-    # ... the very scores that reward model gives them (the judge was the pipeline's RM, not another).
+    # ... the very scores that reward model gives them (the judge was the pipeline's RM, not another) ...
     from reward.model import RewardScorer
     from reward.score import sequence_ids
 
@@ -62,3 +92,12 @@ def test_tiny_pipeline_with_onpolicy_pairs(tmp_path, align_cache):
     dpo_recipe = yaml.safe_load((out / "dpo" / "recipe.yaml").read_text())
     assert dpo_recipe["data"]["train"] == str(pairs_file)
     assert dpo_recipe["model"]["name_or_path"].startswith(str(out / "sft" / "final"))
+
+    # 3. Nothing changed: nothing runs. 4. Only DPO's inputs changed: only DPO runs, from scratch.
+    again = pipeline(out, resume=True).check()
+    assert again.output.count("finished with the same inputs, skipped") == 4
+    changed = pipeline(out, resume=True, dpo_extra=', "dpo.beta=0.2"').check()
+    assert changed.output.count("finished with the same inputs, skipped") == 3
+    assert "stage dpo: inputs changed since it finished (recipe); running it again" in changed.output
+    assert "resuming from" not in changed.output
+    assert yaml.safe_load((out / "dpo" / "recipe.yaml").read_text())["dpo"]["beta"] == 0.2

@@ -6,7 +6,7 @@ tied weights included. After writing, a fresh process loads the directory with
 plain transformers/peft and compares its output on a fixed input with the live
 model's; a mismatch fails the run.
 
-Run by hand: ``python -m alignment.core.export verify DIR --expected outputs.safetensors --kind causal_lm``.
+Run by hand: ``python -m alignment.core.export verify DIR [DIR ...] --expected outputs.safetensors --kind causal_lm``.
 """
 
 from __future__ import annotations
@@ -98,11 +98,12 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
             # eager and SDPA differ by more than its tolerance (0.1 + 2%) on many logits.
             attention = getattr(unwrap(module).config, "_attn_implementation", None)
             attention = attention if attention in ("eager", "sdpa") else None  # verify runs on CPU
-            verify_in_fresh_process(out_dir, expected_file, kind, precision, attention, remote_code)
+            exported = [out_dir]
             if is_lora and lora_cfg.merge_on_export:
                 with engine.plain_init():
                     merge_adapter(out_dir, kind, out_dir / "merged", remote_code)
-                verify_in_fresh_process(out_dir / "merged", expected_file, kind, precision, attention, remote_code)
+                exported.append(out_dir / "merged")
+            verify_in_fresh_process(exported, expected_file, kind, precision, attention, remote_code)
         except Exception as exc:  # reported on every rank below, so no rank waits forever
             error = f"{type(exc).__name__}: {exc}"
     error = engine.dist.broadcast_object(error)
@@ -120,14 +121,16 @@ def merge_adapter(adapter_dir: Path, kind: str, merged_dir: Path, trust_remote_c
     AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(merged_dir)
 
 
-def verify_in_fresh_process(out_dir: Path, expected_file: Path, kind: str, precision: str,
+def verify_in_fresh_process(paths: list[Path], expected_file: Path, kind: str, precision: str,
                             attention: str | None = None, trust_remote_code: bool = False) -> None:
-    cmd = [sys.executable, "-m", "alignment.core.export", "verify", str(out_dir), "--expected", str(expected_file),
+    """Reload each exported directory in one new process (nothing of this one's state can help it load)."""
+    cmd = [sys.executable, "-m", "alignment.core.export", "verify", *map(str, paths), "--expected", str(expected_file),
            "--kind", kind, "--precision", precision] + (["--attn-implementation", attention] if attention else []) \
         + (["--trust-remote-code"] if trust_remote_code else [])
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ExportMismatch(f"reloading {out_dir} in a fresh process failed:\n{result.stdout}{result.stderr[-3000:]}")
+        shown = ", ".join(map(str, paths))
+        raise ExportMismatch(f"reloading {shown} in a fresh process failed:\n{result.stdout}{result.stderr[-3000:]}")
 
 
 def load_exported(path: str | Path, kind: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None,
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alignment.core.export")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("verify", help="reload an exported directory and compare with saved live outputs")
-    check.add_argument("path", type=Path)
+    check.add_argument("paths", type=Path, nargs="+", help="exported directories (final/, final/merged)")
     check.add_argument("--expected", type=Path, required=True)
     check.add_argument("--kind", choices=["causal_lm", "reward"], default="causal_lm")
     check.add_argument("--precision", choices=list(TOLERANCE), default="fp32")
@@ -202,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--trust-remote-code", action="store_true", help="the model ships its own modelling code")
     args = parser.parse_args(argv)
     expected = load_file(str(args.expected))["outputs"]
-    max_diff = verify(args.path, expected, args.kind, args.precision, args.attn_implementation, args.trust_remote_code)
-    print(f"export verified: {args.path} reloads with max |diff| {max_diff:.3g}")
+    for path in args.paths:
+        max_diff = verify(path, expected, args.kind, args.precision, args.attn_implementation, args.trust_remote_code)
+        print(f"export verified: {path} reloads with max |diff| {max_diff:.3g}")
     return 0
 
 
