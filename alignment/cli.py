@@ -1,7 +1,7 @@
 """`align`: one command, a subcommand per stage.
 
     align sft RECIPE.yaml [--set key.sub=value ...] [--nproc N] [--resume]
-    align rm  RECIPE.yaml ...        align dpo RECIPE.yaml ...
+    align rm  RECIPE.yaml ...        align dpo RECIPE.yaml ...        align ppo RECIPE.yaml ...
     align score --model RM_DIR --data FILE --out FILE
     align pairs --model POLICY_DIR --prompts FILE --judge gold|RM_DIR --out FILE
     align data OUT_DIR                 (write the built-in task's data files)
@@ -25,7 +25,8 @@ STAGES = {
     "sft": "supervised fine-tuning on demonstrations (chat, prompt/completion or text)",
     "rm": "reward model training on preference pairs (Bradley-Terry)",
     "dpo": "direct preference optimisation (DPO, IPO, hinge, SimPO, ...) on preference pairs",
-    "ppo": "PPO against a reward model",
+    "ppo": "online RL: PPO with a critic (GAE), or GRPO / RLOO / REINFORCE++ (ppo.advantage), on rewards from "
+           "reward models, the built-in verifier or Python functions",
     "pipeline": "SFT -> reward model -> DPO, chained, each stage in its own process, with gold scores",
 }
 

@@ -164,16 +164,27 @@ class Engine:
         finally:
             set_hf_deepspeed_config(self._hf_ds_configs[-1])
 
-    def prepare(self, model: torch.nn.Module, total_steps: int):
-        """Wrap a trainable model: optimizer, LR schedule, ZeRO, precision. Returns the engine."""
+    def prepare(self, model: torch.nn.Module, total_steps: int, learning_rate: float | None = None):
+        """Wrap a trainable model: optimizer, LR schedule, ZeRO, precision. Returns the engine.
+
+        A stage may prepare several (PPO's actor and critic), each with its own optimizer;
+        `learning_rate` overrides train.learning_rate for this one (the schedule's shape is shared)."""
+        import dataclasses
+
         import deepspeed
 
         t = self.train_cfg
+        if learning_rate is not None:
+            t = dataclasses.replace(t, learning_rate=learning_rate)
+        config = dict(self.ds_config)
+        if "optimizer" in config:
+            config["optimizer"] = {**config["optimizer"], "params": {**config["optimizer"]["params"],
+                                                                     "lr": t.learning_rate}}
         warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
         schedule = lr_lambda(total_steps, warmup, t.lr_scheduler, t.min_lr_ratio)
         groups = _param_groups(model, t.weight_decay)
         optimizer = None
-        if "optimizer" not in self.ds_config:
+        if "optimizer" not in config:
             # The fused kernel (CPU and CUDA) is also TRL's default; unfused AdamW was ~40% of a
             # SmolLM2 CPU step on DeepSpeed's flat fp32 partition.
             params = [p for g in groups for p in g["params"]]
@@ -188,7 +199,7 @@ class Engine:
             model_parameters=groups if optimizer is None else None,
             optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=self.ds_config,
+            config=config,
             dist_init_required=False,
         )
         return ds_engine
@@ -281,6 +292,38 @@ class Engine:
             yield
 
     @contextlib.contextmanager
+    def generation_view(self, prepared):
+        """The user model inside `prepared` (an engine from prepare / prepare_frozen, or a plain model), ready
+        for decoding: eval mode, no gradient checkpointing, and under ZeRO-3 every weight gathered once and
+        ZeRO's module hooks removed, so decoding runs hook-free instead of all-gathering at every token
+        (FAILURES rows 6, 7: slow, and a deadlock when ranks stop at different steps). Restored on exit."""
+        from alignment.core.modeling import unwrap, user_model
+
+        model = user_model(prepared)
+        hf = unwrap(prepared)
+        was_training, checkpointing = model.training, getattr(hf, "is_gradient_checkpointing", False)
+        if checkpointing:
+            hf.gradient_checkpointing_disable()
+        model.eval()
+        offload = _zero3_offload(prepared)
+        try:
+            if offload is None:
+                yield model
+            else:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                    _remove_zero3_hooks(offload)
+                    try:
+                        yield model
+                    finally:
+                        _restore_zero3_hooks(offload)
+        finally:
+            model.train(was_training)
+            if checkpointing:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @contextlib.contextmanager
     def modifying(self, params: list[torch.nn.Parameter]):
         """Change parameters in place inside (e.g. a new head's init). Under ZeRO-3 they are gathered whole
         first and rank 0's values are partitioned back on exit (a write to a partitioned parameter is lost);
@@ -296,3 +339,26 @@ class Engine:
 
     def close(self) -> None:
         self.dist.close()
+
+
+def _zero3_offload(prepared):
+    """DeepSpeed's ZeRO-3 parameter manager of a prepared engine (None when not partitioned)."""
+    optimizer = getattr(prepared, "optimizer", None)
+    if optimizer is None or not any(hasattr(p, "ds_id") for p in prepared.parameters()):
+        return None
+    return getattr(optimizer, "parameter_offload", optimizer)
+
+
+def _remove_zero3_hooks(offload) -> None:
+    for param in offload.module.parameters(recurse=True):
+        param.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def _restore_zero3_hooks(offload) -> None:
+    coordinator = getattr(offload, "param_coordinator", None)
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()  # the decoding forwards are not the trace training replays
+    offload._register_deepspeed_module(offload.module)

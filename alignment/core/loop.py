@@ -214,10 +214,11 @@ def check_resume(checkpoint: Path | None, order: dict) -> None:
                          "recipe it was written with, or start a new output_dir.")
 
 
-def save_checkpoint(run: Run, models: dict, step: int, epoch_hint: int, order: dict) -> None:
-    """checkpoints/step-N for the stage's trainable models (name -> prepared engine) and its data order."""
+def save_checkpoint(run: Run, models: dict, step: int, epoch_hint: int, order: dict, extra: dict | None = None) -> None:
+    """checkpoints/step-N for the stage's trainable models (name -> prepared engine), its data order, and any
+    state of the stage's own (`extra`, JSON: e.g. PPO's KL coefficient)."""
     path = ckpt.save_checkpoint(run.engine, run.output_dir / "checkpoints", models,
-                                {"step": step, "epoch": epoch_hint, "data_order": order},
+                                {"step": step, "epoch": epoch_hint, "data_order": order, **(extra or {})},
                                 keep=run.recipe.train.keep_checkpoints)
     print_main(run.engine.dist.is_main, f"checkpoint written: {path}")
 

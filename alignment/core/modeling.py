@@ -92,7 +92,7 @@ def target_logprobs(model, batch: dict):
     return call(model, _target_logprobs, batch)
 
 
-def _target_logprobs(model, batch: dict):
+def _target_logprobs(model, batch: dict, with_entropy: bool = False):
     hidden = _last_hidden(model, batch)
     labels = batch["labels"]
     targets = labels[:, 1:]
@@ -100,14 +100,39 @@ def _target_logprobs(model, batch: dict):
     head = unwrap(model).get_output_embeddings()
     picked = hidden[:, :-1][where[:, 0], where[:, 1]]
     target_ids = targets[where[:, 0], where[:, 1]]
-    logps = []
+    logps, entropies = [], []
     for start in range(0, picked.shape[0], LOGIT_CHUNK):
         logits = head(picked[start : start + LOGIT_CHUNK]).float()
-        logps.append(torch.gather(F.log_softmax(logits, dim=-1), 1, target_ids[start : start + LOGIT_CHUNK, None])[:, 0])
-    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+        log_probs = F.log_softmax(logits, dim=-1)
+        logps.append(torch.gather(log_probs, 1, target_ids[start : start + LOGIT_CHUNK, None])[:, 0])
+        if with_entropy:
+            entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logp = torch.cat(logps) if logps else empty
     where = where.clone()
     where[:, 1] += 1
+    if with_entropy:
+        return logp, where, (torch.cat(entropies) if entropies else empty)
     return logp, where
+
+
+def response_logprobs(model, batch: dict, with_entropy: bool = False):
+    """Log-prob of every response token [B, T] (0 off the response), and its entropy [B, T] when asked.
+
+    batch: right-padded prompt + response rows with `labels` on the response tokens and
+    `response_start` [B] (each row's prompt length); T = the longest response.
+    """
+    out = call(model, _target_logprobs, batch, with_entropy)
+    logp, where = out[0], out[1]
+    start = batch["response_start"]
+    T = int(batch["response_mask"].shape[1])
+    rows, cols = where[:, 0], where[:, 1] - start[where[:, 0]]
+    dense = torch.zeros(start.shape[0], T, dtype=logp.dtype, device=logp.device)
+    dense = dense.index_put((rows, cols), logp)
+    if not with_entropy:
+        return dense
+    entropy = torch.zeros_like(dense).index_put((rows, cols), out[2])
+    return dense, entropy
 
 
 def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

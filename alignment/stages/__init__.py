@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-MODULES = {"sft": "alignment.stages.sft", "rm": "reward.train", "dpo": "alignment.stages.dpo"}
+MODULES = {"sft": "alignment.stages.sft", "rm": "reward.train", "dpo": "alignment.stages.dpo",
+           "ppo": "alignment.stages.ppo"}
 
 
 def load(name: str) -> ModuleType:

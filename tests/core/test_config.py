@@ -42,10 +42,14 @@ def _register_stages() -> None:
 _register_stages()
 
 
+STAGE_ALIASES = {"grpo": "ppo"}  # recipe files named after the estimator of a stage
+
+
 def _stage_of(path: Path) -> str | None:
     """The stage a recipe file is for: its stem (`sft.yaml`), or the stem's part before the
-    first '-' (`rm-hh.yaml` -> rm) when that is a registered stage; None when neither is."""
+    first '-' (`rm-hh.yaml` -> rm), through STAGE_ALIASES (`grpo.yaml` -> ppo); None when neither is."""
     for candidate in (path.stem, path.stem.split("-", 1)[0]):
+        candidate = STAGE_ALIASES.get(candidate, candidate)
         if candidate in STAGE_RECIPES:
             return candidate
     return None
@@ -136,7 +140,7 @@ def test_every_config_is_checked():
         load_recipe(path, stage)
         checked += 1
     assert checked == len(REGISTERED)
-    assert checked + len(UNREGISTERED) == len(ALL_YAML)
+    assert not UNREGISTERED, f"recipes no test loads: {[_rel(p) for p in UNREGISTERED]}"
     assert checked >= len(REQUIRED_CONFIGS)
 
 

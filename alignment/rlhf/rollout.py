@@ -1,0 +1,171 @@
+"""Rollouts: sampling responses from the policy, behind one small interface.
+
+A sampler takes prompt ids (alignment.core.text.prompt_ids: the ids the training pass puts before
+a response) and one seed per episode, and returns a :class:`Rollout`: each response's ids
+through its stop token (EOS or the template's end of turn) when it stopped, else its
+max_new_tokens generated ids, and each sampled token's log-probability under the distribution
+it was drawn from. A vLLM engine for GPU clusters would be another sampler with this call.
+
+:class:`KVCacheSampler` decodes batches with a KV cache over left-padded prompts and stops each
+sequence at its own stop token. Sampling is pure by default (temperature 1, no top-k/top-p):
+the only distribution under which the rollout's log-probs are the policy's and the KL estimates
+unbiased. Each episode draws its noise from its own seeded generator (Gumbel-max), so a
+response does not depend on which other prompts share its batch or its rank: 1 rank and 2 ranks
+sample the same responses. Under ZeRO-3 the caller gathers the weights once per rollout and
+removes ZeRO's hooks (alignment.core.engine.Engine.generation_view), so decoding never runs token
+by token through parameter all-gathers (FAILURES rows 6, 7).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Rollout:
+    """B episodes as sampled. Lists per episode; `response_ids[i]` ends with a stop token iff `ended[i]`."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    ended: list[bool]
+    logprobs: list[list[float]] = field(default_factory=list)  # per response token, under the sampling distribution
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+class Sampler(Protocol):
+    def __call__(self, prompt_ids: list[list[int]], seeds: list[int]) -> Rollout: ...
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, W] ids and attention mask, each row right-aligned."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Scores with everything outside the top-k / nucleus top-p set to -inf ([B, V])."""
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_scores, dim=-1) > top_p  # keep the token that crosses top_p
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+@torch.no_grad()
+def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], *, max_new_tokens: int, stop_ids: list[int],
+                 pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 device: torch.device | None = None) -> Rollout:
+    """Decode one batch with a KV cache (temperature 0: greedy). `model` is a plain causal LM (or peft)."""
+    device = device or next(model.parameters()).device
+    ids, mask = left_pad(prompt_ids, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    stops = torch.tensor(sorted(set(stop_ids)), device=device)
+    B = len(prompt_ids)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    # transformers 5.2x names the KV cache `cache` (`past_key_values` before, deprecated now)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if temperature > 0:
+            scores = filter_logits(logits / temperature, top_k, top_p)
+            log_probs = F.log_softmax(scores, dim=-1)
+            # Gumbel-max: argmax(log p + G) is a draw from p; each episode's noise from its own generator
+            uniform = torch.stack([torch.rand(log_probs.shape[-1], generator=g, device=device) for g in generators])
+            next_token = (log_probs - torch.log(-torch.log(uniform.clamp(min=1e-20)))).argmax(dim=-1)
+        else:
+            log_probs = F.log_softmax(logits, dim=-1)
+            next_token = logits.argmax(dim=-1)
+        chosen = log_probs.gather(1, next_token[:, None])[:, 0]
+        live = ~finished
+        tokens.append(torch.where(live, next_token, torch.full_like(next_token, pad_id)))
+        logps.append(chosen)
+        finished = finished | (live & torch.isin(next_token, stops))
+        if finished.all():
+            break
+        mask = torch.cat([mask, live.long()[:, None]], dim=1)  # a finished row's padding is never attended
+        positions = positions[:, -1:] + 1
+        past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions,
+                    use_cache=True, **{cache_arg: past})
+    generated = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(B)]
+    chosen_logps = torch.stack(logps, dim=1).tolist() if logps else [[] for _ in range(B)]
+    stop_set = set(stop_ids)
+    responses, ended, out_logps = [], [], []
+    for row, row_logps in zip(generated, chosen_logps):
+        end = next((i for i, token in enumerate(row) if token in stop_set), None)
+        keep = len(row) if end is None else end + 1
+        responses.append(row[:keep])
+        ended.append(end is not None)
+        out_logps.append(row_logps[:keep])
+    return Rollout([list(p) for p in prompt_ids], responses, ended, out_logps)
+
+
+class KVCacheSampler:
+    """The rollout sampler on a plain (or peft) transformers model, in batches of `batch_size` prompts."""
+
+    def __init__(self, model, *, max_new_tokens: int, stop_ids: list[int], pad_id: int, batch_size: int,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, device=None):
+        self.model, self.batch_size, self.device = model, batch_size, device
+        self.options = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def __call__(self, prompt_ids: list[list[int]], seeds: list[int]) -> Rollout:
+        parts = [sample_batch(self.model, prompt_ids[i : i + self.batch_size], seeds[i : i + self.batch_size],
+                              device=self.device, **self.options)
+                 for i in range(0, len(prompt_ids), self.batch_size)]
+        return Rollout([p for r in parts for p in r.prompt_ids], [p for r in parts for p in r.response_ids],
+                       [p for r in parts for p in r.ended], [p for r in parts for p in r.logprobs])
+
+
+def is_pure_sampling(temperature: float, top_k: int, top_p: float) -> bool:
+    return math.isclose(temperature, 1.0) and not top_k and top_p >= 1.0
+
+
+def episode_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                  device=None) -> dict[str, torch.Tensor]:
+    """Episodes laid out for the training pass: right-padded rows [prompt | response] (positions from 0,
+    as in generation), `labels` on response tokens (-100 elsewhere), `response_start` [B] (prompt lengths),
+    `response_mask` [B, T] (T = longest response)."""
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(r) for r in rows)
+    T = max(1, max(len(r) for r in response_ids))
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), -100, dtype=torch.long)
+    mask = torch.zeros((B, width), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(p) + len(r)] = 1
+        response_mask[i, : len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "response_start": torch.tensor([len(p) for p in prompt_ids]), "response_mask": response_mask}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def predicting_positions(response_start: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, T] position of the token whose output predicts response token t: start - 1 + t. A value V(s_t) and
+    the log-prob of response token t are both read there (the last prompt token for t = 0)."""
+    return response_start[:, None] - 1 + torch.arange(T, device=response_start.device)[None]

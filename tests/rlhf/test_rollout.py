@@ -1,0 +1,137 @@
+"""The rollout (alignment.rlhf.rollout): greedy decoding equals transformers' generate, sampled responses
+do not depend on their batch, each sequence stops at its own stop token, truncated responses keep their
+tokens and say so, the sampled log-probs are the training pass's, and padding never reaches a loss
+(FAILURES rows 10, 11, 24, 25)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment.core import text
+from alignment.core.modeling import response_logprobs
+from alignment.core.models import load_model, load_tokenizer, resolve_model_path
+from alignment.rlhf.ppo_losses import aggregate, policy_loss
+from alignment.rlhf.rollout import episode_batch, predicting_positions, sample_batch
+
+PROMPTS = [[{"role": "user", "content": "What is 7 + 5? Answer with just the number."}],
+           [{"role": "user", "content": "Spell the word 'garden' backwards."}],
+           [{"role": "user", "content": "How many minutes are in 3 hours? Answer with just the number."}]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_model_path("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = load_model(resolve_model_path("tiny-llama")).eval()
+    with torch.no_grad():  # a less uniform random model, so samples and greedy paths differ per prompt
+        for p in m.parameters():
+            p.mul_(4.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tok):
+    return [text.prompt_ids(tok, p) for p in PROMPTS]
+
+
+def _options(tok, **kw):
+    return dict(dict(max_new_tokens=12, stop_ids=text.stop_token_ids(tok), pad_id=tok.pad_token_id), **kw)
+
+
+def test_greedy_equals_transformers_generate(model, tok, prompt_ids):
+    from alignment.evaluate.gold import generate_ids
+
+    ours = sample_batch(model, prompt_ids, [0, 0, 0], temperature=0.0, **_options(tok))
+    theirs = generate_ids(model, tok, PROMPTS, max_new_tokens=12, batch_size=3, device=torch.device("cpu"))
+    assert ours.response_ids == theirs
+    assert len({tuple(r) for r in ours.response_ids}) > 1, "the prompts lead to different responses"
+
+
+def test_a_sampled_response_does_not_depend_on_its_batch(model, tok, prompt_ids):
+    together = sample_batch(model, prompt_ids, [11, 12, 13], **_options(tok))
+    alone = sample_batch(model, prompt_ids[:1], [11], **_options(tok))
+    reordered = sample_batch(model, prompt_ids[:0:-1], [13, 12], **_options(tok))
+    assert alone.response_ids[0] == together.response_ids[0]
+    assert reordered.response_ids == together.response_ids[:0:-1]
+    other_seed = sample_batch(model, prompt_ids[:1], [99], **_options(tok))
+    assert other_seed.response_ids[0] != together.response_ids[0], "the seed matters"
+
+
+class ForcedStops(torch.nn.Module):
+    """Wraps a model: row r emits EOS at decoding step stop_at[r] (None: EOS banned, runs to max_new_tokens)."""
+
+    def __init__(self, inner, eos: int, stop_at: list, prompt_width: int):
+        super().__init__()
+        self.inner, self.eos, self.stop_at, self.width = inner, eos, stop_at, prompt_width
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        step = kwargs["attention_mask"].shape[1] - self.width  # tokens generated before this forward
+        logits = out.logits.clone()
+        for row, at in enumerate(self.stop_at):
+            logits[row, -1, self.eos] = 1e4 if at is not None and step + 1 == at else -1e4
+        out.logits = logits
+        return out
+
+
+def test_each_sequence_stops_at_its_own_stop_token_and_truncation_is_flagged(model, tok, prompt_ids):
+    eos = tok.eos_token_id
+    width = max(len(p) for p in prompt_ids)
+    forced = ForcedStops(model, eos, [2, 6, None], width)
+    out = sample_batch(forced, prompt_ids, [1, 2, 3], **_options(tok, max_new_tokens=8))
+    assert [len(r) for r in out.response_ids] == [2, 6, 8]
+    assert out.ended == [True, True, False]
+    assert out.response_ids[0][-1] == eos and out.response_ids[1][-1] == eos
+    assert eos not in out.response_ids[2], "a truncated response keeps its last token (no EOS put in its place)"
+    batch = episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)
+    assert batch["response_mask"].tolist() == [[1] * 2 + [0] * 6, [1] * 6 + [0] * 2, [1] * 8]
+
+
+def test_rollout_logprobs_equal_the_training_pass(model, tok, prompt_ids):
+    out = sample_batch(model, prompt_ids, [5, 6, 7], **_options(tok))
+    batch = episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)
+    with torch.no_grad():
+        logp = response_logprobs(model, batch)
+    mask = batch["response_mask"].bool()
+    sampled = torch.zeros_like(logp)
+    for i, row in enumerate(out.logprobs):
+        sampled[i, : len(row)] = torch.tensor(row)
+    torch.testing.assert_close(logp[mask], sampled[mask], atol=1e-4, rtol=0)
+    assert (logp[~mask] == 0).all()
+
+
+def test_padding_never_reaches_the_loss(model, tok):
+    """[a, b, c] (no EOS) and [a, EOS]: masks [1, 1, 1] and [1, 1, 0]; what stands in the padding changes
+    neither the loss nor its gradient (FAILURES row 24)."""
+    prompt = text.prompt_ids(tok, PROMPTS[0])
+    a, b, c = tok("4 2 1", add_special_tokens=False).input_ids[:3]
+    responses = [[a, b, c], [a, tok.eos_token_id]]
+    losses, grads = [], []
+    for filler in (tok.pad_token_id, a):
+        batch = episode_batch([prompt, prompt], responses, filler)
+        assert batch["response_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+        model.zero_grad()
+        logp = response_logprobs(model, batch)
+        pg, _ = policy_loss(logp, logp.detach(), torch.tensor([[1.0, -1.0, 0.5], [2.0, 1.0, 9.0]]), 0.2, 0.2)
+        loss = aggregate(pg, batch["response_mask"], "token_mean") / batch["response_mask"].sum()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert losses[0] == losses[1]
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+
+
+def test_values_and_logprobs_are_read_where_response_tokens_are_predicted():
+    """values[i] = i over a row: the ones kept for response tokens are positions P - 1 .. P + R - 2, the
+    state before each response token (FAILURES row 25), with P the prompt length and R the response's."""
+    P, R = 5, 3
+    positions = predicting_positions(torch.tensor([P, 2]), R)
+    values = torch.arange(10.0)[None].expand(2, 10)
+    kept = values.gather(1, positions)
+    assert kept[0].tolist() == [4.0, 5.0, 6.0]  # P-1, P, P+1 = P-1 .. P+R-2
+    assert kept[1].tolist() == [1.0, 2.0, 3.0]

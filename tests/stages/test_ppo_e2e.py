@@ -1,0 +1,147 @@
+"""`align ppo` end to end on the tiny model: PPO with a critic and the critic-free estimators run and export;
+the first iteration's guards hold; 2 ranks under ZeRO-3 give 1 rank's numbers; kill -9 and --resume give the
+uninterrupted run's weights; reward models score as sources, normalised only with their statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, align_cache, child_env, load_safetensors_dir, read_metrics, run_cli, step_metrics  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+QUIET = ("logging.progress_bar=false", "train.precision=fp32")
+
+
+def ppo_args(recipe: str, out, *sets: str, nproc: int = 1, resume: bool = False) -> list[str]:
+    args = ["ppo", recipe, "--set", f"output_dir={out}"]
+    for item in QUIET + sets:
+        args += ["--set", item]
+    return args + (["--nproc", str(nproc)] if nproc > 1 else []) + (["--resume"] if resume else [])
+
+
+def test_tiny_ppo_with_a_critic_end_to_end(tmp_path):
+    out = tmp_path / "ppo"
+    result = run_cli(ppo_args("configs/tiny/ppo.yaml", out)).check()
+    steps = step_metrics_ppo(out)
+    assert sorted(steps) == [1, 2, 3, 4]
+    first = steps[1]
+    # Before any update: the ratio is 1, the approximate KL 0, the rollout's log-probs the training pass's.
+    assert first["check/first_ratio_dev"] < 1e-6 and first["check/first_approxkl"] < 1e-10
+    assert first["check/rollout_logprob_max_diff"] < 1e-4
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6), "the policy is the reference at iteration 1"
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "policy/clipfrac", "policy/approxkl",
+                "loss/policy", "loss/value", "val/explained_variance", "response/length", "response/no_eos_share",
+                "time/rollout", "time/scoring", "time/logprobs", "time/update", "train/episodes_per_s",
+                "objective/score/gold", "objective/score/alignment.evaluate.rewards:digits"):
+        assert all(key in steps[s] for s in steps), key
+    assert steps[4]["objective/kl"] > 0, "the policy moved away from the reference"
+    assert "exported and verified" in result.output
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "final" / "critic")
+    assert critic.config.num_labels == 1
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def step_metrics_ppo(out) -> dict[int, dict]:
+    return {m["step"]: m for m in read_metrics(out) if "objective/scores" in m}
+
+
+@pytest.mark.timeout(600)
+def test_two_ranks_under_zero3_match_one_rank(tmp_path):
+    """Episodes are seeded one by one, every rank holds the whole rollout for the math, minibatches are global:
+    1 rank (ZeRO-2) and 2 ranks (ZeRO-3, actor and critic sharded) make the same rollouts and updates."""
+    one, two = tmp_path / "r1", tmp_path / "r2"
+    run_cli(ppo_args("configs/tiny/ppo.yaml", one, "train.max_steps=3", "train.save_interval=0")).check()
+    run_cli(ppo_args("configs/tiny/ppo.yaml", two, "train.max_steps=3", "train.save_interval=0",
+                     "deepspeed.zero_stage=3", nproc=2), timeout=380).check()
+    a, b = step_metrics_ppo(one), step_metrics_ppo(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s]["response/length"] == a[s]["response/length"], f"iteration {s}: other responses"
+        for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/approxkl"):
+            assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-6), f"iteration {s} {key}"
+    assert a[3]["objective/kl"] > 0, "updates happened, so equal numbers mean equal updates"
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    recipe, sets = "configs/tiny/grpo.yaml", ("train.max_steps=4", "train.save_interval=1", "train.keep_checkpoints=4")
+    whole = tmp_path / "whole"
+    run_cli(ppo_args(recipe, whole, *sets)).check()
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "alignment.cli", *ppo_args(recipe, out, *sets)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-00000002" / "checkpoint.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists()
+
+    resumed = run_cli(ppo_args(recipe, out, *sets, resume=True)).check()
+    assert "resuming from" in resumed.output
+    assert sorted(step_metrics_ppo(out)) == [1, 2, 3, 4]
+    a, b = step_metrics_ppo(whole), step_metrics_ppo(out)
+    for s in (3, 4):
+        assert b[s]["objective/scores"] == a[s]["objective/scores"] and b[s]["loss/policy"] == a[s]["loss/policy"]
+    expected, got = load_safetensors_dir(whole / "final"), load_safetensors_dir(out / "final")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.fixture(scope="module")
+def reward_model_dirs(tmp_path_factory, align_cache):
+    """A tiny reward model directory as `align rm` exports one (with statistics), and one without them."""
+    from alignment.core.models import load_model, load_tokenizer, resolve_model_path
+    from reward.model import ensure_distinct_pad
+
+    root = tmp_path_factory.mktemp("rms")
+    path = resolve_model_path("tiny-llama")
+    dirs = {}
+    for name, stats in (("with-stats", {"reward_mean": 0.5, "reward_std": 2.0}), ("no-stats", {})):
+        tok = load_tokenizer(path)
+        torch.manual_seed(3)
+        model = load_model(path, "reward")
+        ensure_distinct_pad(tok, model)
+        for key, value in stats.items():
+            setattr(model.config, key, value)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def test_reward_model_source_and_its_normalisation(tmp_path, reward_model_dirs):
+    rm = reward_model_dirs["with-stats"]
+    out = tmp_path / "rloo"
+    rewards = f'[{{source: {rm}, normalize: true}}, {{source: gold, weight: 0.5}}]'
+    run_cli(ppo_args("configs/tiny/grpo.yaml", out, "ppo.advantage=rloo", f"ppo.rewards={rewards}",
+                     "train.max_steps=2", "train.save_interval=0")).check()
+    first = step_metrics_ppo(out)[1]
+    assert f"objective/score/{rm}" in first and "objective/score/gold" in first
+
+    bad = run_cli(ppo_args("configs/tiny/grpo.yaml", tmp_path / "bad", "train.max_steps=1",
+                           f"ppo.rewards=[{{source: {reward_model_dirs['no-stats']}, normalize: true}}]"))
+    assert bad.returncode == 2 and "stores no reward_mean / reward_std" in bad.output, bad.output[-2000:]
+
+
+def test_reinforce_pp_and_kl_in_the_reward_run(tmp_path):
+    out = tmp_path / "rpp"
+    run_cli(ppo_args("configs/tiny/grpo.yaml", out, "ppo.advantage=reinforce_pp", "ppo.kl_in=reward",
+                     "ppo.kl_estimator=k2", "ppo.kl_target=0.01", "train.max_steps=2", "train.save_interval=0")).check()
+    steps = step_metrics_ppo(out)
+    assert steps[2]["objective/kl_coef"] != steps[1]["objective/kl_coef"], "the adaptive controller moved beta"
