@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/sft.py
 	$(PY) bench/rm.py
 	$(PY) bench/dpo.py
+	$(PY) bench/ppo.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,4 @@
-"""`align pipeline`: SFT -> reward model -> on-policy pairs -> DPO, each stage in its own process.
+"""`align pipeline`: SFT -> reward model -> on-policy pairs -> DPO -> online RL, each stage in its own process.
 
 Each stage runs its own recipe with its output under the pipeline's output_dir; the
 DPO policy starts from the SFT export (merged weights when SFT used LoRA). When the
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 from pathlib import Path
 
 from alignment.core.config import register_stage
@@ -44,6 +45,17 @@ class PairsStage:
 
 
 @dataclass
+class RLStage(PipelineStage):
+    """Online RL (`align ppo`: PPO, GRPO, ...) from the pipeline's DPO or SFT policy."""
+    recipe: str = "configs/smollm2/grpo.yaml"
+    enabled: bool = False
+    start_from: Literal["dpo", "sft"] = "dpo"
+    reward: Optional[Literal["gold", "rm", "gold+rm"]] = None
+    """The reward: the built-in verifier, this pipeline's reward model (normalised with its statistics), or
+    both; None keeps the stage recipe's ppo.rewards."""
+
+
+@dataclass
 class PipelineRecipe:
     output_dir: str = "???"
     seed: int = 0
@@ -53,6 +65,7 @@ class PipelineRecipe:
     rm: PipelineStage = field(default_factory=PipelineStage)
     pairs: PairsStage = field(default_factory=PairsStage)
     dpo: PipelineStage = field(default_factory=PipelineStage)
+    ppo: RLStage = field(default_factory=RLStage)
 
     def validate(self) -> None:
         if self.pairs.enabled and self.pairs.judge not in ("gold", "rm"):
@@ -63,6 +76,10 @@ class PipelineRecipe:
             raise ValueError("the pairs stage samples from the SFT policy for DPO: enable sft and dpo")
         if self.pairs.enabled and self.pairs.samples < 2:
             raise ValueError("pairs.samples must be at least 2")
+        if self.ppo.enabled and self.ppo.reward in ("rm", "gold+rm") and not self.rm.enabled:
+            raise ValueError(f"ppo.reward {self.ppo.reward!r} needs the rm stage enabled")
+        if self.ppo.enabled and not (self.sft.enabled or self.dpo.enabled):
+            raise ValueError("the ppo stage starts from the SFT or the DPO policy: enable one of them")
 
 
 register_stage("pipeline", PipelineRecipe)
@@ -93,7 +110,7 @@ def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
     planned: list[PlannedStage] = []
     recipes: dict = {}
     policy = pairs_file = None
-    for name in ("sft", "rm", "pairs", "dpo"):
+    for name in ("sft", "rm", "pairs", "dpo", "ppo"):
         stage = getattr(recipe, name)
         if not stage.enabled:
             continue
@@ -112,6 +129,13 @@ def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
             overrides.append(f"model.name_or_path={policy}")
         if name == "dpo" and pairs_file:
             overrides.append(f"data.train={pairs_file}")
+        if name == "ppo":
+            start = "dpo" if stage.start_from == "dpo" and "dpo" in recipes else "sft"
+            overrides.append(f"model.name_or_path={_policy_dir(out / start, recipes[start])}")
+            if stage.reward:
+                rm = f"{{source: {_policy_dir(out / 'rm', recipes['rm'])}, normalize: true}}" if "rm" in recipes else ""
+                sources = {"gold": ["{source: gold}"], "rm": [rm], "gold+rm": ["{source: gold}", rm]}[stage.reward]
+                overrides.append(f"ppo.rewards=[{', '.join(sources)}]")
         stages.load(name)  # registers the stage's recipe and checks
         stage_recipe = recipes[name] = load_recipe(stage.recipe, name, overrides)
         command = [name, stage.recipe, "--nproc", str(recipe.nproc)] + [x for o in overrides for x in ("--set", o)]

@@ -410,7 +410,6 @@ def common_sets(s: Settings, data: PairData, out: Path, lr: float) -> dict:
         "train.eval_before_training": "false",
         "train.save_interval": 0,
         "train.log_interval": 1,
-        "train.dataloader_workers": 0,
         "lora.enabled": "false",
         "logging.wandb": "disabled",
         "logging.progress_bar": "false",

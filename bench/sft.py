@@ -148,7 +148,6 @@ def run_ours(args, data: dict, workdir: Path, tag: str = "ours") -> common.StepL
         "train.eval_interval": 0,
         "train.save_interval": 0,
         "train.log_interval": 1,
-        "train.dataloader_workers": 0,
         "model.gradient_checkpointing": "false",
         "lora.enabled": "true" if args.lora else "false",
         "sft.assistant_only_loss": "true",

@@ -6,7 +6,7 @@ tied weights included. After writing, a fresh process loads the directory with
 plain transformers/peft and compares its output on a fixed input with the live
 model's; a mismatch fails the run.
 
-Run by hand: ``python -m alignment.core.export verify DIR [DIR ...] --expected outputs.safetensors --kind causal_lm``.
+Run by hand: ``python -m alignment.core.export verify DIR --expected outputs.safetensors [--merged DIR/merged]``.
 """
 
 from __future__ import annotations
@@ -98,12 +98,12 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
             # eager and SDPA differ by more than its tolerance (0.1 + 2%) on many logits.
             attention = getattr(unwrap(module).config, "_attn_implementation", None)
             attention = attention if attention in ("eager", "sdpa") else None  # verify runs on CPU
-            exported = [out_dir]
+            merged = None
             if is_lora and lora_cfg.merge_on_export:
+                merged = out_dir / "merged"
                 with engine.plain_init():
-                    merge_adapter(out_dir, kind, out_dir / "merged", remote_code)
-                exported.append(out_dir / "merged")
-            verify_in_fresh_process(exported, expected_file, kind, precision, attention, remote_code)
+                    merge_adapter(out_dir, kind, merged, remote_code)
+            verify_in_fresh_process(out_dir, expected_file, kind, precision, attention, remote_code, merged)
         except Exception as exc:  # reported on every rank below, so no rank waits forever
             error = f"{type(exc).__name__}: {exc}"
     error = engine.dist.broadcast_object(error)
@@ -121,15 +121,15 @@ def merge_adapter(adapter_dir: Path, kind: str, merged_dir: Path, trust_remote_c
     AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(merged_dir)
 
 
-def verify_in_fresh_process(paths: list[Path], expected_file: Path, kind: str, precision: str,
-                            attention: str | None = None, trust_remote_code: bool = False) -> None:
-    """Reload each exported directory in one new process (nothing of this one's state can help it load)."""
-    cmd = [sys.executable, "-m", "alignment.core.export", "verify", *map(str, paths), "--expected", str(expected_file),
+def verify_in_fresh_process(path: Path, expected_file: Path, kind: str, precision: str, attention: str | None = None,
+                            trust_remote_code: bool = False, merged: Path | None = None) -> None:
+    """Reload the export (and merged/) in one new process: nothing of this one's state can help it load."""
+    cmd = [sys.executable, "-m", "alignment.core.export", "verify", str(path), "--expected", str(expected_file),
            "--kind", kind, "--precision", precision] + (["--attn-implementation", attention] if attention else []) \
-        + (["--trust-remote-code"] if trust_remote_code else [])
+        + (["--trust-remote-code"] if trust_remote_code else []) + (["--merged", str(merged)] if merged else [])
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        shown = ", ".join(map(str, paths))
+        shown = f"{path}" + (f" and {merged}" if merged else "")
         raise ExportMismatch(f"reloading {shown} in a fresh process failed:\n{result.stdout}{result.stderr[-3000:]}")
 
 
@@ -168,36 +168,54 @@ def load_exported(path: str | Path, kind: str, dtype: torch.dtype | None = None,
     return cls.from_pretrained(path, revision=revision, **kwargs)
 
 
-def verify(path: Path, expected: torch.Tensor, kind: str, precision: str, attention: str | None = None,
-           trust_remote_code: bool = False) -> float:
+def exported_outputs(path: Path, kind: str, dtype: torch.dtype, attention: str | None = None,
+                     trust_remote_code: bool = False) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from alignment.core.models import torch_dtype
-
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    # Compare in the precision the model was trained in: a bf16-trained adapter on an fp32
-    # base computes differently in fp32, which is not an export error.
-    model = load_exported(path, kind, torch_dtype(precision), attention, trust_remote_code=trust_remote_code).eval()
+    model = load_exported(path, kind, dtype, attention, trust_remote_code=trust_remote_code).eval()
     with torch.no_grad():
-        got = model_outputs(model, fixed_input(tokenizer), kind)
+        return model_outputs(model, fixed_input(tokenizer), kind)
+
+
+def compare(got: torch.Tensor, expected: torch.Tensor, precision: str, what: str) -> float:
     if got.shape != expected.shape:
-        raise ExportMismatch(f"output shape {tuple(got.shape)} != live {tuple(expected.shape)}")
+        raise ExportMismatch(f"{what}: output shape {tuple(got.shape)} != {tuple(expected.shape)}")
     atol, rtol = TOLERANCE[precision]
     diff = (got - expected).abs()
     bad = diff > atol + rtol * expected.abs()
     if bad.any():
-        raise ExportMismatch(
-            f"reloaded outputs differ from the live model: max |diff| {diff.max().item():.3g} "
-            f"at {int(bad.sum())} of {bad.numel()} values (atol {atol}, rtol {rtol})"
-        )
+        raise ExportMismatch(f"{what}: max |diff| {diff.max().item():.3g} at {int(bad.sum())} of {bad.numel()} "
+                             f"values (atol {atol}, rtol {rtol})")
     return diff.max().item()
+
+
+def verify(path: Path, expected: torch.Tensor, kind: str, precision: str, attention: str | None = None,
+           trust_remote_code: bool = False) -> float:
+    """The export's outputs against the live model's, in the precision it trained in: a bf16-trained adapter on
+    an fp32 base computes differently in fp32, which is not an export error."""
+    from alignment.core.models import torch_dtype
+
+    got = exported_outputs(path, kind, torch_dtype(precision), attention, trust_remote_code)
+    return compare(got, expected, precision, "reloaded outputs differ from the live model")
+
+
+def verify_merged(merged: Path, adapter: Path, kind: str, attention: str | None = None,
+                  trust_remote_code: bool = False) -> float:
+    """merged/ against the adapter it was merged from, both in fp32, where merging is exact. (In bf16 the
+    merged weights round differently from base + adapter at every weight, so merged/ is a slightly different
+    bf16 model than the live one; the chain live = final/ (training precision), final/ = merged/ (fp32) holds.)"""
+    got = exported_outputs(merged, kind, torch.float32, attention, trust_remote_code)
+    want = exported_outputs(adapter, kind, torch.float32, attention, trust_remote_code)
+    return compare(got, want, "fp32", f"{merged} differs from the adapter it merges")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alignment.core.export")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("verify", help="reload an exported directory and compare with saved live outputs")
-    check.add_argument("paths", type=Path, nargs="+", help="exported directories (final/, final/merged)")
+    check.add_argument("path", type=Path, help="the exported directory (final/)")
+    check.add_argument("--merged", type=Path, default=None, help="also check this merged/ against the adapter in fp32")
     check.add_argument("--expected", type=Path, required=True)
     check.add_argument("--kind", choices=["causal_lm", "reward"], default="causal_lm")
     check.add_argument("--precision", choices=list(TOLERANCE), default="fp32")
@@ -205,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--trust-remote-code", action="store_true", help="the model ships its own modelling code")
     args = parser.parse_args(argv)
     expected = load_file(str(args.expected))["outputs"]
-    for path in args.paths:
-        max_diff = verify(path, expected, args.kind, args.precision, args.attn_implementation, args.trust_remote_code)
-        print(f"export verified: {path} reloads with max |diff| {max_diff:.3g}")
+    max_diff = verify(args.path, expected, args.kind, args.precision, args.attn_implementation, args.trust_remote_code)
+    print(f"export verified: {args.path} reloads with max |diff| {max_diff:.3g}")
+    if args.merged is not None:
+        max_diff = verify_merged(args.merged, args.path, args.kind, args.attn_implementation, args.trust_remote_code)
+        print(f"export verified: {args.merged} = the adapter merged, max |diff| {max_diff:.3g} (fp32)")
     return 0
 
 

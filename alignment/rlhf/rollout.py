@@ -68,6 +68,27 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return scores
 
 
+def _decoder_step(model):
+    """step(ids, mask, positions, cache) -> (logits of the last position [B, V], cache), through the
+    decoder and the output layer applied to that position only. (The output layer is SmolLM2's largest
+    matmul, and transformers' own `logits_to_keep=1` slice makes torch copy the weight per row under peft.)
+    LoRA layers are injected in place, so the decoder of a peft model carries its adapter."""
+    from alignment.core.modeling import unwrap
+
+    hf = unwrap(model)
+    decoder, head = hf.get_decoder(), hf.get_output_embeddings()
+    # transformers 5.2x names the KV cache `cache` (`past_key_values` before, deprecated now)
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+    def step(ids, mask, positions, cache):
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **({cache_arg: cache} if cache is not None else {}))
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return head(out.last_hidden_state[:, -1].contiguous()), cache
+
+    return step
+
+
 @torch.no_grad()
 def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], *, max_new_tokens: int, stop_ids: list[int],
                  pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -81,12 +102,10 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], *, max_ne
     B = len(prompt_ids)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
-    # transformers 5.2x names the KV cache `cache` (`past_key_values` before, deprecated now)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    step = _decoder_step(model)
+    logits, cache = step(ids, mask, positions, None)
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = logits.float()
         if temperature > 0:
             scores = filter_logits(logits / temperature, top_k, top_p)
             log_probs = F.log_softmax(scores, dim=-1)
@@ -105,9 +124,7 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], *, max_ne
             break
         mask = torch.cat([mask, live.long()[:, None]], dim=1)  # a finished row's padding is never attended
         positions = positions[:, -1:] + 1
-        past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_arg: past})
+        logits, cache = step(tokens[-1][:, None], mask, positions, cache)
     generated = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(B)]
     chosen_logps = torch.stack(logps, dim=1).tolist() if logps else [[] for _ in range(B)]
     stop_set = set(stop_ids)

@@ -76,6 +76,10 @@ class PPOConfig:
     """Pure sampling (1, 0, 1) is the default; anything else warns: the KL estimate no longer holds."""
     epochs: int = 1
     """Passes over each rollout; a pass is episodes / train.global_batch_size optimizer steps."""
+    oversample: int = 1
+    """Dynamic sampling (DAPO, Yu et al. 2025, sec. 3.2): sample this many times more prompts and keep, per
+    rank, prompts_per_rollout / world size groups whose samples scored differently first (a group whose
+    samples all tie carries no group-baseline signal), filling up with tied ones. 1 = off."""
     kl_coef: float = 0.05
     kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
     """None: k3 when the KL is in the loss, k1 when it is in the reward."""
@@ -126,8 +130,8 @@ def validate_ppo(recipe: PPORecipe) -> None:
     problems = []
     if not cfg.rewards:
         problems.append("ppo.rewards needs at least one source")
-    if cfg.samples_per_prompt < 1 or cfg.prompts_per_rollout < 1 or cfg.max_new_tokens < 1 or cfg.epochs < 1:
-        problems.append("ppo.samples_per_prompt, prompts_per_rollout, max_new_tokens and epochs must be >= 1")
+    if min(cfg.samples_per_prompt, cfg.prompts_per_rollout, cfg.max_new_tokens, cfg.epochs, cfg.oversample) < 1:
+        problems.append("ppo.samples_per_prompt, prompts_per_rollout, max_new_tokens, epochs and oversample must be >= 1")
     if cfg.advantage in ("grpo", "rloo") and cfg.samples_per_prompt < 2:
         problems.append(f"ppo.advantage {cfg.advantage} compares samples of a prompt: samples_per_prompt >= 2")
     episodes = cfg.prompts_per_rollout * cfg.samples_per_prompt
@@ -290,6 +294,14 @@ def function_source(spec: str):
 # ---------------------------------------------------------------------------
 
 
+def informative_groups(scores: torch.Tensor, group_size: int, keep: int) -> list[int]:
+    """Episode indices of `keep` groups (adjacent runs of group_size): those whose scores differ first, in
+    order, then tied ones."""
+    spread = scores.view(-1, group_size).std(dim=1) > 0 if group_size > 1 else torch.ones(len(scores), dtype=torch.bool)
+    order = [g for g in range(len(spread)) if spread[g]] + [g for g in range(len(spread)) if not spread[g]]
+    return [g * group_size + k for g in sorted(order[:keep]) for k in range(group_size)]
+
+
 def episode_seed(seed: int, iteration: int, prompt: int, sample: int) -> int:
     """The sampling seed of one episode: the same whichever rank or batch samples it."""
     return (((seed * 1_000_003 + iteration) * 1_000_003 + prompt) * 1_009 + sample) % (2**62)
@@ -424,8 +436,8 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         clock = Clock()
 
         # Step 1. Rollout: this rank's prompts, K samples each, one seed per episode.
-        indices = rollout_prompts(len(prompts.ids), cfg.prompts_per_rollout, iteration, recipe.seed)
-        per_rank = cfg.prompts_per_rollout // dist.world_size
+        indices = rollout_prompts(len(prompts.ids), cfg.prompts_per_rollout * cfg.oversample, iteration, recipe.seed)
+        per_rank = cfg.prompts_per_rollout * cfg.oversample // dist.world_size
         mine = indices[dist.rank * per_rank : (dist.rank + 1) * per_rank]
         episode_prompts = [i for i in mine for _ in range(K)]
         seeds = [episode_seed(recipe.seed, iteration, i, k) for i in mine for k in range(K)]
@@ -453,6 +465,14 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
             scores = scores - cfg.missing_eos_penalty * (~ended).float()
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        informative_share = float((scores.view(-1, K).std(dim=1) > 0).float().mean()) if K > 1 else float("nan")
+        if cfg.oversample > 1:  # dynamic sampling: keep the groups that carry signal
+            keep = informative_groups(scores, K, cfg.prompts_per_rollout // dist.world_size)
+            rollout = Rollout(*[[getattr(rollout, f)[i] for i in keep] for f in
+                                ("prompt_ids", "response_ids", "ended", "logprobs")])
+            episode_prompts = [episode_prompts[i] for i in keep]
+            texts, scores, ended = [texts[i] for i in keep], scores[keep], ended[keep]
+            per_source = {k: v[keep] for k, v in per_source.items()}
         clock.lap("scoring")
 
         # Step 3. Log-probs of the actor as it sampled and of the reference; the critic's values.
@@ -510,7 +530,8 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         kl_ctl.update(float(seq_kl.mean()), episodes)
         checks = {"train/lr": stats.pop("lr"), "check/first_ratio_dev": stats.pop("first_ratio_dev"),
                   "check/first_approxkl": stats.pop("first_approxkl")}
-        metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks}
+        metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks,
+                   "rollout/informative_share": dist.reduce_sums({"s": informative_share})["s"] / dist.world_size}
         if iteration == start + 1:
             pure = is_pure_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
             diff = float(((buffer["sampled_logp"][:, :T] - old_lp).abs() * mask).max()) if pure else float("nan")

@@ -63,26 +63,35 @@ def test_a_sampled_response_does_not_depend_on_its_batch(model, tok, prompt_ids)
 
 
 class ForcedStops(torch.nn.Module):
-    """Wraps a model: row r emits EOS at decoding step stop_at[r] (None: EOS banned, runs to max_new_tokens)."""
+    """A model whose output layer makes row r emit EOS at decoding step stop_at[r] (None: EOS banned)."""
 
-    def __init__(self, inner, eos: int, stop_at: list, prompt_width: int):
+    def __init__(self, inner, eos: int, stop_at: list):
         super().__init__()
-        self.inner, self.eos, self.stop_at, self.width = inner, eos, stop_at, prompt_width
+        self.inner, self.head = inner, ForcingHead(inner.get_output_embeddings(), eos, stop_at)
 
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        step = kwargs["attention_mask"].shape[1] - self.width  # tokens generated before this forward
-        logits = out.logits.clone()
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+class ForcingHead(torch.nn.Module):
+    def __init__(self, inner, eos: int, stop_at: list):
+        super().__init__()
+        self.inner, self.eos, self.stop_at, self.calls = inner, eos, stop_at, 0
+
+    def forward(self, hidden):
+        self.calls += 1  # the first call gives the first generated token
+        logits = self.inner(hidden).clone()
         for row, at in enumerate(self.stop_at):
-            logits[row, -1, self.eos] = 1e4 if at is not None and step + 1 == at else -1e4
-        out.logits = logits
-        return out
+            logits[row, self.eos] = 1e4 if at is not None and self.calls == at else -1e4
+        return logits
 
 
 def test_each_sequence_stops_at_its_own_stop_token_and_truncation_is_flagged(model, tok, prompt_ids):
     eos = tok.eos_token_id
-    width = max(len(p) for p in prompt_ids)
-    forced = ForcedStops(model, eos, [2, 6, None], width)
+    forced = ForcedStops(model, eos, [2, 6, None])
     out = sample_batch(forced, prompt_ids, [1, 2, 3], **_options(tok, max_new_tokens=8))
     assert [len(r) for r in out.response_ids] == [2, 6, 8]
     assert out.ended == [True, True, False]

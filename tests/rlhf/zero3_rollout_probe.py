@@ -33,24 +33,30 @@ for name in ("all_gather_into_tensor", "all_gather", "_all_gather_base"):
 
 
 class ForcedStop(torch.nn.Module):
-    """EOS at decoding step `at` (1-based) for every row; None bans EOS."""
+    """A model whose output layer emits EOS at decoding step `at` (1-based) for every row; None bans EOS."""
 
-    def __init__(self, inner, eos, at, width):
+    def __init__(self, inner, eos, at):
         super().__init__()
-        self.inner, self.eos, self.at, self.width = inner, eos, at, width
+        from alignment.core.modeling import unwrap
 
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        step = kwargs["attention_mask"].shape[1] - self.width + 1
-        logits = out.logits.clone()
-        logits[:, -1, self.eos] = 1e4 if self.at is not None and step == self.at else -1e4
-        out.logits = logits
-        return out
+        self.inner, self.eos, self.at, self.calls = unwrap(inner), eos, at, 0
+        self.head = self.inner.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.forcing
+
+    def forcing(self, hidden):
+        self.calls += 1
+        logits = self.head(hidden).clone()
+        logits[:, self.eos] = 1e4 if self.at is not None and self.calls == self.at else -1e4
+        return logits
 
 
 def decode(model, tok, ids, new_tokens, at=None):
-    width = max(len(p) for p in ids)
-    forced = ForcedStop(model, tok.eos_token_id, at, width)
+    forced = ForcedStop(model, tok.eos_token_id, at)
     before = GATHERS["n"]
     out = sample_batch(forced, ids, [1, 2], max_new_tokens=new_tokens, stop_ids=[tok.eos_token_id],
                        pad_id=tok.pad_token_id, temperature=0.0)
