@@ -46,6 +46,34 @@ def _sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return score_head(hf)(picked.to(model_dtype(model))).squeeze(-1).float()
 
 
+def token_values(model, batch: dict) -> torch.Tensor:
+    """A critic's values over response tokens [B, T]: V(s_t) for the state before response token t, read at
+    the position that predicts it (the prompt's last token for t = 0; FAILURES row 25). `batch` as
+    alignment.rlhf.rollout.episode_batch lays it out; 0 off the response."""
+    return call(model, _token_values, batch)
+
+
+def _token_values(model, batch: dict) -> torch.Tensor:
+    from alignment.core.modeling import attention_inputs
+
+    hf = unwrap(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    out = backbone(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(batch, model_dtype(model)))
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if "pred_index" in batch:  # groups packed with their prompt once (alignment.rlhf.rollout.group_batch)
+        where, slot = batch["pred_index"], batch["target_slot"]
+        values = score_head(hf)(hidden[where[:, 0], where[:, 1]].to(model_dtype(model))).squeeze(-1).float()
+        dense = torch.zeros(batch["response_mask"].shape, dtype=values.dtype, device=values.device)
+        return dense.index_put((slot[:, 0], slot[:, 1]), values)
+    from alignment.rlhf.rollout import predicting_positions
+
+    response_mask = batch["response_mask"]
+    B, T = response_mask.shape
+    where = predicting_positions(batch["response_start"], T).clamp(max=hidden.shape[1] - 1)
+    picked = hidden[torch.arange(B, device=hidden.device)[:, None], where]  # [B, T, H]
+    return score_head(hf)(picked.to(model_dtype(model))).squeeze(-1).float() * response_mask
+
+
 def batch_rewards(model, batch: dict) -> torch.Tensor:
     """Rewards [S] for a collated batch: padded rows, or packed segments (alignment.core.preference.collate_pairs)."""
     if "last_position" not in batch:

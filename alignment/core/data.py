@@ -351,6 +351,20 @@ def pack_examples(examples: list[Example], max_length: int) -> list[PackedRow]:
     return bins
 
 
+def block_mask(segment, part=None):
+    """Attention allowed [R, 1, W, W] in packed rows: same segment (segment[r, t] >= 0; -1 = padding),
+    causal, and when `part` is given (0 = a shared prompt, 1, 2, ... = responses after it) only keys in the
+    prompt or in the query's own part; padding queries see themselves (a softmax over nothing would be NaN)."""
+    import torch
+
+    width = segment.shape[1]
+    allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    allowed &= torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()[None]
+    if part is not None:
+        allowed &= (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+    return (allowed | torch.eye(width, dtype=torch.bool, device=segment.device)[None])[:, None]
+
+
 def collate(items: list, pad_id: int):
     """Right-pad a micro-batch. Packed rows get position ids and a block-diagonal causal mask.
 
@@ -379,13 +393,8 @@ def collate(items: list, pad_id: int):
                 positions[b, start : start + n] = torch.arange(n)
                 segment[b, start : start + n] = k
                 start += n
-        same = segment[:, :, None] == segment[:, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        allowed = same & causal[None] & (segment[:, :, None] >= 0)
-        # Padding rows attend to themselves only, so softmax never sees an all-masked row.
-        allowed |= torch.eye(width, dtype=torch.bool)[None]
         batch["position_ids"] = positions
-        batch["block_mask"] = allowed[:, None]
+        batch["block_mask"] = block_mask(segment)
     return batch
 
 

@@ -116,12 +116,41 @@ def _target_logprobs(model, batch: dict, with_entropy: bool = False):
     return logp, where
 
 
+def _predicted_logprobs(model, batch: dict, with_entropy: bool = False):
+    """Log-probs of batch["targets"] [N] read at batch["pred_index"] [N, 2] (row, position), for packed rows
+    whose targets do not sit one position after their predictor (alignment.rlhf.rollout.group_batch)."""
+    hidden = _last_hidden(model, batch)
+    where = batch["pred_index"]
+    picked = hidden[where[:, 0], where[:, 1]]
+    target_ids = batch["targets"]
+    head = unwrap(model).get_output_embeddings()
+    logps, entropies = [], []
+    for start in range(0, picked.shape[0], LOGIT_CHUNK):
+        log_probs = F.log_softmax(head(picked[start : start + LOGIT_CHUNK]).float(), dim=-1)
+        logps.append(torch.gather(log_probs, 1, target_ids[start : start + LOGIT_CHUNK, None])[:, 0])
+        if with_entropy:
+            entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logp = torch.cat(logps) if logps else empty
+    return (logp, torch.cat(entropies) if entropies else empty) if with_entropy else (logp,)
+
+
 def response_logprobs(model, batch: dict, with_entropy: bool = False):
     """Log-prob of every response token [B, T] (0 off the response), and its entropy [B, T] when asked.
 
     batch: right-padded prompt + response rows with `labels` on the response tokens and
-    `response_start` [B] (each row's prompt length); T = the longest response.
+    `response_start` [B] (each row's prompt length; alignment.rlhf.rollout.episode_batch), or
+    groups packed with their prompt once (`pred_index`, `targets`, `target_slot`; group_batch).
+    T = the longest response.
     """
+    if "pred_index" in batch:
+        out = call(model, _predicted_logprobs, batch, with_entropy)
+        slot = batch["target_slot"]
+        dense = torch.zeros(batch["response_mask"].shape, dtype=out[0].dtype, device=out[0].device)
+        dense = dense.index_put((slot[:, 0], slot[:, 1]), out[0])
+        if not with_entropy:
+            return dense
+        return dense, torch.zeros_like(dense).index_put((slot[:, 0], slot[:, 1]), out[1])
     out = call(model, _target_logprobs, batch, with_entropy)
     logp, where = out[0], out[1]
     start = batch["response_start"]

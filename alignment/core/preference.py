@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from alignment.core import text
-from alignment.core.data import DataError, DataReport, Row, check_messages, check_string
+from alignment.core.data import DataError, DataReport, Row, block_mask, check_messages, check_string
 
 Prompt = Union[str, list[dict]]
 
@@ -308,20 +308,6 @@ def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def _allowed(segment, part=None):
-    """Attention allowed [R, 1, W, W]: same segment, causal, and when `part` is given (0 = shared
-    prompt, 1/2 = a response) only keys in the prompt or in the query's own part; padding
-    queries see themselves (a softmax over nothing would be NaN)."""
-    import torch
-
-    width = segment.shape[1]
-    allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-    allowed &= torch.ones(width, width, dtype=torch.bool).tril()[None]
-    if part is not None:
-        allowed &= (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
-    return (allowed | torch.eye(width, dtype=torch.bool)[None])[:, None]
-
-
 def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, capacity: int) -> dict:
     import torch
 
@@ -349,7 +335,7 @@ def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id:
             last[i] = torch.tensor([r, start + n - 1])
             start += n
     return {"input_ids": ids, "labels": lab, "attention_mask": mask, "position_ids": positions,
-            "block_mask": _allowed(seq_index), "sequence_index": seq_index, "last_position": last}
+            "block_mask": block_mask(seq_index), "sequence_index": seq_index, "last_position": last}
 
 
 def _pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int, capacity: int) -> dict:
@@ -383,4 +369,4 @@ def _pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int, capacity: int) 
             last[len(pairs) + i] = torch.tensor([r, start + n - 1])
             start += n
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-            "block_mask": _allowed(segment, part), "last_position": last}
+            "block_mask": block_mask(segment, part), "last_position": last}

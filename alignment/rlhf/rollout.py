@@ -89,13 +89,24 @@ def _decoder_step(model):
     return step
 
 
+def repeated_runs(prompt_ids: list[list[int]]) -> int:
+    """The length of the runs of identical prompts (the group size when each prompt's samples are adjacent), else 1."""
+    n = len(prompt_ids)
+    for k in range(n, 1, -1):
+        if n % k == 0 and all(prompt_ids[i] == prompt_ids[i - i % k] for i in range(n)):
+            return k
+    return 1
+
+
 @torch.no_grad()
 def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], *, max_new_tokens: int, stop_ids: list[int],
                  pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  device: torch.device | None = None) -> Rollout:
-    """Decode one batch with a KV cache (temperature 0: greedy). `model` is a plain causal LM (or peft)."""
+    """Decode one batch with a KV cache (temperature 0: greedy). `model` is a plain causal LM (or peft).
+    A prompt repeated for its group's samples is run through the model once, its cache shared."""
     device = device or next(model.parameters()).device
-    ids, mask = left_pad(prompt_ids, pad_id, device)
+    group = repeated_runs(prompt_ids)
+    ids, mask = left_pad(prompt_ids[::group], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
@@ -104,6 +115,9 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], *, max_ne
     tokens, logps = [], []
     step = _decoder_step(model)
     logits, cache = step(ids, mask, positions, None)
+    if group > 1:  # every sample of a prompt continues from its one prefill
+        logits, mask, positions = (x.repeat_interleave(group, dim=0) for x in (logits, mask, positions))
+        cache.batch_repeat_interleave(group)
     for _ in range(max_new_tokens):
         logits = logits.float()
         if temperature > 0:
@@ -186,3 +200,56 @@ def predicting_positions(response_start: torch.Tensor, T: int) -> torch.Tensor:
     """[B, T] position of the token whose output predicts response token t: start - 1 + t. A value V(s_t) and
     the log-prob of response token t are both read there (the last prompt token for t = 0)."""
     return response_start[:, None] - 1 + torch.arange(T, device=response_start.device)[None]
+
+
+def group_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], group_size: int, pad_id: int,
+                device=None) -> dict[str, torch.Tensor]:
+    """Episodes laid out with each group's prompt once (a group = group_size adjacent episodes sharing a
+    prompt): one row per group, [prompt | response 1 | ... | response K]. A response token sees the prompt
+    and its own response's earlier tokens, never another response, and its position continues from the
+    prompt's end (core.data.block_mask), so its hidden state is the one it has alone in `episode_batch`
+    while the prompt runs once instead of K times. Targets are read where they are predicted: response
+    token t of episode e at `pred_index` (the prompt's last token for t = 0), written back to [B, T] at
+    `target_slot`. Also `response_mask` [B, T], as `episode_batch` gives."""
+    from alignment.core.data import block_mask
+
+    B = len(prompt_ids)
+    if B % group_size:
+        raise ValueError(f"{B} episodes do not split into groups of {group_size}")
+    T = max(1, max(len(r) for r in response_ids))
+    rows, positions, parts, preds, targets, slots = [], [], [], [], [], []
+    for g in range(B // group_size):
+        first = g * group_size
+        prompt = prompt_ids[first]
+        if any(prompt_ids[first + k] != prompt for k in range(group_size)):
+            raise ValueError(f"group {g}: its episodes do not share one prompt")
+        row, pos, part = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+        for k in range(group_size):
+            e, response = first + k, response_ids[first + k]
+            start = len(row)
+            for t_, token in enumerate(response):
+                preds.append((g, len(prompt) - 1 if t_ == 0 else start + t_ - 1))
+                targets.append(token)
+                slots.append((e, t_))
+            row += response
+            pos += list(range(len(prompt), len(prompt) + len(response)))
+            part += [k + 1] * len(response)
+        rows.append(row), positions.append(pos), parts.append(part)
+    width = max(len(r) for r in rows)
+    R = len(rows)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, width), dtype=torch.long)
+    segment = torch.full((R, width), -1, dtype=torch.long)
+    part_ids = torch.zeros((R, width), dtype=torch.long)
+    for r, (row, pos, part) in enumerate(zip(rows, positions, parts)):
+        n = len(row)
+        ids[r, :n], position_ids[r, :n] = torch.tensor(row), torch.tensor(pos)
+        segment[r, :n], part_ids[r, :n] = 0, torch.tensor(part)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    for e, response in enumerate(response_ids):
+        response_mask[e, : len(response)] = 1
+    batch = {"input_ids": ids, "attention_mask": (segment >= 0).long(), "position_ids": position_ids,
+             "block_mask": block_mask(segment, part_ids), "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),
+             "targets": torch.tensor(targets, dtype=torch.long), "target_slot": torch.tensor(slots, dtype=torch.long).view(-1, 2),
+             "response_mask": response_mask}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

@@ -46,7 +46,7 @@ from alignment.rlhf import advantages as adv
 from alignment.rlhf.kl import KLController, kl_estimate
 from alignment.rlhf.ppo_losses import aggregate, normaliser_unit, policy_loss, value_loss
 from alignment.rlhf.rewards import token_rewards
-from alignment.rlhf.rollout import KVCacheSampler, Rollout, episode_batch, is_pure_sampling
+from alignment.rlhf.rollout import KVCacheSampler, Rollout, episode_batch, group_batch, is_pure_sampling
 from reward.model import DEFAULT_MAX_LENGTH, ensure_distinct_pad, sequence_rewards, token_values
 
 
@@ -113,6 +113,10 @@ class PPOConfig:
     critic_learning_rate: Optional[float] = None
     """None: train.learning_rate."""
     disable_dropout: bool = True
+    share_prompt: bool = True
+    """Run each group's prompt once in the training pass, [prompt | response 1 | ... | response K] with each
+    response seeing only the prompt and itself (alignment.rlhf.rollout.group_batch; the same log-probs as
+    separate rows). Needs train.global_batch_size and micro_batch_size to be multiples of samples_per_prompt."""
     rollout_batch_size: int = 64
     """Sequences per decoding batch on a rank."""
     max_prompt_length: Optional[int] = None
@@ -138,6 +142,11 @@ def validate_ppo(recipe: PPORecipe) -> None:
     if episodes % t.global_batch_size:
         problems.append(f"train.global_batch_size ({t.global_batch_size}) must divide the episodes of a rollout "
                         f"(ppo.prompts_per_rollout x samples_per_prompt = {episodes})")
+    if cfg.share_prompt and cfg.samples_per_prompt > 1 and (t.global_batch_size % cfg.samples_per_prompt
+                                                              or t.micro_batch_size % cfg.samples_per_prompt):
+        problems.append(f"ppo.share_prompt packs whole groups: train.global_batch_size ({t.global_batch_size}) and "
+                        f"micro_batch_size ({t.micro_batch_size}) must be multiples of ppo.samples_per_prompt "
+                        f"({cfg.samples_per_prompt}), or set ppo.share_prompt: false")
     if not 0 <= cfg.clip_low < 1 or cfg.clip_high < 0:
         problems.append("ppo.clip_low must be in [0, 1) and ppo.clip_high >= 0")
     if cfg.dual_clip is not None and cfg.dual_clip <= 1:
@@ -311,13 +320,21 @@ def micro_slices(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def layout(prompt_ids, response_ids, group: int, pad_id: int, device) -> dict:
+    """Episodes as the training pass reads them: groups packed with their prompt once (group > 1), or a row each."""
+    if group > 1:
+        return group_batch(prompt_ids, response_ids, group, pad_id, device)
+    return episode_batch(prompt_ids, response_ids, pad_id, device)
+
+
 @torch.no_grad()
-def forward_in_chunks(fn, prepared, rollout: Rollout, pad_id: int, device, micro: int) -> torch.Tensor:
-    """fn(model, batch) -> [b, T_b] over this rank's episodes in chunks, padded to the longest response."""
+def forward_in_chunks(fn, prepared, rollout: Rollout, pad_id: int, device, micro: int, group: int = 1) -> torch.Tensor:
+    """fn(model, batch) -> [b, T_b] over this rank's episodes in chunks (whole groups), padded to the longest
+    response."""
     T = max(1, max(len(r) for r in rollout.response_ids))
     outs = []
     for s in micro_slices(len(rollout), micro):
-        batch = episode_batch(rollout.prompt_ids[s], rollout.response_ids[s], pad_id, device)
+        batch = layout(rollout.prompt_ids[s], rollout.response_ids[s], group, pad_id, device)
         values = fn(prepared, batch).float().cpu()
         outs.append(torch.nn.functional.pad(values, (0, T - values.shape[1])))
     return torch.cat(outs) if outs else torch.zeros(0, T)
@@ -428,6 +445,7 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
     stops = text.stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
     micro = engine.layout.micro_batch_size
+    group = K if cfg.share_prompt else 1
     progress = loop.make_progress(run, iterations, start, cfg.advantage)
     health = Health(cfg, K)
     metrics: dict = {}
@@ -476,13 +494,13 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         clock.lap("scoring")
 
         # Step 3. Log-probs of the actor as it sampled and of the reference; the critic's values.
-        old_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro)
+        old_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro, group)
         if reference is not None:
-            ref_logp = forward_in_chunks(response_logprobs, reference, rollout, pad_id, device, micro)
+            ref_logp = forward_in_chunks(response_logprobs, reference, rollout, pad_id, device, micro, group)
         else:
             with user_model(actor).disable_adapter():
-                ref_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro)
-        values = forward_in_chunks(token_values, critic, rollout, pad_id, device, micro) if critic is not None \
+                ref_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro, group)
+        values = forward_in_chunks(token_values, critic, rollout, pad_id, device, micro, group) if critic is not None \
             else torch.zeros_like(old_logp)
         T = old_logp.shape[1]
         sampled_logp = torch.zeros(len(rollout), T)
@@ -569,26 +587,28 @@ def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update
                      pad_id: int, iteration: int, beta: float, kl_name: str, kl_in: str, seed: int) -> dict:
     """Step 6: cfg.epochs passes over the rollout in minibatches of train.global_batch_size episodes; rank r
     takes micro-batches as GlobalBatchSampler does, so every split over ranks makes the same updates."""
-    layout, dist = engine.layout, engine.dist
+    sizes, dist = engine.layout, engine.dist
     n = mask.shape[0]
-    G, micro, world = layout.global_batch_size, layout.micro_batch_size, dist.world_size
+    G, micro, world = sizes.global_batch_size, sizes.micro_batch_size, dist.world_size
     unit = normaliser_unit(cfg.loss_aggregation)
     sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approxkl": 0.0, "entropy": 0.0,
             "ratio": 0.0, "vf_clipfrac": 0.0, "tokens": 0.0, "kl_loss": 0.0}
     first = {}
     lr = engine.current_lr(actor)
+    group = cfg.samples_per_prompt if cfg.share_prompt else 1  # minibatches take whole groups when packing them
     for epoch in range(cfg.epochs):
-        order = list(range(n))
+        order = list(range(n // group))
         random.Random(episode_seed(seed, iteration, epoch, 0)).shuffle(order)
+        order = [g * group + k for g in order for k in range(group)]
         for m in range(n // G):
             chosen = order[m * G : (m + 1) * G]
             mine = [chosen[(k * world + dist.rank) * micro : (k * world + dist.rank + 1) * micro]
-                    for k in range(layout.grad_accum_steps)]
+                    for k in range(sizes.grad_accum_steps)]
             denominator = float(mask[chosen].sum()) if unit == "tokens" else float(len(chosen))
 
             def batch_of(idx):
-                b = episode_batch([buffer["prompt_ids"][i] for i in idx], [buffer["response_ids"][i] for i in idx],
-                                  pad_id, dist.device)
+                b = layout([buffer["prompt_ids"][i] for i in idx], [buffer["response_ids"][i] for i in idx], group,
+                           pad_id, dist.device)
                 width = b["response_mask"].shape[1]
                 b.update({k: v[idx, :width].to(dist.device) for k, v in update.items()})
                 return b

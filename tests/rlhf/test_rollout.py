@@ -144,3 +144,39 @@ def test_values_and_logprobs_are_read_where_response_tokens_are_predicted():
     kept = values.gather(1, positions)
     assert kept[0].tolist() == [4.0, 5.0, 6.0]  # P-1, P, P+1 = P-1 .. P+R-2
     assert kept[1].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_group_shares_its_prefill_and_samples_as_if_alone(model, tok, prompt_ids):
+    from alignment.rlhf.rollout import repeated_runs
+
+    grouped = [p for p in prompt_ids[:2] for _ in range(3)]
+    assert repeated_runs(grouped) == 3 and repeated_runs(prompt_ids) == 1
+    together = sample_batch(model, grouped, list(range(6)), **_options(tok))
+    alone = [sample_batch(model, [p], [s], **_options(tok)).response_ids[0] for p, s in zip(grouped, range(6))]
+    assert together.response_ids == alone
+
+
+def test_packed_groups_give_the_log_probs_values_and_gradients_of_separate_episodes(model, tok, prompt_ids):
+    """[prompt | r1 | r2 | r3] per group, each response seeing the prompt and itself: the same log-probs,
+    critic values and gradients as the episodes laid out one per row (fp32)."""
+    from alignment.core.models import load_model
+    from alignment.rlhf.rollout import group_batch
+    from reward.model import token_values
+
+    grouped = [p for p in prompt_ids[:2] for _ in range(3)]
+    out = sample_batch(model, grouped, list(range(10, 16)), **_options(tok))
+    separate = episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)
+    packed = group_batch(out.prompt_ids, out.response_ids, 3, tok.pad_token_id)
+    assert torch.equal(packed["response_mask"], separate["response_mask"])
+    assert packed["input_ids"].shape[0] == 2 and packed["input_ids"].numel() < separate["input_ids"].numel()
+    results = []
+    for batch in (separate, packed):
+        model.zero_grad()
+        logp, entropy = response_logprobs(model, batch, with_entropy=True)
+        (logp * torch.linspace(-1, 1, logp.shape[1])).sum().backward()
+        results.append((logp.detach(), entropy.detach(), model.model.layers[1].mlp.down_proj.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    critic = load_model(resolve_model_path("tiny-llama"), "reward").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(token_values(critic, packed), token_values(critic, separate), atol=1e-5, rtol=1e-4)
