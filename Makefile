@@ -25,8 +25,11 @@ setup: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m alignment.quickstart
 
+# Two workers, a file each (module fixtures stay in one process); one thread per worker (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

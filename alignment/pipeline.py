@@ -231,10 +231,35 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
             **{k: v for k, v in metrics.items() if k.startswith(("gold/", "eval/"))},
         }
     (out / "pipeline.json").write_text(json.dumps(summary, indent=2))
+    scores = scores_summary(summary["stages"])
+    (out / "summary.json").write_text(json.dumps(scores, indent=2))
+    from alignment.evaluate.report import write_report
+
+    training = {s.name: s.directory for s in planned if s.name != "pairs"}
+    report = write_report(out, training, scores, title=f"align pipeline: {out}")
     print("\n=== pipeline summary")
     for name, info in summary["stages"].items():
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()
                  if k.startswith(("gold/", "eval/accuracy", "eval/rewards/accuracies", "eval/loss"))
                  or k in ("minutes", "pairs", "skipped")}
         print(f"  {name:4s} {shown}")
+    print("\nheld-out gold score after each stage: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in scores["gold"].items() if v is not None)
+        + (f"; reward model accuracy {scores['rm_accuracy']:.3f}" if scores["rm_accuracy"] is not None else ""))
+    print(f"summary: {out / 'summary.json'}; report: {report}")
     return summary
+
+
+def scores_summary(stages: dict) -> dict:
+    """summary.json: {"gold": {"base": .., "sft": .., "dpo": .., "ppo": ..}, "rm_accuracy": ..}; the base
+    score is the one the first policy stage measured before training; a stage that did not run is left out."""
+    gold: dict = {}
+    for name in ("sft", "dpo", "ppo"):
+        info = stages.get(name)
+        if info is None:
+            continue
+        if not gold and "gold/score_before" in info:
+            gold["base"] = info["gold/score_before"]
+        gold[name] = info.get("gold/score")
+    rm = stages.get("rm", {})
+    return {"gold": gold, "rm_accuracy": rm.get("eval/accuracy")}

@@ -23,8 +23,9 @@ def main() -> int:
     started = time.time()
     run(align + ["data", "runs/quickstart/data"])
     run(align + ["pipeline", "configs/smollm2/pipeline.yaml", "--set", "output_dir=runs/quickstart"])
-    print(f"\nquickstart finished in {(time.time() - started) / 60:.1f} min; "
-          "outputs in runs/quickstart/ (summary: runs/quickstart/pipeline.json)")
+    print(f"\nquickstart finished in {(time.time() - started) / 60:.1f} min; outputs in runs/quickstart/: "
+          "summary.json (gold score after each stage, RM accuracy), report.html (open it in a browser), "
+          "pipeline.json (every stage's held-out metrics and minutes)")
     return 0
 
 

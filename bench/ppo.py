@@ -18,7 +18,9 @@ one iteration is one rollout with its updates on both sides; the first `--warmup
   of its own (bench/.venv-trl029) with torch pinned by a constraints file to the CPU build this project
   uses, so nothing pulls CUDA wheels. Both score with the same reward model (SmolLM2 with a fixed random
   scalar head, made here: throughput does not depend on what the head learned), whose critic both
-  initialise from it; one response per prompt, TRL's batch = our prompts_per_rollout.
+  initialise from it; one response per prompt, TRL's batch = our prompts_per_rollout. TRL 0.29.1 steps
+  its optimizer once per rollout batch and epoch whatever num_mini_batches says (its gradient
+  accumulation spans the minibatches), so this part uses --ppo-minibatches (default 1) on both sides.
 - rollout-zero3-vs-unsharded: our rollout (KVCacheSampler through Engine.generation_view) on 2 ranks
   under ZeRO-3 against one unsharded process on the same prompts, generated tokens per second; each
   side gets the same cores (2 ranks x 1 thread against 1 process x 2 threads by default).
@@ -59,7 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=4, help="GRPO group size (PPO: 1 response per prompt)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per epoch of a rollout")
+    p.add_argument("--minibatches", type=int, default=2, help="GRPO: optimizer steps per epoch of a rollout")
+    p.add_argument("--ppo-minibatches", type=int, default=1,
+                   help="PPO: optimizer steps per epoch of a rollout; TRL 0.29.1 steps once per rollout batch and "
+                        "epoch whatever its num_mini_batches (its accumulation runs across minibatches), so 1 "
+                        "is the setting where both sides take the same optimizer steps")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--kl-coef", type=float, default=0.02)
@@ -235,7 +241,9 @@ def trl_ppo_worker(spec: dict) -> None:
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=dtype)
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=dtype)
     batch = spec["prompts"]
-    accumulation = batch // spec["minibatches"] // spec["micro_batch"]
+    # TRL 0.29.1: local_batch_size = per_device_train_batch_size * gradient_accumulation_steps (the rollout),
+    # split into num_mini_batches; the optimizer steps every gradient_accumulation_steps micro-batches.
+    accumulation = batch // spec["micro_batch"]
     config = PPOConfig(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=accumulation, num_mini_batches=spec["minibatches"],
@@ -263,7 +271,7 @@ def trl_ppo_worker(spec: dict) -> None:
                          train_dataset=dataset, value_model=value, callbacks=[clock])
     clock.last = time.perf_counter()
     trainer.train()
-    Path(spec["result"]).write_text(json.dumps({"seconds": clock.seconds, "episodes_per_step": batch}))
+    Path(spec["result"]).write_text(json.dumps({"seconds": clock.seconds, "episodes_per_step": trainer.args.batch_size}))
 
 
 def part_ppo(args, workdir: Path) -> str:
@@ -272,7 +280,7 @@ def part_ppo(args, workdir: Path) -> str:
     from alignment.core.models import load_tokenizer
 
     reward = make_reward_model(workdir)
-    per_step = args.prompts // args.minibatches
+    per_step = args.prompts // args.ppo_minibatches
     ours = ours_rl(args, workdir, "ours-ppo", "configs/smollm2/ppo.yaml", {
         "ppo.advantage": "gae", "ppo.rewards": f"[{{source: {reward}}}]", "ppo.prompts_per_rollout": args.prompts,
         "ppo.samples_per_prompt": 1, "train.global_batch_size": per_step, "ppo.vf_coef": 0.1,
@@ -283,7 +291,7 @@ def part_ppo(args, workdir: Path) -> str:
     prompts_file.write_text(json.dumps([text.prompt_ids(tokenizer, r.data["prompt"]) for r in rows]))
     spec = {"policy": common.smollm2_path(), "reward": str(reward), "prompts_file": str(prompts_file),
             "output_dir": str(workdir / "trl-ppo"), "result": str(workdir / "trl-ppo.json"), "prompts": args.prompts,
-            "micro_batch": args.micro_batch, "minibatches": args.minibatches, "epochs": args.epochs,
+            "micro_batch": args.micro_batch, "minibatches": args.ppo_minibatches, "epochs": args.epochs,
             "max_new_tokens": args.max_new_tokens, "kl_coef": args.kl_coef, "lr": args.lr,
             "iterations": args.iterations}
     spec_path = workdir / "trl-ppo-spec.json"
@@ -403,7 +411,7 @@ def main(argv=None) -> int:
     try:
         print(f"ppo benchmarks: smollm2-135m full fine-tune bf16, {args.prompts} prompts per rollout, group "
               f"{args.samples} (GRPO), {args.max_new_tokens} new tokens, {args.epochs} epoch(s) x "
-              f"{args.minibatches} minibatches, micro-batch {args.micro_batch}, {args.iterations} iterations "
+              f"{args.minibatches} minibatches (GRPO) / {args.ppo_minibatches} (PPO), micro-batch {args.micro_batch}, {args.iterations} iterations "
               f"({args.warmup} warm-up), threads per side {args.threads or 'all'}", flush=True)
         for name in args.parts.split(","):
             lines.append(parts[name.strip()](args, workdir))

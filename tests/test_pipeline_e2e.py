@@ -10,18 +10,25 @@ import math
 import pytest
 import yaml
 
+from browser import check_report_in_browser
 from helpers import align_cache, read_metrics, run_cli, step_metrics  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-QUICK = '["train.max_steps=2", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=0"]'
+QUICK = '["train.max_steps=2", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=0"{extra}]'
+GOLD = ', "{stage}.gold_eval.prompts=builtin:prompts_eval", "{stage}.gold_eval.num_prompts=6", ' \
+       '"{stage}.gold_eval.max_new_tokens=4"'
 DPO = '["train.max_steps=4", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=1", ' \
-      '"dpo.reference=precomputed"{extra}]'
+      '"dpo.reference=precomputed"' + GOLD.format(stage="dpo") + '{extra}]'
+PPO = '["train.max_steps=2", "train.save_interval=0", "logging.progress_bar=false", "ppo.max_new_tokens=4"' \
+      + GOLD.format(stage="ppo") + ']'
 
 
 def pipeline(out, *extra: str, resume: bool = False, env=None, dpo_extra: str = ""):
-    args = ["pipeline", "configs/tiny/pipeline.yaml", "--set", f"output_dir={out}", "--set", f"sft.overrides={QUICK}",
-            "--set", f"rm.overrides={QUICK}", "--set", "dpo.overrides=" + DPO.format(extra=dpo_extra),
+    args = ["pipeline", "configs/tiny/pipeline.yaml", "--set", f"output_dir={out}",
+            "--set", "sft.overrides=" + QUICK.format(extra=GOLD.format(stage="sft")),
+            "--set", "rm.overrides=" + QUICK.format(extra=""), "--set", "dpo.overrides=" + DPO.format(extra=dpo_extra),
+            "--set", "ppo.enabled=true", "--set", f"ppo.overrides={PPO}",
             "--set", "pairs.enabled=true", "--set", "pairs.judge=rm", "--set", "pairs.num_prompts=12",
             "--set", "pairs.samples=2", "--set", "pairs.max_new_tokens=6"]
     for item in extra:
@@ -57,15 +64,22 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
     assert sorted(step_metrics(out / "dpo")) == [1, 2, 3, 4]
 
     summary = json.loads((out / "pipeline.json").read_text())
-    assert list(summary["stages"]) == ["sft", "rm", "pairs", "dpo"], resumed.output[-3000:]
-    for stage, steps in (("sft", 2), ("rm", 2), ("dpo", 4)):
+    assert list(summary["stages"]) == ["sft", "rm", "pairs", "dpo", "ppo"], resumed.output[-3000:]
+    for stage, steps in (("sft", 2), ("rm", 2), ("dpo", 4), ("ppo", 2)):
         assert (out / stage / "final" / "config.json").is_file()
         losses = [m["loss"] for m in read_metrics(out / stage) if "loss" in m]
         assert len(losses) == steps and all(math.isfinite(x) for x in losses), (stage, losses)
         manifest = json.loads((out / stage / "manifest.json").read_text())
         assert manifest["complete"] and manifest["stage"] == stage
-    # Each stage's held-out numbers reach the summary as its own metrics logged them.
+    # Each stage's held-out numbers reach the summary as its own metrics logged them, and summary.json has
+    # the gold score after each stage (base: before SFT) and the RM's accuracy.
     assert summary["stages"]["rm"]["eval/accuracy"] == read_metrics(out / "rm")[-1]["eval/accuracy"]
+    scores = json.loads((out / "summary.json").read_text())
+    logged = {s: {k: v for m in read_metrics(out / s) for k, v in m.items()} for s in ("sft", "dpo", "ppo")}
+    assert scores == {"gold": {"base": logged["sft"]["gold/score_before"], "sft": logged["sft"]["gold/score"],
+                               "dpo": logged["dpo"]["gold/score"], "ppo": logged["ppo"]["gold/score"]},
+                      "rm_accuracy": summary["stages"]["rm"]["eval/accuracy"]}
+    check_report_in_browser(out / "report.html", scores, tmp_path / "report.png")
     assert 0.0 <= summary["stages"]["dpo"]["eval/rewards/accuracies"] <= 1.0
     # DPO starts from the SFT export: with the reference precomputed from that same model, the policy and
     # the reference agree exactly before the first update (a DPO that started elsewhere would not).
@@ -95,8 +109,9 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
 
     # 3. Nothing changed: nothing runs. 4. Only DPO's inputs changed: only DPO runs, from scratch.
     again = pipeline(out, resume=True).check()
-    assert again.output.count("finished with the same inputs, skipped") == 4
+    assert again.output.count("finished with the same inputs, skipped") == 5
     changed = pipeline(out, resume=True, dpo_extra=', "dpo.beta=0.2"').check()
+    # DPO changed, so PPO (which starts from DPO's export) runs again too.
     assert changed.output.count("finished with the same inputs, skipped") == 3
     assert "stage dpo: inputs changed since it finished (recipe); running it again" in changed.output
     assert "resuming from" not in changed.output

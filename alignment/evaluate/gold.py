@@ -10,6 +10,7 @@ reports the mean gold reward (alignment.evaluate.task.score) and the exact-answe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -88,23 +89,33 @@ def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, ma
     scores = [task.score(r.data["gold"], resp) for r, resp in zip(mine, responses)]
     sums = engine.dist.reduce_sums({"score": sum(scores), "exact": sum(s == 1.0 for s in scores), "n": len(scores)})
     n = max(1.0, sums["n"])
+    samples = [{"id": r.data.get("id", r.origin), "prompt": r.data["prompt"][-1]["content"], "response": resp, "score": s}
+               for r, resp, s in zip(mine, responses, scores)]
     return {"gold/score": sums["score"] / n, "gold/exact": sums["exact"] / n, "gold/n": sums["n"],
-            "_examples": list(zip([r.data["prompt"][-1]["content"] for r in mine[:3]], responses[:3]))}
+            "_samples": samples}
 
 
-def gold_eval(engine, model_dir: str, cfg, model_cfg=None, base: bool = False) -> dict:
+SAMPLES_KEPT = 16
+
+
+def gold_eval(engine, model_dir: str, cfg, model_cfg=None, base: bool = False,
+              samples_to: str | Path | None = None) -> dict:
     """Gold score of `model_dir` as a stage's gold_eval section says, printed with two examples.
 
     `model_cfg` (the recipe's model section) gives trust_remote_code; for the `base` model also its
-    revision and tokenizer (an export carries its own)."""
+    revision and tokenizer (an export carries its own). `samples_to`: a JSONL file that gets the first
+    SAMPLES_KEPT of the main rank's (prompt, response, score), for the report's side-by-side samples."""
     remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
     revision = getattr(model_cfg, "revision", None) if base else None
     tokenizer_path = getattr(model_cfg, "tokenizer", None) if base else None
     result = gold_score(engine, model_dir, cfg.prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size,
                         trust_remote_code=remote_code, revision=revision, tokenizer_path=tokenizer_path)
-    examples = result.pop("_examples")
+    samples = result.pop("_samples")
     if engine.dist.is_main:
         print(f"gold score of {Path(model_dir).name}: {result['gold/score']:.3f} (exact {result['gold/exact']:.3f})")
-        for prompt, response in examples[:2]:
-            print(f"  Q: {prompt!r}\n  A: {response!r}")
+        for sample in samples[:2]:
+            print(f"  Q: {sample['prompt']!r}\n  A: {sample['response']!r}")
+        if samples_to is not None:
+            Path(samples_to).parent.mkdir(parents=True, exist_ok=True)
+            Path(samples_to).write_text("".join(json.dumps(x) + "\n" for x in samples[:SAMPLES_KEPT]))
     return result

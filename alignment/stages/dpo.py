@@ -404,7 +404,8 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
 
     gold_results: dict = {}
     if cfg.gold_eval.prompts and start == 0:
-        gold_results["before"] = gold_eval(engine, model_path, cfg.gold_eval, recipe.model, base=True)
+        gold_results["before"] = gold_eval(engine, model_path, cfg.gold_eval, recipe.model, base=True,
+                                   samples_to=Path(recipe.output_dir) / "gold_samples_before.jsonl")
         run.logger.log({"gold/score_before": gold_results["before"]["gold/score"]}, step=0)
 
     # Step 5. Train: concatenated chosen+rejected forward, variant loss, implicit-reward metrics.
@@ -468,7 +469,8 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         print_main(engine.dist.is_main, f"held-out implicit-reward accuracy {metrics['eval/rewards/accuracies']:.3f} "
                    f"on {len(eval_pairs)} pairs, margin {metrics['eval/rewards/margins']:.3f}")
     if cfg.gold_eval.prompts:
-        gold_results["after"] = gold_eval(engine, str(final), cfg.gold_eval, recipe.model)
+        gold_results["after"] = gold_eval(engine, str(final), cfg.gold_eval, recipe.model,
+                                   samples_to=Path(recipe.output_dir) / "gold_samples_after.jsonl")
         run.logger.log({"gold/score": gold_results["after"]["gold/score"]}, step=steps)
         if "before" in gold_results:
             print_main(engine.dist.is_main, f"gold score: {gold_results['before']['gold/score']:.3f} before -> "

@@ -439,7 +439,8 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
 
     gold = {}
     if cfg.gold_eval.prompts and start == 0:
-        gold["before"] = gold_eval(engine, model_path, cfg.gold_eval, recipe.model, base=True)
+        gold["before"] = gold_eval(engine, model_path, cfg.gold_eval, recipe.model, base=True,
+                                   samples_to=Path(recipe.output_dir) / "gold_samples_before.jsonl")
         run.logger.log({"gold/score_before": gold["before"]["gold/score"]}, step=0)
 
     stops = text.stop_token_ids(tokenizer)
@@ -574,7 +575,8 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
                      base_path=critic_path, lora_cfg=recipe.lora, precision=t.precision, model_cfg=recipe.model)
     print_main(dist.is_main, f"exported and verified: {final}")
     if cfg.gold_eval.prompts:
-        gold["after"] = gold_eval(engine, str(final), cfg.gold_eval, recipe.model)
+        gold["after"] = gold_eval(engine, str(final), cfg.gold_eval, recipe.model,
+                                   samples_to=Path(recipe.output_dir) / "gold_samples_after.jsonl")
         run.logger.log({"gold/score": gold["after"]["gold/score"]}, step=iterations)
         if "before" in gold:
             print_main(dist.is_main, f"gold score: {gold['before']['gold/score']:.3f} before -> "

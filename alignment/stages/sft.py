@@ -10,6 +10,7 @@ loss curve and the gradients do not depend on how the batch is split.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -122,7 +123,8 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
     gold_cfg = recipe.sft.gold_eval
     results: dict = {"data": [r.as_dict() for r in reports]}
     if gold_cfg.prompts and start == 0:
-        before = gold_eval(engine, model_path, gold_cfg, recipe.model, base=True)
+        before = gold_eval(engine, model_path, gold_cfg, recipe.model, base=True,
+                                   samples_to=Path(recipe.output_dir) / "gold_samples_before.jsonl")
         results["gold_before"] = before
         run.logger.log({"gold/score_before": before["gold/score"]}, step=0)
 
@@ -165,7 +167,8 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
                          model_cfg=recipe.model)
     print_main(engine.dist.is_main, f"exported and verified: {final}")
     if gold_cfg.prompts:
-        after = gold_eval(engine, str(final), gold_cfg, recipe.model)
+        after = gold_eval(engine, str(final), gold_cfg, recipe.model,
+                                   samples_to=Path(recipe.output_dir) / "gold_samples_after.jsonl")
         results["gold_after"] = after
         run.logger.log({"gold/score": after["gold/score"], "gold/exact": after["gold/exact"]}, step=steps)
         if "gold_before" in results:
