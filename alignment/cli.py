@@ -79,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens a reward-model judge reads (default: its training data.max_length, else 512)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")
+    ev = sub.add_parser("eval", help="evaluate a policy (gold, RM score, win rate, KL, forgetting) or a reward model",
+                        description="On a policy: gold score, reward-model score, win rate against a reference, "
+                        "KL to it, response length and EOS share, the change in NLL on general text against the "
+                        "base model, and samples. On a reward model (--reward-model with --pairs, no --policy): "
+                        "accuracy, ECE, length bias, accuracy per category. Writes OUT/eval.json and OUT/report.html.")
+    ev.add_argument("--policy", default=None, help="policy directory (a run's final/ or final/merged) or model name")
+    ev.add_argument("--reference", default=None, help="reference policy for the win rate and the KL")
+    ev.add_argument("--base", default=None, help="base model for the forgetting check (default: --reference)")
+    ev.add_argument("--prompts", default="builtin:prompts_eval", help="prompt rows (gold specs give the gold score)")
+    ev.add_argument("--num-prompts", type=int, default=128, help="first N rows of --prompts / --pairs (0: all)")
+    ev.add_argument("--reward-model", default=None, help="reward model directory (align rm output final/)")
+    ev.add_argument("--normalize", action="store_true", help="RM scores with the stored mean and std")
+    ev.add_argument("--pairs", default=None, help="preference pairs for a reward-model evaluation")
+    ev.add_argument("--forgetting-text", default=None, help="plain text, paragraphs split by blank lines "
+                    "(default: the general text shipped in alignment/evaluate/data/)")
+    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", required=True, help="output directory")
+    ev.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")
     data = sub.add_parser("data", help="write the built-in task's data files (SFT, preferences, prompts)")
     data.add_argument("out_dir")
     data.add_argument("--seed", type=int, default=0)
@@ -142,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from reward.score import main as score_main
 
         return score_main(args)
+    if args.command == "eval":
+        from alignment.evaluate.evaluation import main as eval_main
+
+        return eval_main(args)
     if args.command == "pairs":
         from alignment.collect.pairs import main as pairs_main
 

@@ -172,3 +172,26 @@ def write_report(out_dir: Path, stage_dirs: dict[str, Path], summary: dict, titl
     path = out_dir / "report.html"
     path.write_text(page)
     return path
+
+
+def write_eval_report(out_dir: Path, result: dict) -> Path:
+    """out_dir/report.html for `align eval`: every number of eval.json in a table, and the samples."""
+    out_dir = Path(out_dir)
+    subject = result.get("policy") or result.get("reward_model") or "model"
+    numbers = "".join(f'<tr><td>{html.escape(k)}</td><td class="num" data-key="{html.escape(k)}">{_fmt(v)}</td></tr>'
+                      for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    sections = [f"<h1>align eval: {html.escape(str(subject))}</h1>", "<h2>Metrics</h2>",
+                f'<table id="metrics"><tbody>{numbers}</tbody></table>']
+    samples = result.get("samples") or []
+    if samples:
+        keys = [k for k in samples[0] if k not in ("id",)]
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(
+            f"<td><pre>{html.escape(_fmt(s[k]) if isinstance(s.get(k), float) else str(s.get(k, '')))}</pre></td>"
+            for k in keys) + "</tr>" for s in samples)
+        sections += ["<h2>Samples</h2>", f'<table id="samples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>']
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>align eval</title><style>{STYLE}</style>'
+            f"</head><body>{''.join(sections)}</body></html>")
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path

@@ -552,13 +552,16 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks,
                    "rollout/informative_share": dist.reduce_sums({"s": informative_share})["s"] / dist.world_size}
         if iteration == start + 1:
-            pure = is_pure_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
-            diff = float(((buffer["sampled_logp"][:, :T] - old_lp).abs() * mask).max()) if pure else float("nan")
-            metrics["check/rollout_logprob_max_diff"] = diff
+            # Tempered or truncated sampling draws from another distribution than the policy's: nothing to compare.
+            if is_pure_sampling(cfg.temperature, cfg.top_k, cfg.top_p):
+                diff = float(((buffer["sampled_logp"][:, :T] - old_lp).abs() * mask).max())
+                metrics["check/rollout_logprob_max_diff"] = diff
+                compared = f"rollout log-probs equal the training pass's to {diff:.2g}"
+            else:
+                compared = "rollout log-probs not compared (the sampling is tempered or truncated)"
             if start == 0:
                 print_main(dist.is_main, f"check: before any update the ratio is 1 to {checks['check/first_ratio_dev']:.2g} "
-                           f"and the approximate KL {checks['check/first_approxkl']:.2g}; rollout log-probs equal the "
-                           f"training pass's to {diff:.2g}")
+                           f"and the approximate KL {checks['check/first_approxkl']:.2g}; {compared}")
         for message in health.check(metrics, buffer["groups"], cfg.kl_target):
             print_main(dist.is_main, f"warning: iteration {iteration}: {message}")
         run.logger.log(metrics, iteration)

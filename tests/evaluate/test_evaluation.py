@@ -1,0 +1,118 @@
+"""`align eval` (alignment/evaluate/evaluation.py): the pure parts by hand, then the tiny model against
+itself (KL exactly 0, every comparison a tie, no forgetting) and against a perturbed copy, and a reward
+model's per-category accuracy against scores computed directly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from alignment.core.models import load_model, load_tokenizer, resolve_model_path
+from alignment.evaluate.evaluation import continuation_logprobs, mean_and_se, win_rate
+from helpers import align_cache, run_cli  # noqa: F401
+from reward.model import RewardScorer, ensure_distinct_pad
+from reward.score import sequence_ids
+
+
+def test_win_rate_and_standard_error_by_hand():
+    assert win_rate([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.25]) == \
+        {"win_rate": (2 + 0.5) / 4, "wins": 0.5, "ties": 0.25, "losses": 0.25}
+    mean, se = mean_and_se([1.0, 2.0, 3.0, 6.0])
+    assert mean == 3.0 and se == pytest.approx((14 / 3 / 4) ** 0.5)  # sample variance 14/3
+    with pytest.raises(ValueError):
+        win_rate([1.0], [])
+
+
+def test_continuation_logprobs_are_batch_invariant_and_match_a_full_forward(align_cache):
+    path = resolve_model_path("tiny-llama")
+    model = load_model(path, "causal_lm").float().eval()
+    prefixes, conts = [[1, 5, 9], [1, 7]], [[11, 12], [13, 14, 15, 16]]
+    together = continuation_logprobs(model, prefixes, conts, pad_id=0)
+    alone = [continuation_logprobs(model, [p], [c], pad_id=0)[0] for p, c in zip(prefixes, conts)]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    ids = torch.tensor([prefixes[1] + conts[1]])
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    by_hand = torch.stack([full[len(prefixes[1]) - 1 + t, c] for t, c in enumerate(conts[1])])
+    torch.testing.assert_close(together[1], by_hand, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory, align_cache):
+    path = resolve_model_path("tiny-llama")
+    model = load_model(path, "causal_lm")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    out = tmp_path_factory.mktemp("perturbed") / "policy"
+    model.save_pretrained(out)
+    load_tokenizer(path).save_pretrained(out)
+    return out
+
+
+def _eval(tmp_path, *args):
+    out = tmp_path / "eval"
+    run_cli(["eval", "--out", str(out), "--num-prompts", "6", "--max-new-tokens", "5", *args]).check()
+    return json.loads((out / "eval.json").read_text()), out
+
+
+def test_policy_against_itself_and_against_a_perturbed_copy(tmp_path, perturbed, align_cache):
+    same, out = _eval(tmp_path / "same", "--policy", "tiny-llama", "--reference", "tiny-llama")
+    assert same["objective/kl"] == 0.0 and same["forgetting/nll_change"] == 0.0
+    assert same["win/gold/ties"] == 1.0 and same["win/gold/win_rate"] == 0.5
+    assert same["num_prompts"] == same["gold/n"] == 6 and 0 <= same["response/eos_share"] <= 1
+    assert 0 < same["response/length"] <= 5 and len(same["samples"]) == 6
+    page = (out / "report.html").read_text()
+    assert 'data-key="objective/kl"' in page and 'id="samples"' in page
+
+    moved, _ = _eval(tmp_path / "moved", "--policy", str(perturbed), "--reference", "tiny-llama")
+    assert moved["objective/kl"] != 0.0 and moved["forgetting/nll_change"] != 0.0
+    from alignment.evaluate import task
+
+    # the gold score is the verifier's over the very responses shown
+    golds = {r["id"]: r["gold"] for r in map(json.loads, open(task_prompts()).read().splitlines())}
+    for s in moved["samples"]:
+        assert s["gold_policy"] == task.score(golds[s["id"]], s["policy"])
+
+
+def task_prompts():
+    from alignment.core.data import resolve_source
+
+    return resolve_source("builtin:prompts_eval")
+
+
+def test_reward_model_accuracy_per_category(tmp_path, align_cache):
+    path = resolve_model_path("tiny-llama")
+    tok = load_tokenizer(path)
+    model = load_model(path, "reward").eval()
+    ensure_distinct_pad(tok, model)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(1)))
+    rm = tmp_path / "rm"
+    model.save_pretrained(rm)
+    tok.save_pretrained(rm)
+    rows = [{"prompt": f"Question {i}?", "chosen": f"answer {i} " * (1 + i % 3), "rejected": f"no {i}",
+             "category": "even" if i % 2 == 0 else "odd"} for i in range(10)]
+    rows.append({"prompt": "Same?", "chosen": "same", "rejected": "same", "category": "odd"})  # unusable: counted
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result, _ = _eval(tmp_path, "--reward-model", str(rm), "--pairs", str(pairs), "--num-prompts", "0")
+    scorer = RewardScorer(rm)
+
+    def score(prompt, response):
+        return scorer.score_ids([sequence_ids(scorer.tokenizer, prompt, response, scorer.max_length)]).item()
+
+    right = {"even": [], "odd": []}
+    for r in rows[:10]:
+        right[r["category"]].append(score(r["prompt"], r["chosen"]) > score(r["prompt"], r["rejected"]))
+    for name, hits in right.items():
+        assert result[f"rm/accuracy/{name}"] == pytest.approx(sum(hits) / len(hits))
+        assert result[f"rm/pairs/{name}"] == 5
+    assert result["rm/accuracy"] == pytest.approx(sum(sum(h) for h in right.values()) / 10)
+    assert sum(result["dropped"].values()) == 1 and result["rm/pairs"] == 10.0
+    assert 0 <= result["rm/ece"] <= 1 and -1 <= result["rm/length_corr"] <= 1
