@@ -42,6 +42,10 @@ class PairsStage:
     samples: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 24
+    rounds: int = 1
+    """Online (iterative) DPO: each round samples pairs from the policy the previous round trained and runs
+    DPO from it, so the reference (the round's starting policy) moves with it. Rounds before the last go
+    to pairs-round<k>/ and dpo-round<k>/; the last is pairs/ and dpo/."""
 
 
 @dataclass
@@ -76,6 +80,8 @@ class PipelineRecipe:
             raise ValueError("the pairs stage samples from the SFT policy for DPO: enable sft and dpo")
         if self.pairs.enabled and self.pairs.samples < 2:
             raise ValueError("pairs.samples must be at least 2")
+        if self.pairs.rounds < 1 or (self.pairs.rounds > 1 and not self.pairs.enabled):
+            raise ValueError("pairs.rounds must be >= 1, and more than one round needs pairs.enabled")
         if self.ppo.enabled and self.ppo.reward in ("rm", "gold+rm") and not self.rm.enabled:
             raise ValueError(f"ppo.reward {self.ppo.reward!r} needs the rm stage enabled")
         if self.ppo.enabled and not (self.sft.enabled or self.dpo.enabled):
@@ -110,19 +116,25 @@ def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
     planned: list[PlannedStage] = []
     recipes: dict = {}
     policy = pairs_file = None
-    for name in ("sft", "rm", "pairs", "dpo", "ppo"):
+    rounds = recipe.pairs.rounds if recipe.pairs.enabled else 1
+    order = [("sft", "sft", 1), ("rm", "rm", 1)]  # (stage, directory name, round)
+    for r in range(1, rounds + 1):
+        suffix = "" if r == rounds else f"-round{r}"
+        order += [("pairs", "pairs" + suffix, r), ("dpo", "dpo" + suffix, r)]
+    order.append(("ppo", "ppo", 1))
+    for name, label, round_index in order:
         stage = getattr(recipe, name)
         if not stage.enabled:
             continue
-        stage_dir = out / name
+        stage_dir = out / label
         if name == "pairs":
             pairs_file = stage_dir / "pairs.jsonl"
             judge = "gold" if stage.judge == "gold" else str(_policy_dir(out / "rm", recipes["rm"]))
             command = ["pairs", "--model", str(policy), "--prompts", stage.prompts, "--judge", judge,
                        "--out", str(pairs_file), "--num-prompts", str(stage.num_prompts), "--samples",
                        str(stage.samples), "--temperature", str(stage.temperature), "--max-new-tokens",
-                       str(stage.max_new_tokens), "--seed", str(recipe.seed)]
-            planned.append(PlannedStage(name, stage_dir, command))
+                       str(stage.max_new_tokens), "--seed", str(recipe.seed + round_index - 1)]  # new prompts each round
+            planned.append(PlannedStage(label, stage_dir, command))
             continue
         overrides = [f"output_dir={stage_dir}", f"seed={recipe.seed}", *stage.overrides]
         if name == "dpo" and policy:
@@ -139,10 +151,51 @@ def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
         stages.load(name)  # registers the stage's recipe and checks
         stage_recipe = recipes[name] = load_recipe(stage.recipe, name, overrides)
         command = [name, stage.recipe, "--nproc", str(recipe.nproc)] + [x for o in overrides for x in ("--set", o)]
-        planned.append(PlannedStage(name, stage_dir, command, stage_recipe))
-        if name == "sft":
+        planned.append(PlannedStage(label, stage_dir, command, stage_recipe))
+        if name in ("sft", "dpo"):  # the next round samples from, and starts from, this policy
             policy = _policy_dir(stage_dir, stage_recipe)
     return planned
+
+
+def tokenizer_signature(tokenizer) -> dict:
+    """What must agree across a pipeline's stages: the vocabulary, the special tokens, the chat template."""
+    import hashlib
+
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    return {"vocabulary": vocab, "special tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "chat template": tokenizer.chat_template}
+
+
+def check_tokenizers(recipe: PipelineRecipe, planned: list[PlannedStage]) -> None:
+    """The stages that start from a model of their own (not an earlier stage's export) must share one
+    tokenizer: a reward model that renders conversations another way than the policy scores another text.
+    Raises before anything trains."""
+    from alignment.core.config import RecipeError
+    from alignment.core.models import load_tokenizer, resolve_model_path
+
+    out = Path(recipe.output_dir).resolve()
+    seen: dict[str, tuple[str, dict]] = {}
+    for step in planned:
+        if step.recipe is None:
+            continue
+        model = step.recipe.model
+        source = Path(model.name_or_path).expanduser()
+        if source.resolve().is_relative_to(out):
+            continue  # an earlier stage's export: it carries that stage's tokenizer
+        key = f"{model.tokenizer or model.name_or_path}@{model.revision}"
+        if key not in seen:
+            path = model.tokenizer or resolve_model_path(model.name_or_path)
+            tokenizer = load_tokenizer(path, model.trust_remote_code, None if model.tokenizer else model.revision)
+            seen[key] = (step.name, tokenizer_signature(tokenizer))
+    if len(seen) < 2:
+        return
+    (first_stage, first), *others = seen.values()
+    for stage, signature in others:
+        differ = [k for k in first if first[k] != signature[k]]
+        if differ:
+            raise RecipeError(f"pipeline stages {first_stage} and {stage} use different tokenizers (different "
+                              f"{', '.join(differ)}): every stage of one pipeline must render and tokenize "
+                              "conversations the same way")
 
 
 def _pairs_inputs(step: PlannedStage) -> dict:
@@ -197,6 +250,7 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
     from alignment.core import manifest
 
     planned = plan(recipe)  # step 0: every stage's recipe checked before anything trains
+    check_tokenizers(recipe, planned)
     if dry_run:
         for step in planned:
             print(" ".join(["align", *step.command]))
@@ -206,7 +260,8 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
     summary: dict = {"stages": {}}
     for step in planned:
         started = time.time()
-        inputs = _pairs_inputs(step) if step.name == "pairs" else manifest.stage_inputs(step.recipe)
+        is_pairs = step.command[0] == "pairs"
+        inputs = _pairs_inputs(step) if is_pairs else manifest.stage_inputs(step.recipe)
         decision = _decide(step, inputs, resume)
         if decision != "skip":
             cmd = [sys.executable, "-m", "alignment.cli", *step.command] + (["--resume"] if decision == "resume" else [])
@@ -214,15 +269,15 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
             code = subprocess.call(cmd)
             if code != 0:
                 raise RuntimeError(f"pipeline stage {step.name} failed with exit code {code}")
-            if step.name == "pairs":  # `align pairs` is not a training stage: its manifest is written here
+            if is_pairs:  # `align pairs` is not a training stage: its manifest is written here
                 step.directory.mkdir(parents=True, exist_ok=True)
                 manifest.write(step.directory, "pairs", inputs, {}, complete=True)
         minutes = round((time.time() - started) / 60, 2)
-        if step.name == "pairs":
+        if is_pairs:
             report = json.loads((step.directory / "pairs.report.json").read_text())
             score_key = "gold/sample_score" if "--judge" in step.command and \
                 step.command[step.command.index("--judge") + 1] == "gold" else "judge/mean_sample_score"
-            summary["stages"]["pairs"] = {"output_dir": str(step.directory), "minutes": minutes,
+            summary["stages"][step.name] = {"output_dir": str(step.directory), "minutes": minutes,
                                           "pairs": report["pairs"], score_key: report["mean_sample_score"]}
             continue
         metrics = _last_metrics(step.directory)
@@ -235,7 +290,7 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
     (out / "summary.json").write_text(json.dumps(scores, indent=2))
     from alignment.evaluate.report import write_report
 
-    training = {s.name: s.directory for s in planned if s.name != "pairs"}
+    training = {s.name: s.directory for s in planned if s.command[0] != "pairs"}
     report = write_report(out, training, scores, title=f"align pipeline: {out}")
     print("\n=== pipeline summary")
     for name, info in summary["stages"].items():
@@ -262,4 +317,8 @@ def scores_summary(stages: dict) -> dict:
             gold["base"] = info["gold/score_before"]
         gold[name] = info.get("gold/score")
     rm = stages.get("rm", {})
-    return {"gold": gold, "rm_accuracy": rm.get("eval/accuracy")}
+    result = {"gold": gold, "rm_accuracy": rm.get("eval/accuracy")}
+    rounds = {k: v.get("gold/score") for k, v in stages.items() if k.startswith("dpo-round")}
+    if rounds:  # online DPO: the gold score after every round, the last being "dpo"
+        result["dpo_rounds"] = {**rounds, "dpo": gold.get("dpo")}
+    return result

@@ -116,3 +116,26 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
     assert "stage dpo: inputs changed since it finished (recipe); running it again" in changed.output
     assert "resuming from" not in changed.output
     assert yaml.safe_load((out / "dpo" / "recipe.yaml").read_text())["dpo"]["beta"] == 0.2
+
+
+def test_stages_with_different_tokenizers_fail_before_training(tmp_path, align_cache):
+    """An RM whose chat template differs from the policy's would score another rendering: refused up front."""
+    import shutil
+
+    from alignment.core.models import resolve_model_path
+
+    other = tmp_path / "other-template"
+    shutil.copytree(resolve_model_path("tiny-llama"), other)
+    template = other / "chat_template.jinja"
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    if template.exists():
+        template.write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    else:
+        config["chat_template"] = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+        (other / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "pipe"
+    result = run_cli(["pipeline", "configs/tiny/pipeline.yaml", "--set", f"output_dir={out}",
+                      "--set", f"rm.overrides=[model.name_or_path={other}]"])
+    assert result.returncode == 2, result.output[-2000:]
+    assert "pipeline stages sft and rm use different tokenizers (different chat template)" in result.output
+    assert not (out / "sft").exists()

@@ -145,7 +145,7 @@ def write_report(out_dir: Path, stage_dirs: dict[str, Path], summary: dict, titl
     for name, directory in stage_dirs.items():
         rows = read_metrics(Path(directory) / "metrics.jsonl")
         charts = []
-        for keys in CURVES.get(name, [("loss",)]):
+        for keys in CURVES.get(name.split("-round")[0], [("loss",)]):
             lines = {k: pts for k in keys if (pts := series(rows, k))}
             charts.append(line_chart(" / ".join(lines), lines))
         charts = [c for c in charts if c]

@@ -596,3 +596,34 @@ def test_pipeline_nproc_and_dry_run(capsys):
     assert all("--nproc 2" in c for c in commands), commands
     assert "model.name_or_path=/tmp/never-written/sft/final" in commands[2]
     assert not Path("/tmp/never-written").exists()
+
+
+def test_pipeline_online_dpo_rounds_chain_policies(capsys):
+    """Round k samples pairs from round k-1's DPO policy (round 1: SFT's), trains DPO from it on those
+    pairs with new prompts; the last round is dpo/, which PPO starts from."""
+    from alignment import cli
+
+    out = "/tmp/never-written-rounds"
+    assert cli.main(["pipeline", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--dry-run", "--set",
+                     f"output_dir={out}", "--set", "pairs.enabled=true", "--set", "pairs.rounds=3",
+                     "--set", "ppo.enabled=true"]) == 0
+    commands = [c.split() for c in capsys.readouterr().out.strip().splitlines()]
+    assert [c[1] for c in commands] == ["sft", "rm", "pairs", "dpo", "pairs", "dpo", "pairs", "dpo", "ppo"]
+
+    def arg(c, flag):
+        return c[c.index(flag) + 1]
+
+    def setting(c, key):
+        return next(v.split("=", 1)[1] for v in c if v.startswith(key + "="))
+
+    pairs, dpos = commands[2:8:2], commands[3:8:2]
+    assert [arg(p, "--model") for p in pairs] == [f"{out}/sft/final", f"{out}/dpo-round1/final",
+                                                   f"{out}/dpo-round2/final"]  # tiny recipes: full fine-tunes
+    assert [arg(p, "--out") for p in pairs] == [f"{out}/pairs-round1/pairs.jsonl", f"{out}/pairs-round2/pairs.jsonl",
+                                                 f"{out}/pairs/pairs.jsonl"]
+    assert [arg(p, "--seed") for p in pairs] == ["0", "1", "2"]
+    for p, d in zip(pairs, dpos):
+        assert setting(d, "model.name_or_path") == arg(p, "--model")
+        assert setting(d, "data.train") == arg(p, "--out")
+    assert setting(commands[-1], "model.name_or_path") == f"{out}/dpo/final"
+    assert not Path(out).exists()
