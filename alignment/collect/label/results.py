@@ -1,0 +1,158 @@
+"""Items in, statistics and training pairs out.
+
+- `items_from_pairs`: any preference file our loaders read (align pairs output included): a = chosen,
+  b = rejected as the file had them, an AI judge's scores kept when the file carries them.
+- `items_from_arena`: two policies' responses to the same prompts (rows {id?, prompt, response}).
+- `stats`: per annotator counts and seconds per label; Cohen's kappa per annotator pair; Krippendorff's
+  alpha over all; agreement of the human majority with the AI judge; arena win rates with Wilson intervals.
+- `export`: one explicit prompt/chosen/rejected row per item with a majority preference, with its
+  provenance; ties, "both bad" and low-agreement items dropped on request and counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from alignment.collect.label.agreement import cohen_kappa, krippendorff_alpha_nominal, majority, wilson_interval
+from alignment.collect.label.store import Item, Store
+from alignment.core.data import DataError, read_rows
+
+
+def _as_text(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" if len(value) > 1 else str(m.get("content", ""))
+                           for m in value if isinstance(m, dict))
+    return str(value)
+
+
+def items_from_pairs(source: str) -> list[Item]:
+    from alignment.core.preference import PairRejected, to_pair
+
+    items, skipped = [], 0
+    for n, row in enumerate(read_rows(source)):
+        try:
+            pair = to_pair(row)
+        except PairRejected:
+            skipped += 1
+            continue
+        meta = {"source": row.origin}
+        if "score_chosen" in row.data and "score_rejected" in row.data:
+            meta["ai"] = {"a": row.data["score_chosen"], "b": row.data["score_rejected"]}
+        items.append(Item(str(row.data.get("id", f"item-{n}")), _as_text(pair.prompt), _as_text(pair.chosen),
+                          _as_text(pair.rejected), meta))
+    if skipped:
+        print(f"{source}: {skipped} rows not usable as pairs (identical or empty responses) were not imported")
+    return items
+
+
+def items_from_arena(first: str, second: str, names: tuple[str, str]) -> list[Item]:
+    rows_a, rows_b = read_rows(first), read_rows(second)
+    by_id = {str(r.data.get("id", i)): r for i, r in enumerate(rows_b)}
+    items = []
+    for i, row in enumerate(rows_a):
+        key = str(row.data.get("id", i))
+        other = by_id.get(key)
+        if other is None:
+            raise DataError(f"{row.origin}: prompt {key!r} has no response in {second}")
+        if _as_text(other.data.get("prompt")) != _as_text(row.data.get("prompt")):
+            raise DataError(f"{row.origin} and {other.origin}: the same id holds different prompts")
+        items.append(Item(f"arena-{key}", _as_text(row.data["prompt"]), _as_text(row.data["response"]),
+                          _as_text(other.data["response"]), {"arena": {"a": names[0], "b": names[1]}}))
+    return items
+
+
+def category(label: dict) -> str:
+    """What a label says about the candidates, whichever side was on the left."""
+    return label["preferred"] or label["choice"]
+
+
+def stats(store: Store) -> dict:
+    labels = store.labels()
+    items = {item.id: item for item in store.items()}
+    by_item: dict[str, dict[str, str]] = defaultdict(dict)
+    per_annotator: dict[str, dict] = {}
+    for label in labels:
+        by_item[label["item_id"]][label["annotator"]] = category(label)
+        entry = per_annotator.setdefault(label["annotator"], {"labels": 0, "seconds": []})
+        entry["labels"] += 1
+        if label["seconds"] is not None:
+            entry["seconds"].append(label["seconds"])
+    annotators = {name: {"labels": e["labels"],
+                         "median_seconds_per_label": sorted(e["seconds"])[len(e["seconds"]) // 2] if e["seconds"] else None}
+                  for name, e in per_annotator.items()}
+    kappas = {}
+    for x, y in itertools.combinations(sorted(per_annotator), 2):
+        shared = [i for i, votes in by_item.items() if x in votes and y in votes]
+        if shared:
+            kappas[f"{x}|{y}"] = {"items": len(shared), "kappa": cohen_kappa([by_item[i][x] for i in shared],
+                                                                             [by_item[i][y] for i in shared])}
+    result = {"items": len(items), "labels": len(labels), "labelled_items": len(by_item), "annotators": annotators,
+              "cohen_kappa": kappas,
+              "krippendorff_alpha": krippendorff_alpha_nominal([list(v.values()) for v in by_item.values()])}
+    # Humans against the AI judge, on items whose judge preferred one candidate.
+    agree = judged = 0
+    for item_id, votes in by_item.items():
+        ai = items[item_id].meta.get("ai")
+        if not ai or ai["a"] == ai["b"]:
+            continue
+        winner, _ = majority(list(votes.values()))
+        if winner in ("a", "b"):
+            judged += 1
+            agree += winner == ("a" if ai["a"] > ai["b"] else "b")
+    if judged:
+        result["human_ai_agreement"] = {"items": judged, "agreement": agree / judged}
+    # Arena: the human win rate of policy a over policy b (a tie is half a win; 'both bad' too).
+    arena = defaultdict(lambda: [0.0, 0])
+    for item_id, votes in by_item.items():
+        names = items[item_id].meta.get("arena")
+        if not names:
+            continue
+        for vote in votes.values():
+            arena[(names["a"], names["b"])][0] += 1.0 if vote == "a" else 0.0 if vote == "b" else 0.5
+            arena[(names["a"], names["b"])][1] += 1
+    if arena:
+        result["arena"] = {f"{a} vs {b}": {"votes": n, "win_rate": w / n, "ci95": wilson_interval(w, n)}
+                           for (a, b), (w, n) in arena.items()}
+    return result
+
+
+def export(store: Store, out: str | Path, drop_ties: bool = True, drop_both_bad: bool = True,
+           min_agreement: float = 0.0) -> dict:
+    """Explicit prompt/chosen/rejected JSONL with provenance; returns what was written and dropped."""
+    items = {item.id: item for item in store.items()}
+    by_item: dict[str, list[dict]] = defaultdict(list)
+    for label in store.labels():
+        by_item[label["item_id"]].append(label)
+    rows, dropped = [], {"tie": 0, "both_bad": 0, "low_agreement": 0, "unlabelled": len(items) - len(by_item)}
+    for item_id, labels in by_item.items():
+        item = items[item_id]
+        winner, agreement = majority([category(label) for label in labels])
+        if winner in ("tie", "both_bad"):
+            if (winner == "tie" and drop_ties) or (winner == "both_bad" and drop_both_bad):
+                dropped[winner] += 1
+                continue
+        if agreement < min_agreement:
+            dropped["low_agreement"] += 1
+            continue
+        if winner not in ("a", "b"):
+            continue  # a kept tie / both-bad has no chosen side: it cannot be a training pair
+        chosen, rejected = (item.a, item.b) if winner == "a" else (item.b, item.a)
+        strengths = [label["strength"] for label in labels if category(label) == winner and label["strength"]]
+        rows.append({"prompt": item.prompt, "chosen": chosen, "rejected": rejected, "id": item_id,
+                     "provenance": {"votes": {label["annotator"]: category(label) for label in labels},
+                                    "annotator_ids": [label["annotator_id"] for label in labels],
+                                    "agreement": agreement,
+                                    "strength": sum(strengths) / len(strengths) if strengths else None,
+                                    "shown_left": {label["annotator"]: label["left_side"] for label in labels},
+                                    "timestamps": [label["created"] for label in labels],
+                                    "rationales": [label["rationale"] for label in labels if label["rationale"]],
+                                    **item.meta}})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"written": len(rows), "dropped": dropped, "out": str(out)}
