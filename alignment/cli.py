@@ -102,8 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     from alignment.collect.label import add_parser as add_label_parser
 
     add_label_parser(sub)
-    data = sub.add_parser("data", help="write the built-in task's data files (SFT, preferences, prompts)")
-    data.add_argument("out_dir")
+    data = sub.add_parser("data", help="write the built-in task's data files, or check a data file",
+                          description="align data OUT_DIR writes the built-in task's data files (SFT, preferences, "
+                          "prompts); align data check FILE [--eval FILE] reports shapes, malformed rows, "
+                          "duplicates, train/eval leakage, identical pairs and length bias.")
+    data.add_argument("target", nargs="+", metavar="OUT_DIR | check FILE")
+    data.add_argument("--eval", default=None, help="check: an evaluation file to look for shared prompts in")
+    data.add_argument("--out", default=None, help="check: where the JSON report goes")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--n-train", type=int, default=2000)
     data.add_argument("--n-eval", type=int, default=200)
@@ -155,9 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "data":
+        if args.target[0] == "check":
+            if len(args.target) != 2:
+                print("error: align data check FILE [--eval FILE]", file=sys.stderr)
+                return 2
+            from alignment.collect.datacheck import main as check_main
+
+            args.file = args.target[1]
+            return check_main(args)
+        if len(args.target) != 1:
+            print("error: align data OUT_DIR (or: align data check FILE)", file=sys.stderr)
+            return 2
         from alignment.evaluate import task
 
-        paths = task.write_task_data(args.out_dir, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+        paths = task.write_task_data(args.target[0], seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
         for name, path in paths.items():
             print(f"{name:14s} {path}")
         return 0
