@@ -4,6 +4,7 @@ kill -9, and a keyboard-only session in a real browser (with hostile model outpu
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 from alignment.collect.label import results
 from alignment.collect.label.agreement import cohen_kappa, krippendorff_alpha_nominal, majority, wilson_interval
 from alignment.collect.label.store import Item, Store, StoreError, preferred_candidate
-from helpers import child_env
+from helpers import align_cache, child_env  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTILE = ['<script>window.__xss = 1</script>', '<img src=x onerror="window.__xss = 2">']
@@ -238,3 +239,78 @@ def test_keyboard_only_labelling_in_a_real_browser_with_hostile_text(tmp_path):
     report = results.export(store, tmp_path / "export.jsonl")
     assert report["written"] == 2 and report["dropped"]["tie"] == 1 and report["dropped"]["both_bad"] == 1
     assert (tmp_path / "label-page.png").stat().st_size > 5000
+
+
+def label_like_the_judge(server: "Server", token: str) -> int:
+    """A scripted annotator over HTTP: prefers the candidate the AI judge scored higher."""
+    from alignment.collect.label.store import Store as _Store  # noqa: F401  (documentation: same store)
+
+    status, nxt = server.request("GET", f"/api/next?token={token}")
+    headers = {"X-Annotator-Token": token, "X-CSRF-Token": nxt["csrf"]}
+    done = 0
+    while nxt["item"] is not None:
+        item = nxt["item"]["id"]
+        ai = ITEM_AI[item]
+        left_is_a = nxt["left"] == ITEM_TEXT[item]["a"]
+        better_a = ai["a"] > ai["b"]
+        choice = "tie" if ai["a"] == ai["b"] else ("left" if better_a == left_is_a else "right")
+        assert server.request("POST", "/api/label", {"item_id": item, "choice": choice}, headers)[0] == 200
+        done += 1
+        nxt = server.request("GET", f"/api/next?token={token}")[1]
+    return done
+
+
+ITEM_AI: dict = {}
+ITEM_TEXT: dict = {}
+
+
+@pytest.mark.slow
+def test_pairs_to_labels_to_export_to_a_reward_model(tmp_path, align_cache):
+    """align pairs -> align label (a scripted annotator over HTTP) -> export -> align rm trains on it."""
+    from helpers import read_metrics, run_cli
+
+    import torch
+
+    from alignment.core.models import load_model, load_tokenizer, resolve_model_path
+    from reward.model import ensure_distinct_pad
+
+    # The tiny policy never earns gold credit, so the AI judge is a tiny RM with a random unit-std head
+    # (its scores never tie); the scripted annotator answers like it (with SmolLM2 it would be the verifier).
+    path = resolve_model_path("tiny-llama")
+    tok, judge_model = load_tokenizer(path), load_model(path, "reward").eval()
+    ensure_distinct_pad(tok, judge_model)
+    with torch.no_grad():
+        judge_model.score.weight.copy_(torch.randn(judge_model.score.weight.shape,
+                                                   generator=torch.Generator().manual_seed(0)))
+    judge = tmp_path / "judge"
+    judge_model.save_pretrained(judge)
+    tok.save_pretrained(judge)
+    pairs = tmp_path / "pairs.jsonl"
+    run_cli(["pairs", "--model", "tiny-llama", "--prompts", "builtin:prompts_eval", "--judge", str(judge), "--out",
+             str(pairs), "--num-prompts", "24", "--samples", "3", "--max-new-tokens", "6"]).check()
+    db = tmp_path / "labels.db"
+    run_cli(["label", "init", str(db), "--pairs", str(pairs)]).check()
+    out = run_cli(["label", "annotator", str(db), "scripted"]).check().output
+    token = out.strip().splitlines()[-1].split("token=")[1]
+    store = Store(db)
+    for item in store.items():
+        ITEM_AI[item.id] = item.meta["ai"]
+        ITEM_TEXT[item.id] = {"a": item.a, "b": item.b}
+    n_items = len(store.items())
+    store.close()
+    server = Server(db)
+    try:
+        assert label_like_the_judge(server, token) == n_items > 0
+    finally:
+        server.stop()
+    stats = json.loads(run_cli(["label", "stats", str(db)]).check().output)
+    assert stats["human_ai_agreement"]["agreement"] == 1.0 and stats["labels"] == n_items
+    export = tmp_path / "human.jsonl"
+    run_cli(["label", "export", str(db), "--out", str(export)]).check()
+    rows = [json.loads(x) for x in export.read_text().splitlines()]
+    assert len(rows) == n_items  # the judge never ties a pair align pairs kept
+    rm = tmp_path / "rm"
+    run_cli(["rm", "configs/tiny/rm.yaml", "--set", f"output_dir={rm}", "--set", f"data.train={export}",
+             "--set", "train.max_steps=2", "--set", "logging.progress_bar=false", "--set", "train.precision=fp32"]).check()
+    assert (rm / "final" / "config.json").is_file()
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(rm) if "loss" in m)
