@@ -123,11 +123,28 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     """
     from alignment.core.distributed import free_port
 
+    import signal
+
+    import psutil
+
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--node_rank=0",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--no_local_rank", "--module",
            "alignment.cli", *argv]
-    return subprocess.call(cmd)
+    launcher = subprocess.Popen(cmd)
+
+    def forward_stop(signum, frame):
+        # Preemption: the ranks checkpoint at their next step boundary and exit 75 (alignment.core.loop). The
+        # signal goes to the ranks, not to DeepSpeed's launcher, which would kill them mid-step.
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                child.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward_stop)
+    return launcher.wait()
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:

@@ -215,8 +215,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         if step % recipe.train.log_interval == 0 or step == steps or "eval/accuracy" in metrics:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
-        if loop.checkpoint_due(recipe, step) and step < steps:
-            loop.save_checkpoint(run, {"reward": model}, step, (step - 1) // sampler.steps_per_epoch, order)
+        loop.step_boundary(run, {"reward": model}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
 
     # Step 6. Reward statistics over held-out responses, export with them, reload check.

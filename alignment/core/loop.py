@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -43,8 +45,51 @@ def debug_fault(step: int, rank: int) -> None:
         raise RuntimeError(f"injected failure at step {step} on rank {rank} (ALIGN_DEBUG_FAIL_AT_STEP)")
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint written; --resume continues
+_stop_signal: list[str] = []
+
+
+def watch_preemption() -> None:
+    """SIGTERM (a scheduler's or launcher's shutdown) and SIGUSR1 (SLURM's --signal) ask every rank to write a
+    checkpoint at the next step boundary and exit with PREEMPTED_EXIT_CODE, instead of dying mid-step."""
+    def ask_to_stop(signum, frame):
+        _stop_signal.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, ask_to_stop)
+
+
+def stop_requested(engine: Engine, step: int) -> bool:
+    """Whether any rank was asked to stop; every rank calls at every step boundary (one small all-reduce), so
+    they all stop at the same step. ALIGN_DEBUG_SIGNAL_AT_STEP=N [ALIGN_DEBUG_SIGNAL=TERM|USR1] makes rank 0
+    signal itself after step N (tests)."""
+    at = os.environ.get("ALIGN_DEBUG_SIGNAL_AT_STEP")
+    if at is not None and int(at) == step and engine.dist.rank == 0:
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("ALIGN_DEBUG_SIGNAL", "TERM")))
+    return engine.dist.reduce_sums({"stop": 1.0 if _stop_signal else 0.0})["stop"] > 0
+
+
+def step_boundary(run: Run, models: dict, step: int, steps: int, epoch_hint: int, order: dict,
+                  extra: dict | None = None) -> None:
+    """After an optimizer step: the periodic checkpoint, and a requested stop (checkpoint, then exit)."""
+    due = checkpoint_due(run.recipe, step) and step < steps
+    if due:
+        save_checkpoint(run, models, step, epoch_hint, order, extra)
+    if step < steps and stop_requested(run.engine, step):
+        if not due:
+            save_checkpoint(run, models, step, epoch_hint, order, extra)
+        why = _stop_signal[0] if _stop_signal else "another rank's signal"
+        print_main(run.engine.dist.is_main, f"stopped by {why} after step {step}: checkpoint written; run the same "
+                   f"command with --resume to continue (exit code {PREEMPTED_EXIT_CODE})")
+        run.logger.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PREEMPTED_EXIT_CODE)  # the checkpoint is on disk; skip teardown (gloo threads can abort it)
+
+
 def setup_run(recipe: RecipeBase, stage: str, resume: bool) -> tuple[Run, Path | None]:
     """Engine, output directory, resolved recipe, run info and metrics logger."""
+    watch_preemption()
     engine = Engine(recipe.train, recipe.deepspeed, recipe.seed)
     output_dir = Path(recipe.output_dir)
     checkpoint = None

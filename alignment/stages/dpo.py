@@ -456,8 +456,7 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
-        if loop.checkpoint_due(recipe, step) and step < steps:
-            loop.save_checkpoint(run, {"policy": policy}, step, (step - 1) // sampler.steps_per_epoch, order)
+        loop.step_boundary(run, {"policy": policy}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
 
     # Step 6. Export final/, reload check, gold score.

@@ -566,8 +566,7 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
             print_main(dist.is_main, f"warning: iteration {iteration}: {message}")
         run.logger.log(metrics, iteration)
         progress.update(int(mask.sum()), score=metrics["objective/scores"], kl=metrics["objective/kl"])
-        if loop.checkpoint_due(recipe, iteration) and iteration < iterations:
-            loop.save_checkpoint(run, models, iteration, 0, order, extra={"kl_coef": kl_ctl.value})
+        loop.step_boundary(run, models, iteration, iterations, 0, order, extra={"kl_coef": kl_ctl.value})
     progress.close()
 
     # Export: the policy to final/ (verified), the critic to final/critic/.

@@ -155,8 +155,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
         if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
             run.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"])
-        if loop.checkpoint_due(recipe, step) and step < steps:
-            loop.save_checkpoint(run, {"policy": model}, step, (step - 1) // sampler.steps_per_epoch, order)
+        loop.step_boundary(run, {"policy": model}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
     results["final_loss"] = metrics["loss"] if steps > start else None
     results["final_eval"] = {k: v for k, v in metrics.items() if k.startswith("eval/")} if steps > start else {}

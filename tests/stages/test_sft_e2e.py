@@ -229,3 +229,62 @@ def test_wandb_failure_never_loses_metrics(tmp_path, monkeypatch):
     messages = [str(w.message) for w in caught]
     assert any("wandb" in m and "ConnectionError" in m and "step 3" in m for m in messages), messages
     assert sum("wandb.log failed" in m for m in messages) == 1, "reported once"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_checkpoints_at_the_step_boundary_and_resume_is_exact(tmp_path, uninterrupted):
+    """Preemption: SIGTERM after step 4 (not a save step) -> a checkpoint at step 4, exit code 75; --resume
+    ends with the uninterrupted run's weights."""
+    from alignment.core.loop import PREEMPTED_EXIT_CODE
+
+    out = tmp_path / "P"
+    stopped = run_sft(out, *RESUME_SETS, steps=8, env={"ALIGN_DEBUG_SIGNAL_AT_STEP": "4"})
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.output[-2000:]
+    assert "stopped by SIGTERM after step 4: checkpoint written" in stopped.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    assert sorted(step_metrics(out)) == [1, 2, 3, 4] and not (out / "final").exists()
+    run_sft(out, *RESUME_SETS, steps=8, resume=True).check()
+    assert sorted(step_metrics(out)) == list(range(1, 9))
+    assert_same_weights(load_safetensors_dir(uninterrupted / "final"), load_safetensors_dir(out / "final"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigusr1_to_a_two_rank_launch_stops_both_ranks_with_a_checkpoint(tmp_path, align_cache):
+    """SLURM's --signal (SIGUSR1) sent to `align ... --nproc 2` from outside: the ranks agree on one step,
+    write one checkpoint, exit 75 within 60 s; --resume runs the remaining steps once each."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alignment.core.loop import PREEMPTED_EXIT_CODE
+    from helpers import REPO, child_env, sft_args
+
+    out = tmp_path / "two"
+    args = sft_args(out, "train.save_interval=0", "train.eval_interval=0", "data.eval=null", steps=400, nproc=2)
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *args], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(step_metrics(out) if (out / "metrics.jsonl").exists() else {}) < 2:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        signalled = time.time()
+        os.kill(proc.pid, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=60)
+        assert time.time() - signalled < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    (checkpoint,) = list((out / "checkpoints").iterdir())
+    stop_step = int(checkpoint.name.split("-")[1])
+    assert output.count(f"stopped by SIGUSR1 after step {stop_step}") == 1  # the main rank says it once
+    assert sorted(step_metrics(out)) == list(range(1, stop_step + 1))
+    resumed = run_sft(out, "train.save_interval=0", "train.eval_interval=0", "data.eval=null",
+                      steps=stop_step + 2, nproc=2, resume=True)
+    resumed.check()
+    assert sorted(step_metrics(out)) == list(range(1, stop_step + 3))
