@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", required=True, help="output directory")
     ev.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")
+    doctor = sub.add_parser("doctor", help="preflight a job: versions across ranks, accelerators, all-reduce "
+                            "bandwidth, shared filesystem", description="Run under the same launcher as a stage "
+                            "(--nproc, deepspeed, torchrun, srun). Exit 1 on any mismatch, 2 on an unreadable hostfile.")
+    doctor.add_argument("--nproc", type=int, default=None, help="local ranks (default 1)")
+    doctor.add_argument("--hostfile", default=None, help="DeepSpeed hostfile the job was started from, to check slots")
+    doctor.add_argument("--output-dir", default="runs/doctor", help="directory whose filesystem every rank must share")
+    doctor.add_argument("--size-mb", type=int, default=64, help="all-reduce size for the bandwidth test")
     from alignment.collect.label import add_parser as add_label_parser
 
     add_label_parser(sub)
@@ -198,6 +205,23 @@ def main(argv: list[str] | None = None) -> int:
         from reward.score import main as score_main
 
         return score_main(args)
+    if args.command == "doctor":
+        from alignment.cluster import doctor as doctor_module
+
+        if args.hostfile:
+            try:
+                doctor_module.read_hostfile(args.hostfile)
+            except doctor_module.HostfileError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        if (args.nproc or 1) > 1 and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+            return launch_local(args.nproc, _strip_nproc(argv))
+        code = doctor_module.main(args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # as for stages: skip teardown, gloo threads can abort it
+        return code
     if args.command == "label":
         from alignment.collect.label import main as label_main
 
