@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     pairs.add_argument("--max-length", type=int, default=None,
                        help="tokens a reward-model judge reads (default: its training data.max_length, else 512)")
+    pairs.add_argument("--offset", type=int, default=0, help="with --num-prompts: start this far into the seeded "
+                       "shuffle of the prompts (rounds of online DPO take consecutive slices)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")
     ev = sub.add_parser("eval", help="evaluate a policy (gold, RM score, win rate, KL, forgetting) or a reward model",
@@ -143,7 +145,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     def forward_stop(signum, frame):
         # Preemption: the ranks checkpoint at their next step boundary and exit 75 (alignment.core.loop). The
         # signal goes to the ranks, not to DeepSpeed's launcher, which would kill them mid-step.
-        for child in psutil.Process(launcher.pid).children(recursive=True):
+        for child in psutil.Process(launcher.pid).children():  # the ranks; not their own helper processes
             try:
                 child.send_signal(signal.SIGUSR1)
             except psutil.NoSuchProcess:
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from alignment.cluster import doctor as doctor_module
 
-        if args.hostfile:
+        if args.hostfile and "RANK" not in os.environ:  # the launching process; ranks leave it to rank 0
             try:
                 doctor_module.read_hostfile(args.hostfile)
             except doctor_module.HostfileError as exc:

@@ -133,7 +133,8 @@ def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
             command = ["pairs", "--model", str(policy), "--prompts", stage.prompts, "--judge", judge,
                        "--out", str(pairs_file), "--num-prompts", str(stage.num_prompts), "--samples",
                        str(stage.samples), "--temperature", str(stage.temperature), "--max-new-tokens",
-                       str(stage.max_new_tokens), "--seed", str(recipe.seed + round_index - 1)]  # new prompts each round
+                       str(stage.max_new_tokens), "--seed", str(recipe.seed),
+                       "--offset", str((round_index - 1) * stage.num_prompts)]  # new prompts each round
             planned.append(PlannedStage(label, stage_dir, command))
             continue
         overrides = [f"output_dir={stage_dir}", f"seed={recipe.seed}", *stage.overrides]

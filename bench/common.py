@@ -57,14 +57,52 @@ def bench_env(extra: dict | None = None) -> dict:
     return env
 
 
+PEAK_MIB: dict[str, float] = {}  # label -> peak resident memory of that side's whole process tree (MiB)
+
+
+def watch_peak_rss(proc: subprocess.Popen, timeout: float | None, every: float = 0.1) -> float:
+    """Wait for `proc`, sampling the summed PSS (proportional set size: a shared library's pages split among
+    the processes mapping it, so a launcher plus ranks is not charged libtorch once per process) of it and all
+    its descendants; the peak in MiB. Sampling can miss a spike shorter than `every`; both sides of a
+    comparison are sampled the same way."""
+    import psutil
+
+    peak, deadline = 0, (time.time() + timeout) if timeout else None
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        if deadline and time.time() > deadline:
+            for p in root.children(recursive=True):
+                p.kill()
+            proc.kill()
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            break
+        peak = max(peak, total)
+        time.sleep(every)
+    proc.wait()
+    return peak / 2**20
+
+
+def memory_line(name: str, ours_label: str, peer_label: str) -> str:
+    """RESULT name=<name>-peak-memory: peak PSS of our side against the peer's (lower is better; goal <= 0.8)."""
+    return result_line(f"{name}-peak-memory", PEAK_MIB[ours_label], PEAK_MIB[peer_label], "MiB")
+
+
 def run_logged(cmd: list[str], log_path: Path, label: str, env: dict | None = None, timeout: float | None = None) -> float:
     """Run a side's subprocess with its output in log_path; returns its wall time. Fails loudly with the log tail."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{label}] $ {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env or bench_env(), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env or bench_env(), stdout=log, stderr=subprocess.STDOUT)
+        PEAK_MIB[label] = watch_peak_rss(proc, timeout)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])

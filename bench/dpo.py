@@ -265,6 +265,7 @@ def main(argv=None) -> int:
             pc.print_cpu_check(by_name["ours"], by_name["trl-fastest"])
             common.result_line("dpo-vs-trl-default", ours, by_name["trl-default"].rate, "pairs/s")
             common.result_line("dpo-vs-trl-fastest", ours, by_name["trl-fastest"].rate, "pairs/s")
+            common.memory_line("dpo-vs-trl-default", "ours", "trl-default")
     finally:
         pc.cleanup(workdir, keep=bool(args.workdir))
     return 0

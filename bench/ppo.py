@@ -174,7 +174,8 @@ def part_grpo(args, workdir: Path) -> str:
         "ppo.samples_per_prompt": args.samples, "train.global_batch_size": per_step, "ppo.oversample": 1,
         "ppo.loss_aggregation": "seq_mean_token_mean"})
     peer = run_trl_grpo(args, workdir)
-    return common.result_line("grpo-vs-trl", ours[0] / ours[1], peer[0] / peer[1], "episodes/s")
+    line = common.result_line("grpo-vs-trl", ours[0] / ours[1], peer[0] / peer[1], "episodes/s")
+    return line + "\n" + common.memory_line("grpo-vs-trl", "ours-grpo", "trl-grpo")
 
 
 # ---------------------------------------------------------------------------
@@ -308,7 +309,8 @@ def part_ppo(args, workdir: Path) -> str:
     timed = result["seconds"][args.warmup:]
     episodes = len(timed) * result["episodes_per_step"]
     print(f"[trl-ppo] {episodes} episodes in {sum(timed):.1f}s over {len(timed)} timed rollouts", flush=True)
-    return common.result_line("ppo-vs-trl", ours[0] / ours[1], episodes / sum(timed), "episodes/s")
+    line = common.result_line("ppo-vs-trl", ours[0] / ours[1], episodes / sum(timed), "episodes/s")
+    return line + "\n" + common.memory_line("ppo-vs-trl", "ours-ppo", "trl-ppo")
 
 
 # ---------------------------------------------------------------------------

@@ -211,6 +211,7 @@ def main(argv=None) -> int:
             pc.print_cpu_check(ours, by_name["trl"])
             common.result_line(RESULT_NAME, ours.rate, by_name["trl"].rate, "pairs/s")
             common.result_line(RESULT_NAME + "-eager", ours.rate, by_name["trl-eager"].rate, "pairs/s")
+            common.memory_line(RESULT_NAME, "ours", "trl")
     finally:
         pc.cleanup(workdir, keep=bool(args.workdir))
     return 0

@@ -300,6 +300,8 @@ def main(argv=None) -> int:
         if args.only is None:
             ours, peer = rows
             common.result_line(RESULT_NAME, ours.rate, peer.rate, "tokens/s")
+            last = "" if args.rounds == 1 else f"-{args.rounds}"
+            common.memory_line(RESULT_NAME, "ours" + last, "trl" + last)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

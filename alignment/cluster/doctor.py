@@ -64,8 +64,13 @@ def rank_facts() -> dict:
     if fake and fake.split(":")[0] == os.environ.get("RANK"):
         package, version = fake.split(":", 1)[1].split("=")
         versions[package] = version
+    names = {socket.gethostname(), socket.getfqdn(), socket.gethostname().split(".")[0]}
+    try:
+        names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
     return {"rank": int(os.environ.get("RANK", 0)), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-            "host": socket.gethostname(), "versions": versions, "cuda": torch.cuda.is_available(),
+            "host": socket.gethostname(), "names": sorted(names), "versions": versions, "cuda": torch.cuda.is_available(),
             "gpus": torch.cuda.device_count()}
 
 
@@ -77,6 +82,7 @@ def allreduce_bandwidth(dist_, size_mb: int, iterations: int = 5) -> dict:
     n = dist_.world_size
     tensor = torch.ones(size_mb * 1024 * 1024 // 4, dtype=torch.float32, device=dist_.device)
     tdist.all_reduce(tensor)  # warm-up: connections are made here
+    correct = bool((tensor == n).all())  # a sum of ones: exact in float32 for any world size
     dist_.barrier()
     started = time.perf_counter()
     for _ in range(iterations):
@@ -85,7 +91,6 @@ def allreduce_bandwidth(dist_, size_mb: int, iterations: int = 5) -> dict:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / iterations
     algbw = size_mb / 1024 / seconds
-    correct = float(tensor[0]) == float(n ** (iterations + 1))
     return {"size_mb": size_mb, "seconds": seconds, "algbw_gb_s": algbw,
             "busbw_gb_s": algbw * 2 * (n - 1) / n if n > 1 else algbw, "correct": correct}
 
@@ -108,15 +113,16 @@ def main(args) -> int:
     from alignment.core.config import DeepSpeedConfig
     from alignment.core.distributed import Distributed
 
+    dist_ = Distributed(DeepSpeedConfig())
+    import torch.distributed as tdist
+
+    # The launching process checked the hostfile; here only rank 0 reads it (it may exist on one node only).
     hosts = None
-    if args.hostfile:
+    if args.hostfile and dist_.is_main:
         try:
             hosts = read_hostfile(args.hostfile)
         except HostfileError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    dist_ = Distributed(DeepSpeedConfig())
-    import torch.distributed as tdist
+            hosts = exc
 
     facts = dist_.gather_objects(rank_facts())
     bandwidth = allreduce_bandwidth(dist_, args.size_mb)
@@ -134,13 +140,19 @@ def main(args) -> int:
         for host, ranks in per_host.items():
             if ranks[0]["cuda"] and ranks[0]["gpus"] < len(ranks):
                 problems.append(f"{host}: {len(ranks)} ranks but {ranks[0]['gpus']} GPUs")
-            if hosts is not None and host in hosts and hosts[host] != len(ranks):
-                problems.append(f"{host}: hostfile says slots={hosts[host]}, {len(ranks)} ranks started there")
-        if hosts is not None:
+        if isinstance(hosts, HostfileError):
+            problems.append(str(hosts))
+            hosts = None
+        if hosts is not None:  # a hostfile line may name a host by short name, FQDN or address
+            alias = {name: host for host, ranks in per_host.items() for name in ranks[0]["names"]}
+            hosts = {alias.get(h, h): slots for h, slots in hosts.items()}
             for host in hosts:
                 if host not in per_host:
                     problems.append(f"hostfile host {host} started no rank (this job runs on: "
                                     f"{', '.join(per_host)})")
+                elif hosts[host] != len(per_host[host]):
+                    problems.append(f"{host}: hostfile says slots={hosts[host]}, {len(per_host[host])} ranks "
+                                    "started there")
         if not bandwidth["correct"]:
             problems.append("the all-reduce returned a wrong sum")
         for rank, unseen in fs["unseen"].items():

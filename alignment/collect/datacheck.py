@@ -53,6 +53,8 @@ def _rows(source: str):
                     yield row.origin, prompt, None, None, shape, None, str(exc)
                     continue
                 yield row.origin, _text(pair.prompt), _text(pair.chosen), _text(pair.rejected), shape, None, None
+            elif "prompt" in data and not ({"completion", "messages", "conversations", "text"} & set(data)):
+                yield row.origin, _text(data["prompt"]), None, None, "prompt", None, None  # prompt sets
             else:
                 shape = detect_sft_format(data, row.origin)
                 prompt = data.get("prompt") if shape == "prompt_completion" else \

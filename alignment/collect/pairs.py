@@ -101,7 +101,13 @@ def make_pairs(args) -> PairsReport:
     # Step 1. Prompts.
     rows = read_rows(args.prompts)
     if args.num_prompts:
-        rows = random.Random(args.seed).sample(rows, min(args.num_prompts, len(rows)))
+        # one seeded shuffle; --offset picks a later slice of it (online DPO rounds: new prompts each round)
+        order = random.Random(args.seed).sample(rows, len(rows))
+        offset = getattr(args, "offset", 0) % max(len(order), 1)
+        if offset + args.num_prompts > len(order):
+            print(f"note: {args.prompts} has {len(order)} prompts; prompts {offset}..{offset + args.num_prompts} "
+                  "wrap around to ones used before")
+        rows = [order[(offset + i) % len(order)] for i in range(min(args.num_prompts, len(order)))]
     prompts = [_prompt_messages(row) for row in rows]
     golds = [row.data.get("gold") for row in rows]
     if args.judge == GOLD_JUDGE and not all(golds):

@@ -54,6 +54,9 @@ def watch_preemption() -> None:
     checkpoint at the next step boundary and exit with PREEMPTED_EXIT_CODE, instead of dying mid-step."""
     def ask_to_stop(signum, frame):
         _stop_signal.append(signal.Signals(signum).name)
+        if len(_stop_signal) > 1:  # asked twice (or stuck outside the step loop): stop now, the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, ask_to_stop)

@@ -196,7 +196,11 @@ def evaluate_policy(args) -> dict:
     result["forgetting/nll_policy"] = text_nll(policy, tokenizer, paragraphs)
     base_path = args.base or args.reference
     if base_path:
-        base = reference if base_path == args.reference else _load_policy(base_path, args.trust_remote_code)[0]
+        if base_path == args.reference:
+            base = reference
+        else:
+            base, base_tok = _load_policy(base_path, args.trust_remote_code)
+            _same_vocabulary(base_tok, tokenizer, f"--base {base_path}")
         result["forgetting/nll_base"] = text_nll(base, tokenizer, paragraphs)
         result["forgetting/nll_change"] = result["forgetting/nll_policy"] - result["forgetting/nll_base"]
     result["forgetting/paragraphs"] = len(paragraphs)
@@ -249,12 +253,15 @@ def evaluate_reward_model(args) -> dict:
     def ids(p, response):
         return sequence_ids(scorer.tokenizer, p.prompt, response, scorer.max_length, scorer.max_prompt_length)
 
+    def response_tokens(response) -> int:  # the length bias is about responses, as in training's eval
+        return len(scorer.tokenizer(_plain(response), add_special_tokens=False)["input_ids"])
+
     chosen_ids = [ids(p, p.chosen) for p in pairs]
     rejected_ids = [ids(p, p.rejected) for p in pairs]
     chosen = torch.tensor(scorer.score_batched(chosen_ids, args.batch_size))
     rejected = torch.tensor(scorer.score_batched(rejected_ids, args.batch_size))
-    report = reward_report(chosen, rejected, torch.tensor([len(x) for x in chosen_ids]),
-                           torch.tensor([len(x) for x in rejected_ids]))
+    report = reward_report(chosen, rejected, torch.tensor([response_tokens(p.chosen) for p in pairs]),
+                           torch.tensor([response_tokens(p.rejected) for p in pairs]))
     result = {"reward_model": str(args.reward_model), "pairs": str(args.pairs), "rows": len(rows),
               "dropped": dropped, **{k.replace("eval/", "rm/"): v for k, v in report.items()}}
     for name in sorted({c for c in categories if c is not None}):
@@ -266,6 +273,12 @@ def evaluate_reward_model(args) -> dict:
                          for p, c, r in list(zip(pairs, chosen, rejected))[:SAMPLES_SHOWN]]
     result["seconds"] = time.time() - started
     return result
+
+
+def _plain(response) -> str:
+    if isinstance(response, list):
+        return "".join(str(m.get("content", "")) for m in response if isinstance(m, dict))
+    return str(response)
 
 
 def main(args) -> int:

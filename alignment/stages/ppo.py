@@ -720,7 +720,7 @@ class Health:
             out.append(f"mean KL {m['objective/kl']:.3f} is past 3x its target {target}")
         if m["objective/entropy"] < 0.05:
             out.append(f"entropy {m['objective/entropy']:.3f} nats per token: the policy is collapsing")
-        if self.group_size > 1:
+        if self.group_size > 1 and self.cfg.advantage in ("grpo", "rloo"):  # GAE and REINFORCE++ need no groups
             same = sum(len(set(g)) == 1 for g in groups) / max(len(groups), 1)
             if same > 0.5:
                 out.append(f"{same:.0%} of prompts got {self.group_size} identical responses: no signal for "

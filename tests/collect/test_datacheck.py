@@ -18,7 +18,8 @@ def test_data_check_finds_each_problem(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     eval_file = tmp_path / "eval.jsonl"
-    eval_file.write_text(json.dumps({"prompt": "WHAT IS 2 * 2 ?", "chosen": "4", "rejected": "3"}) + "\n")
+    # an eval prompt set (prompt rows only, as builtin:prompts_eval): leakage is still found
+    eval_file.write_text(json.dumps({"prompt": "WHAT IS 2 * 2 ?", "gold": {"expected": 4}}) + "\n")
     out = tmp_path / "report.json"
     result = run_cli(["data", "check", str(train), "--eval", str(eval_file), "--out", str(out)]).check()
     report = json.loads(out.read_text())

@@ -38,7 +38,7 @@ def test_agreement_by_hand():
     assert krippendorff_alpha_nominal(units) == pytest.approx(0.743, abs=5e-4)
     lo, hi = wilson_interval(5, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
-    assert majority(["a", "b", "a"]) == ("a", 2 / 3) and majority(["a", "b"]) == ("tie", 0.5)
+    assert majority(["a", "b", "a"]) == ("a", 2 / 3) and majority(["a", "b"]) == ("no_majority", 0.5)
 
 
 def _store(tmp_path, n=4, hostile=False) -> Store:
@@ -73,8 +73,8 @@ def test_store_sides_undo_double_submit_and_export(tmp_path):
     assert store.undo_last(me) == "i1" and store.next_item(me)[0].id == "i1"
     store.add_label(me, "i1", "tie")
     report = results.export(store, tmp_path / "out.jsonl")
-    assert report["written"] == 1 and report["dropped"] == {"tie": 1, "both_bad": 0, "low_agreement": 0,
-                                                             "unlabelled": 2}
+    assert report["written"] == 1 and report["dropped"] == {"tie": 1, "both_bad": 0, "no_majority": 0,
+                                                             "low_agreement": 0, "not_trainable": 0, "unlabelled": 2}
     row = json.loads((tmp_path / "out.jsonl").read_text())
     assert (row["chosen"], row["rejected"]) == ("0", "1") and row["provenance"]["strength"] == 2
     assert row["provenance"]["shown_left"] == {"ann": left}
@@ -85,6 +85,26 @@ def test_store_sides_undo_double_submit_and_export(tmp_path):
     pair = to_pair(read_rows(str(tmp_path / "out.jsonl"))[0])
     assert pair.chosen == "0" and pair.rejected == "1"
     assert results.stats(store)["human_ai_agreement"] == {"items": 1, "agreement": 1.0}
+
+
+def test_export_keeps_the_rows_chat_structure(tmp_path):
+    """Message-list prompts and responses are shown as text but exported as the message lists they were, so
+    align rm / dpo render them through the chat template, not as plain text."""
+    source = tmp_path / "pairs.jsonl"
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    source.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
+                                  "rejected": [{"role": "assistant", "content": "5"}], "id": "q1",
+                                  "score_chosen": 1.0, "score_rejected": 0.0}) + "\n")
+    store = Store(tmp_path / "s.db")
+    store.add_items(results.items_from_pairs(str(source)))
+    me = store.annotator_for(store.add_annotator("x"))[0]
+    item, left = store.next_item(me)
+    assert "2+2?" in item.prompt and item.a == "4"  # flat text on the page
+    store.add_label(me, "q1", "right" if left == "a" else "left")  # prefers b ("5")
+    results.export(store, tmp_path / "out.jsonl")
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["prompt"] == prompt and row["chosen"] == [{"role": "assistant", "content": "5"}]
+    assert "raw" not in row["provenance"] and row["provenance"]["ai"] == {"a": 1.0, "b": 0.0}
 
 
 def test_overlap_assigns_each_item_to_n_annotators_and_kappa_per_pair(tmp_path):

@@ -621,7 +621,7 @@ def test_pipeline_online_dpo_rounds_chain_policies(capsys):
                                                    f"{out}/dpo-round2/final"]  # tiny recipes: full fine-tunes
     assert [arg(p, "--out") for p in pairs] == [f"{out}/pairs-round1/pairs.jsonl", f"{out}/pairs-round2/pairs.jsonl",
                                                  f"{out}/pairs/pairs.jsonl"]
-    assert [arg(p, "--seed") for p in pairs] == ["0", "1", "2"]
+    assert [arg(p, "--offset") for p in pairs] == ["0", "256", "512"]  # consecutive slices of one shuffle
     for p, d in zip(pairs, dpos):
         assert setting(d, "model.name_or_path") == arg(p, "--model")
         assert setting(d, "data.train") == arg(p, "--out")

@@ -62,9 +62,10 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 
 def majority(votes: list[str]) -> tuple[str, float]:
-    """The most common category and the share of votes it got; a tie between top categories is 'tie'."""
+    """The most common category and the share of votes it got; 'no_majority' when the top categories tie
+    (annotators split evenly: not the same as a majority calling the pair a tie)."""
     counts = Counter(votes).most_common()
     top, count = counts[0]
     if len(counts) > 1 and counts[1][1] == count:
-        return "tie", count / len(votes)
+        return "no_majority", count / len(votes)
     return top, count / len(votes)

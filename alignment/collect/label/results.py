@@ -40,7 +40,9 @@ def items_from_pairs(source: str) -> list[Item]:
         except PairRejected:
             skipped += 1
             continue
-        meta = {"source": row.origin}
+        # the rows as the file had them (message lists stay message lists), exported as they were; the flat
+        # text is only for display
+        meta = {"source": row.origin, "raw": {"prompt": pair.prompt, "a": pair.chosen, "b": pair.rejected}}
         if "score_chosen" in row.data and "score_rejected" in row.data:
             meta["ai"] = {"a": row.data["score_chosen"], "b": row.data["score_rejected"]}
         items.append(Item(str(row.data.get("id", f"item-{n}")), _as_text(pair.prompt), _as_text(pair.chosen),
@@ -62,7 +64,9 @@ def items_from_arena(first: str, second: str, names: tuple[str, str]) -> list[It
         if _as_text(other.data.get("prompt")) != _as_text(row.data.get("prompt")):
             raise DataError(f"{row.origin} and {other.origin}: the same id holds different prompts")
         items.append(Item(f"arena-{key}", _as_text(row.data["prompt"]), _as_text(row.data["response"]),
-                          _as_text(other.data["response"]), {"arena": {"a": names[0], "b": names[1]}}))
+                          _as_text(other.data["response"]),
+                          {"arena": {"a": names[0], "b": names[1]},
+                           "raw": {"prompt": row.data["prompt"], "a": row.data["response"], "b": other.data["response"]}}))
     return items
 
 
@@ -82,8 +86,11 @@ def stats(store: Store) -> dict:
         entry["labels"] += 1
         if label["seconds"] is not None:
             entry["seconds"].append(label["seconds"])
-    annotators = {name: {"labels": e["labels"],
-                         "median_seconds_per_label": sorted(e["seconds"])[len(e["seconds"]) // 2] if e["seconds"] else None}
+    def median(values: list[float]) -> float | None:
+        v, n = sorted(values), len(values)
+        return None if n == 0 else v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+    annotators = {name: {"labels": e["labels"], "median_seconds_per_label": median(e["seconds"])}
                   for name, e in per_annotator.items()}
     kappas = {}
     for x, y in itertools.combinations(sorted(per_annotator), 2):
@@ -128,22 +135,28 @@ def export(store: Store, out: str | Path, drop_ties: bool = True, drop_both_bad:
     by_item: dict[str, list[dict]] = defaultdict(list)
     for label in store.labels():
         by_item[label["item_id"]].append(label)
-    rows, dropped = [], {"tie": 0, "both_bad": 0, "low_agreement": 0, "unlabelled": len(items) - len(by_item)}
+    rows, dropped = [], {"tie": 0, "both_bad": 0, "no_majority": 0, "low_agreement": 0, "not_trainable": 0,
+                         "unlabelled": len(items) - len(by_item)}
     for item_id, labels in by_item.items():
         item = items[item_id]
         winner, agreement = majority([category(label) for label in labels])
-        if winner in ("tie", "both_bad"):
-            if (winner == "tie" and drop_ties) or (winner == "both_bad" and drop_both_bad):
-                dropped[winner] += 1
-                continue
+        if winner == "no_majority":  # annotators split evenly: no preference to train on
+            dropped["no_majority"] += 1
+            continue
+        if (winner == "tie" and drop_ties) or (winner == "both_bad" and drop_both_bad):
+            dropped[winner] += 1
+            continue
         if agreement < min_agreement:
             dropped["low_agreement"] += 1
             continue
-        if winner not in ("a", "b"):
-            continue  # a kept tie / both-bad has no chosen side: it cannot be a training pair
-        chosen, rejected = (item.a, item.b) if winner == "a" else (item.b, item.a)
+        if winner not in ("a", "b"):  # a kept tie / both-bad has no chosen side: it cannot be a training pair
+            dropped["not_trainable"] += 1
+            continue
+        raw = item.meta.get("raw")
+        prompt, a, b = (raw["prompt"], raw["a"], raw["b"]) if raw else (item.prompt, item.a, item.b)
+        chosen, rejected = (a, b) if winner == "a" else (b, a)
         strengths = [label["strength"] for label in labels if category(label) == winner and label["strength"]]
-        rows.append({"prompt": item.prompt, "chosen": chosen, "rejected": rejected, "id": item_id,
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "id": item_id,
                      "provenance": {"votes": {label["annotator"]: category(label) for label in labels},
                                     "annotator_ids": [label["annotator_id"] for label in labels],
                                     "agreement": agreement,
@@ -151,7 +164,7 @@ def export(store: Store, out: str | Path, drop_ties: bool = True, drop_both_bad:
                                     "shown_left": {label["annotator"]: label["left_side"] for label in labels},
                                     "timestamps": [label["created"] for label in labels],
                                     "rationales": [label["rationale"] for label in labels if label["rationale"]],
-                                    **item.meta}})
+                                    **{k: v for k, v in item.meta.items() if k != "raw"}}})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -67,17 +67,19 @@ border-radius:3px;padding:0 4px;font-size:12px}#status{color:#a00}.progress{colo
 <script>
 const token = new URLSearchParams(location.search).get("token");
 const csrf = document.querySelector('meta[name=csrf]').content;
-let choice = null, strength = null;
+let choice = null, strength = null, busy = false;
 function mark(attr, value) {
   document.querySelectorAll("[data-" + attr + "]").forEach(b => b.classList.toggle("on", b.dataset[attr] === String(value)));
 }
 function pick(c) { choice = c; if (c === "tie" || c === "both_bad") { strength = null; mark("strength", null); } mark("choice", c); }
 function pickStrength(s) { if (choice === "left" || choice === "right") { strength = s; mark("strength", s); } }
 async function post(path, body) {
+  if (busy) return false;  // one request at a time: a held key must not undo several labels
+  busy = true;
   const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json",
     "X-Annotator-Token": token, "X-CSRF-Token": csrf}, body: JSON.stringify(body || {})});
-  if (!r.ok) { document.getElementById("status").textContent = (await r.json()).error; return false; }
-  return true;
+  if (!r.ok) { busy = false; document.getElementById("status").textContent = (await r.json()).error; return false; }
+  return true;  // the page reloads; busy stays set until then
 }
 async function submit() {
   if (!choice) { document.getElementById("status").textContent = "pick a choice first (1-4)"; return; }
@@ -90,6 +92,7 @@ document.querySelectorAll("[data-strength]").forEach(b => b.onclick = () => pick
 if (document.getElementById("submit")) document.getElementById("submit").onclick = submit;
 document.getElementById("undo").onclick = undo;
 document.addEventListener("keydown", e => {
+  if (e.repeat) return;
   const typing = document.activeElement && document.activeElement.id === "rationale";
   if (typing) { if (e.key === "Escape") document.activeElement.blur(); return; }
   const keys = {"1": "left", "2": "right", "3": "tie", "4": "both_bad"};
@@ -199,7 +202,7 @@ def make_app(store_path: str):
             if rationale is not None and (not isinstance(rationale, str) or len(rationale) > MAX_RATIONALE):
                 raise StoreError(f"rationale must be a string of at most {MAX_RATIONALE} characters", 422)
             strength = data.get("strength")
-            if strength is not None and not isinstance(strength, int):
+            if strength is not None and (not isinstance(strength, int) or isinstance(strength, bool)):
                 raise StoreError("strength must be 1, 2 or 3", 422)
             label_id = store.add_label(annotator_id, item_id, choice, strength, rationale)
         except StoreError as exc:
