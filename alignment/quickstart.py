@@ -2,8 +2,9 @@
 
 Step 1 writes the built-in task's data files (SFT demonstrations, preference pairs,
 prompt sets with gold specs) so you can look at them. Step 2 runs the pipeline of
-configs/smollm2/pipeline.yaml: SFT -> reward model -> DPO, printing the gold score
-on held-out prompts before and after SFT and DPO, and the reward model's accuracy.
+configs/smollm2/pipeline.yaml: SFT -> reward model -> DPO -> GRPO, ending with the gold
+score on held-out prompts after each stage and the reward model's accuracy
+(runs/quickstart/summary.json) and runs/quickstart/report.html.
 """
 
 from __future__ import annotations
