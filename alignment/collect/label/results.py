@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -98,9 +99,10 @@ def stats(store: Store) -> dict:
         if shared:
             kappas[f"{x}|{y}"] = {"items": len(shared), "kappa": cohen_kappa([by_item[i][x] for i in shared],
                                                                              [by_item[i][y] for i in shared])}
+    alpha = krippendorff_alpha_nominal([list(v.values()) for v in by_item.values()])
     result = {"items": len(items), "labels": len(labels), "labelled_items": len(by_item), "annotators": annotators,
               "cohen_kappa": kappas,
-              "krippendorff_alpha": krippendorff_alpha_nominal([list(v.values()) for v in by_item.values()])}
+              "krippendorff_alpha": None if math.isnan(alpha) else alpha}  # None: no item has two labels
     # Humans against the AI judge, on items whose judge preferred one candidate.
     agree = judged = 0
     for item_id, votes in by_item.items():
