@@ -53,13 +53,19 @@ def token_values(model, batch: dict) -> torch.Tensor:
     return call(model, _token_values, batch)
 
 
-def _token_values(model, batch: dict) -> torch.Tensor:
+def _backbone_hidden(model, batch: dict) -> torch.Tensor:
+    """Final hidden states [B, T, H] of a scalar-head model's backbone (padded or packed batch)."""
     from alignment.core.modeling import attention_inputs
 
     hf = unwrap(model)
     backbone = getattr(hf, hf.base_model_prefix)
     out = backbone(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(batch, model_dtype(model)))
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _token_values(model, batch: dict) -> torch.Tensor:
+    hf = unwrap(model)
+    hidden = _backbone_hidden(model, batch)
     if "pred_index" in batch:  # groups packed with their prompt once (alignment.rlhf.rollout.group_batch)
         where, slot = batch["pred_index"], batch["target_slot"]
         values = score_head(hf)(hidden[where[:, 0], where[:, 1]].to(model_dtype(model))).squeeze(-1).float()
@@ -82,14 +88,9 @@ def batch_rewards(model, batch: dict) -> torch.Tensor:
 
 
 def _packed_rewards(model, batch: dict) -> torch.Tensor:
-    from alignment.core.modeling import attention_inputs
-
-    hf = unwrap(model)
-    backbone = getattr(hf, hf.base_model_prefix)
-    out = backbone(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(batch, model_dtype(model)))
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = _backbone_hidden(model, batch)
     last = batch["last_position"]
-    return score_head(hf)(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float()
+    return score_head(unwrap(model))(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float()
 
 
 def _spare_token(tokenizer) -> str | None:

@@ -59,22 +59,29 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 @torch.no_grad()
 def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[int]], pad_id: int,
                           batch_size: int = 16) -> list[torch.Tensor]:
-    """log p(c_t | prefix, c_<t) for each continuation token, one float tensor per row [len(c)]; a plain
-    causal LM, rows right-padded (positions follow the attention mask)."""
+    """log p(c_t | prefix, c_<t) for each continuation token, one float tensor per row [len(c)]; rows
+    right-padded, scored by the training path (alignment.core.modeling.target_logprobs: fp32, output layer
+    on the target positions only)."""
+    from alignment.core.data import IGNORE
+    from alignment.core.modeling import target_logprobs
+
     out: list[torch.Tensor] = []
     device = next(model.parameters()).device
     for start in range(0, len(prefixes), batch_size):
-        rows = [p + c for p, c in zip(prefixes[start:start + batch_size], continuations[start:start + batch_size])]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
-        for i, (p, c) in enumerate(zip(prefixes[start:start + batch_size], continuations[start:start + batch_size])):
-            out.append(logp[i, len(p) - 1 : len(p) - 1 + len(c)])
+        pairs = list(zip(prefixes[start:start + batch_size], continuations[start:start + batch_size]))
+        width = max(len(p) + len(c) for p, c in pairs)
+        ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
+        for i, (p, c) in enumerate(pairs):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+            labels[i, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        logps, where = target_logprobs(model, batch)  # row-major: each row's targets in order
+        rows = where[:, 0].cpu()
+        logps = logps.float().cpu()
+        out += [logps[rows == i] for i in range(len(pairs))]
     return out
 
 
