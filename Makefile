@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/rm.py
 	$(PY) bench/dpo.py
 	$(PY) bench/ppo.py
+	$(PY) bench/label.py
 
 clean:
 	rm -rf $(VENV) runs
