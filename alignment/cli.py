@@ -17,6 +17,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -182,6 +183,21 @@ def stage_module(name: str):
     return stages.load(name) if name in stages.MODULES else None
 
 
+_PEER_LOST = re.compile(r"(Connection reset by peer|Connection closed by peer|Broken pipe|remote process exited"
+                        r"|Connection refused)", re.IGNORECASE)
+_PEER_ADDR = re.compile(r"\[([0-9a-fA-F.:]+)\]:(\d+)")
+
+
+def lost_peer(message: str) -> str | None:
+    """'the peer at ADDR:PORT (reason)' when a collective failed because another rank went away, else None."""
+    reason = _PEER_LOST.search(message)
+    if not reason:
+        return None
+    addr = _PEER_ADDR.search(message)
+    where = f"the peer at {addr.group(1)}:{addr.group(2)}" if addr else "a peer"
+    return f"{where} ({reason.group(1)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -268,9 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"[rank {rank}] error: {exc}\n")
         sys.stderr.flush()
         os._exit(2)
-    except Exception:
+    except Exception as exc:
         # Print this rank's traceback and exit non-zero; the launcher then stops the other ranks.
         sys.stderr.write(f"[rank {rank}] align {args.command} failed:\n{traceback.format_exc()}")
+        lost = lost_peer(str(exc))
+        if lost:
+            sys.stderr.write(f"[rank {rank}] error: lost contact with another rank: {lost}. Its node stopped or "
+                             "its network failed (see that node's log); this rank stops too.\n")
         sys.stderr.flush()
         os._exit(1)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -183,9 +183,9 @@ def print_table(rows: Iterable[Throughput], skip: int) -> None:
         print(f"  {r.name} s/step: " + " ".join(f"{s:.2f}" for s in r.step_seconds))
 
 
-def result_line(name: str, ours: float, peer: float, unit: str) -> str:
+def result_line(name: str, ours: float, peer: float, unit: str, digits: int = 2) -> str:
     ratio = ours / peer if peer > 0 else float("inf")
-    line = f"RESULT name={name} ours={ours:.2f} peer={peer:.2f} unit={unit} ratio={ratio:.3f}"
+    line = f"RESULT name={name} ours={ours:.{digits}f} peer={peer:.{digits}f} unit={unit} ratio={ratio:.3f}"
     print(line, flush=True)
     return line
 

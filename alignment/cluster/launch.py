@@ -3,9 +3,11 @@
 One canonical per-node command (launch/node.sh: torchrun running `align STAGE RECIPE`)
 is reused by every wrapper:
 - `python -m alignment.cluster.launch ssh --hostfile H -- STAGE RECIPE [...]` starts it on every
-  host over ssh, and exits non-zero as soon as any node fails (stopping the others);
-  a hostfile it cannot parse is an error before anything starts (never a silent
-  fallback to local GPUs).
+  host over ssh (from the project directory, with the project's python), under a guard that
+  ends the node's ranks when the launcher goes away; it exits non-zero as soon as any node
+  fails (stopping the others), and SIGTERM/SIGINT to it stops every node. A hostfile it
+  cannot parse is an error before anything starts (never a silent fallback to local GPUs).
+  `--dry-run` prints each node's command.
 - launch/slurm.sbatch checks with `python -m alignment.cluster.launch check-ranks` that every
   node got a distinct rank (SLURM_NODEID expanded inside each task, not on the head
   node) before starting the job with srun.
@@ -14,6 +16,7 @@ is reused by every wrapper:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -65,12 +68,72 @@ def parse_hostfile(path: str | Path) -> list[Host]:
     return hosts
 
 
-def node_command(stage_args: list[str], node_rank: int, nnodes: int, nproc: int, master: str, port: int) -> list[str]:
-    """The canonical per-node command: torchrun starting `align` with the node's rank."""
-    return [
-        "torchrun", f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}",
-        f"--master_addr={master}", f"--master_port={port}", "-m", "alignment.cli", *stage_args,
-    ]
+PROJECT = Path(__file__).resolve().parents[2]
+NODE_SH = "launch/node.sh"  # the canonical per-node command, relative to the project root
+
+
+def node_env(node_rank: int, nnodes: int, nproc: int, master: str, port: int, python: str) -> dict[str, str]:
+    """What launch/node.sh reads: this node's rank, the job's shape, the rendezvous, the project's python."""
+    return {"NNODES": str(nnodes), "NODE_RANK": str(node_rank), "GPUS_PER_NODE": str(nproc),
+            "MASTER_ADDR": master, "MASTER_PORT": str(port), "PY": python}
+
+
+def node_command(stage_args: list[str], node_rank: int, nnodes: int, nproc: int, master: str, port: int,
+                 workdir: str, python: str) -> str:
+    """The shell command one node runs: launch/node.sh from the project, under a guard that ends every rank of
+    the node when the launcher goes away (its stdin closes: the ssh connection dropped or was closed)."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in node_env(node_rank, nnodes, nproc, master, port, python).items())
+    guarded = [python, "-m", "alignment.cluster.launch", "guard", "--", NODE_SH, *stage_args]
+    return f"cd {shlex.quote(workdir)} && {env} exec " + " ".join(shlex.quote(c) for c in guarded)
+
+
+def guard(cmd: list[str], grace: float = 20.0) -> None:
+    """Run `cmd` (a node's launcher and its ranks) in its own session; end the whole session when our stdin
+    closes or we get SIGTERM/SIGHUP/SIGINT: SIGTERM first (the ranks checkpoint at the next step boundary,
+    alignment.core.loop), SIGKILL after `grace` seconds. Exits with the command's exit code.
+
+    Over ssh a remote process outlives a killed ssh client (no tty, no SIGHUP), so stopping the launcher used
+    to leave every remote rank running; stdin EOF is the one signal that always arrives."""
+    import threading
+
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    stopping = threading.Event()
+
+    def stop(reason: str) -> None:
+        if stopping.is_set() or child.poll() is not None:
+            return
+        stopping.set()
+        print(f"[node guard] {reason}: stopping this node's ranks", file=sys.stderr, flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+
+        def kill_later() -> None:
+            if child.poll() is None:
+                try:
+                    child.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGKILL)
+
+        threading.Thread(target=kill_later, daemon=True).start()
+
+    def watch_stdin() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        stop("the launcher's connection closed")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop(f"got {signal.Signals(signum).name}"))
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    code = child.wait()
+    with contextlib.suppress(ProcessLookupError):  # a rank's helper left behind in the session
+        os.killpg(child.pid, signal.SIGKILL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if code >= 0 else 128 - code)  # not a normal exit: the stdin reader thread would block it
 
 
 def check_node_ranks(lines: list[str], nnodes: int) -> dict[int, str]:
@@ -92,34 +155,68 @@ def check_node_ranks(lines: list[str], nnodes: int) -> dict[int, str]:
     return ranks
 
 
-def ssh_launch(hosts: list[Host], stage_args: list[str], port: int, remote_shell: list[str], workdir: str) -> int:
-    """Start the node command on every host; return the first non-zero exit code (others are stopped)."""
+def ssh_commands(hosts: list[Host], stage_args: list[str], port: int, remote_shell: list[str], workdir: str,
+                 python: str) -> list[list[str]]:
+    """Per node: the local command that runs that node's guarded launch/node.sh on its host."""
     master = hosts[0].name
-    procs = []
-    for rank, host in enumerate(hosts):
-        cmd = node_command(stage_args, rank, len(hosts), host.slots, master, port)
-        remote = f"cd {shlex.quote(workdir)} && " + " ".join(shlex.quote(c) for c in cmd)
-        procs.append(subprocess.Popen([*remote_shell, host.name, remote], start_new_session=True))
+    return [[*remote_shell, host.name, node_command(stage_args, rank, len(hosts), host.slots, master, port, workdir,
+                                                    python)]
+            for rank, host in enumerate(hosts)]
+
+
+def ssh_launch(commands: list[list[str]], grace: float = 30.0) -> int:
+    """Start every node's command; return the first non-zero exit code, stopping the other nodes.
+
+    Stopping a node closes its command's stdin: the remote guard then ends that node's ranks (SIGTERM,
+    then SIGKILL). SIGTERM/SIGINT to this launcher stops every node the same way."""
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True) for cmd in commands]
+    stop_requested: list[int] = []
+
+    def on_signal(signum, frame):
+        stop_requested.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     code = 0
-    while procs:
-        for proc in list(procs):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            procs.remove(proc)
-            if rc != 0:
-                code = rc
-                for other in procs:  # one node failed: stop the rest instead of letting them hang
-                    try:
-                        os.killpg(other.pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-                for other in procs:
-                    other.wait()
-                procs = []
-                break
-        time.sleep(0.2)
+    try:
+        running = list(procs)
+        while running and not stop_requested:
+            for proc in list(running):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                running.remove(proc)
+                if rc != 0:
+                    node = procs.index(proc)
+                    print(f"error: node {node} ({commands[node][-2]}) exited with {rc}; stopping the other nodes",
+                          file=sys.stderr, flush=True)
+                    code = rc
+                    running = []
+                    break
+            time.sleep(0.2)
+        if stop_requested:
+            code = 128 + stop_requested[0]
+            print(f"launcher got {signal.Signals(stop_requested[0]).name}: stopping every node", file=sys.stderr,
+                  flush=True)
+    finally:
+        _stop_all(procs, grace)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code
+
+
+def _stop_all(procs: list[subprocess.Popen], grace: float) -> None:
+    for proc in procs:
+        if proc.poll() is None and proc.stdin:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # the remote guard stops that node's ranks
+    deadline = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ssh.add_argument("--workdir", default=os.getcwd())
     ssh.add_argument("--remote-shell", default=os.environ.get("ALIGN_REMOTE_SHELL", "ssh -o BatchMode=yes"),
                      help="command that runs a command on a host: '<shell> HOST CMD' (default: ssh)")
+    ssh.add_argument("--python", default=None, help="the project's python on every node (default: this one, "
+                     "sys.executable; the project's environment is expected at the same path on each node)")
+    ssh.add_argument("--dry-run", action="store_true", help="print each node's command and exit")
     ssh.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- STAGE RECIPE [--set ...]")
+    guard_cmd = sub.add_parser("guard", help="(run on a node) run a command, ending it when stdin closes")
+    guard_cmd.add_argument("cmd", nargs=argparse.REMAINDER)
     check = sub.add_parser("check-ranks", help="verify 'NODE_RANK HOST' lines from every node")
     check.add_argument("file")
     check.add_argument("--nnodes", type=int, required=True)
@@ -141,11 +243,23 @@ def main(argv: list[str] | None = None) -> int:
             ranks = check_node_ranks(Path(args.file).read_text().splitlines(), args.nnodes)
             print(f"node ranks ok: {ranks}")
             return 0
+        if args.command == "guard":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            if not cmd:
+                raise LaunchError("guard: nothing to run")
+            guard(cmd)
         hosts = parse_hostfile(args.hostfile)
-        stage_args = [a for a in args.stage_args if a != "--"]
+        stage_args = args.stage_args[1:] if args.stage_args[:1] == ["--"] else args.stage_args
         if not stage_args:
             raise LaunchError("nothing to run: pass -- STAGE RECIPE [...]")
-        return ssh_launch(hosts, stage_args, args.port, shlex.split(args.remote_shell), args.workdir)
+        commands = ssh_commands(hosts, stage_args, args.port, shlex.split(args.remote_shell),
+                                os.path.abspath(args.workdir), args.python or sys.executable)
+        if args.dry_run:
+            for rank, cmd in enumerate(commands):
+                print(f"# node {rank}: {hosts[rank].name}, {hosts[rank].slots} slot(s)")
+                print(" ".join(shlex.quote(c) for c in cmd))
+            return 0
+        return ssh_launch(commands)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

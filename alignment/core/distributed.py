@@ -41,6 +41,32 @@ def _unlink_deepspeed_shm_buffer(rank: int) -> None:
             os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
 
 
+def gloo_interface_toward(master_addr: str) -> tuple[str, str] | None:
+    """(interface, local address) this host uses to reach `master_addr`, or None when it is loopback/unknown.
+
+    gloo binds the address the host name resolves to unless GLOO_SOCKET_IFNAME says otherwise; on
+    many clusters (and in containers) the host name resolves to 127.0.x.1, so every rank of a
+    multi-node job advertises a loopback address, ranks on other nodes get "connection refused"
+    and the job dies at init (FAILURES: multi-node gloo). The kernel's route to the master picks
+    the right interface; a UDP connect sends nothing.
+    """
+    import psutil
+
+    try:
+        target = socket.gethostbyname(master_addr)
+        if target.startswith("127."):
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((target, 9))
+            local = sock.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addresses):
+            return name, local
+    return None
+
+
 class Distributed:
     """Rank, world size and device of this process, and the collectives over all ranks."""
 
@@ -56,6 +82,12 @@ class Distributed:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if self.on_gpu:
             torch.cuda.set_device(self.local_rank)
+        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+            found = gloo_interface_toward(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+            if found:
+                os.environ["GLOO_SOCKET_IFNAME"] = found[0]
+                print(f"[rank {os.environ.get('RANK', '?')}] gloo over {found[0]} ({found[1]}), the route to "
+                      f"MASTER_ADDR {os.environ['MASTER_ADDR']} (set GLOO_SOCKET_IFNAME to choose)", flush=True)
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        timeout=timedelta(minutes=ds.timeout_minutes))
