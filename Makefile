@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(PY) bench/dpo.py
 	$(PY) bench/ppo.py
 	$(PY) bench/label.py
+	$(PY) bench/estimate.py
+	$(PY) bench/rm_quality.py
+	$(PY) bench/dpo_quality.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--hostfile", default=None, help="DeepSpeed hostfile the job was started from, to check slots")
     doctor.add_argument("--output-dir", default="runs/doctor", help="directory whose filesystem every rank must share")
     doctor.add_argument("--size-mb", type=int, default=64, help="all-reduce size for the bandwidth test")
+    est = sub.add_parser("estimate", help="memory per rank for each role of a stage, with the formulas",
+                         description="Reads the recipe (and its data, for the longest rows); runs nothing heavy.")
+    est.add_argument("recipe")
+    est.add_argument("--stage", default=None, help="the recipe's stage (default: from its file name, as sft.yaml, "
+                     "rm-hh.yaml, grpo.yaml)")
+    est.add_argument("--nproc", type=int, default=None, help="ranks of the job (default 1)")
+    est.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    est.add_argument("--json", default=None, help="also write the estimate as JSON here")
     from alignment.collect.label import add_parser as add_label_parser
 
     add_label_parser(sub)
@@ -240,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(code)  # as for stages: skip teardown, gloo threads can abort it
         return code
+    if args.command == "estimate":
+        from alignment.cluster.estimate import main as estimate_main, stage_of_recipe
+
+        args.stage = args.stage or stage_of_recipe(args.recipe)
+        if args.stage is None:
+            print(f"error: cannot tell the stage of {args.recipe} from its name; pass --stage", file=sys.stderr)
+            return 2
+        return estimate_main(args)
     if args.command == "label":
         from alignment.collect.label import main as label_main
 

@@ -34,6 +34,20 @@ def git_revision(path: str | Path | None = None) -> str:
         return "unknown"
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, MiB: resident set (host RAM; on CPU runs, everything) and, with CUDA,
+    the peak allocated on its GPU. `align estimate` predicts these."""
+    import resource
+
+    out = {"memory/peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["memory/peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def run_info(seed: int, world_size: int, stage: str) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -112,6 +126,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        if any(k.startswith("train/") for k in metrics):
+            record.update(peak_memory())
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:

@@ -334,3 +334,71 @@ def test_pairs_to_labels_to_export_to_a_reward_model(tmp_path, align_cache):
              "--set", "train.max_steps=2", "--set", "logging.progress_bar=false", "--set", "train.precision=fp32"]).check()
     assert (rm / "final" / "config.json").is_file()
     assert all(math.isfinite(m["loss"]) for m in read_metrics(rm) if "loss" in m)
+
+
+ARENA_PROMPTS = ["Name a prime number.", "What is 2 + 3?", "Say hello in French.", "Spell 'cat' backwards."]
+ARENA_ANSWERS = {"sft": ["I am not sure.", "Maybe 6.", "Hello.", "cat"],
+                 "dpo": ["7 is a prime number.", "2 + 3 = 5.", "Bonjour !", "tac"]}
+
+
+@pytest.mark.slow
+def test_arena_two_policies_judged_blind_in_a_real_browser_give_a_human_win_rate(tmp_path):
+    """Arena mode end to end: two policies' answers -> `align label init --arena` -> one annotator by keyboard in a
+    real browser, one over HTTP -> `align label stats`: the human win rate with its Wilson interval, as counted."""
+    from browser import ensure_browser
+
+    executable = ensure_browser()
+    from playwright.sync_api import sync_playwright
+
+    from helpers import run_cli
+
+    for name, answers in ARENA_ANSWERS.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"id": i, "prompt": p, "response": a}) + "\n" for i, (p, a) in enumerate(zip(ARENA_PROMPTS, answers))))
+    db = tmp_path / "arena.db"
+    run_cli(["label", "init", str(db), "--arena", str(tmp_path / "sft.jsonl"), str(tmp_path / "dpo.jsonl"),
+             "--names", "sft", "dpo"]).check()
+    tokens = {}
+    for who in ("alice", "bob"):
+        out = run_cli(["label", "annotator", str(db), who]).check().output
+        tokens[who] = out.strip().splitlines()[-1].split("token=")[1]
+    # alice (browser, keyboard): prefers dpo on the first three items she is shown, a tie on the last.
+    # bob (HTTP): prefers sft on the first two items he is shown, dpo on the others.
+    server = Server(db)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url(f"/label?token={tokens['alice']}"))
+            assert page.inner_text("#question").startswith("Arena: two policies answered this prompt")
+            assert "sft" not in page.content() and "dpo" not in page.content()  # blind: no policy names
+            for n in range(4):
+                left = page.inner_text("#left pre")
+                dpo_left = left in ARENA_ANSWERS["dpo"]
+                key = "3" if n == 3 else ("1" if dpo_left else "2")
+                page.keyboard.press(key)
+                with page.expect_navigation():
+                    page.keyboard.press("Enter")
+            assert page.is_visible("#done")
+            browser.close()
+        status, nxt = server.request("GET", f"/api/next?token={tokens['bob']}")
+        headers = {"X-Annotator-Token": tokens["bob"], "X-CSRF-Token": nxt["csrf"]}
+        n = 0
+        while nxt["item"] is not None:
+            want = "sft" if n < 2 else "dpo"
+            choice = "left" if nxt["left"] in ARENA_ANSWERS[want] else "right"
+            assert server.request("POST", "/api/label", {"item_id": nxt["item"]["id"], "choice": choice},
+                                  headers)[0] == 200
+            nxt, n = server.request("GET", f"/api/next?token={tokens['bob']}")[1], n + 1
+        assert n == 4
+    finally:
+        server.stop()
+    out = run_cli(["label", "stats", str(db)]).check().output
+    stats = json.loads(out[out.index("{"):])
+    arena = stats["arena"]["sft vs dpo"]
+    # sft's wins: alice 0 + a tie (0.5), bob 2 -> 2.5 of 8 votes
+    assert arena["votes"] == 8
+    assert arena["win_rate"] == pytest.approx(2.5 / 8)
+    assert arena["ci95"] == pytest.approx(list(wilson_interval(2.5, 8)))
+    lo, hi = arena["ci95"]
+    assert lo < 2.5 / 8 < hi

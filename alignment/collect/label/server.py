@@ -39,7 +39,9 @@ border-radius:3px;padding:0 4px;font-size:12px}#status{color:#a00}.progress{colo
 </style></head><body>
 <div class="progress" id="progress">{{ done }} / {{ total }} labelled{% if name %} &middot; {{ name }}{% endif %}</div>
 {% if item %}
-<h2>Which response is better?</h2>
+{% if item.arena %}<h2 id="question">Arena: two policies answered this prompt. Which answer is better?</h2>
+<p class="progress">The policies' names are hidden, and which side each is on changes from item to item.</p>
+{% else %}<h2 id="question">Which response is better?</h2>{% endif %}
 <div class="prompt" id="prompt">{{ item.prompt }}</div>
 <div class="pair">
   <div class="side" id="left"><h3>A <kbd>1</kbd></h3><pre>{{ left }}</pre></div>
@@ -144,7 +146,8 @@ def make_app(store_path: str):
             return {"done": done, "total": total, "item": None}
         item, left_side = nxt
         left, right = (item.a, item.b) if left_side == "a" else (item.b, item.a)
-        return {"done": done, "total": total, "item": {"id": item.id, "prompt": item.prompt}, "left": left,
+        return {"done": done, "total": total,
+                "item": {"id": item.id, "prompt": item.prompt, "arena": "arena" in item.meta}, "left": left,
                 "right": right}
 
     async def label_page(request: Request):
