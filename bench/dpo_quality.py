@@ -7,7 +7,8 @@ frozen copy of the starting model, on the same first --train-rows rows of the tr
 the shared hh-rlhf file (bench/quality_common.py: the fixed split, 360 held-out rows neither side
 sees), with TRL's DPOConfig defaults for what a user leaves unset: beta 0.1, learning rate 1e-6,
 linear decay, no warm-up, no weight decay, batch 8 (no accumulation), clipping 1.0, dropout off,
-bf16 autocast on CPU (ours: DeepSpeed bf16 with fp32 master weights). Only max_length (TRL
+bf16 autocast on CPU (ours: DeepSpeed bf16 with fp32 master weights, exported as TRL saves its fp32
+weights: model.export_dtype fp32). Only max_length (TRL
 default 1024; 320 here) and the epochs (TRL default 3; 1 here) are set, the same on both sides.
 Each side keeps its own handling of long pairs: ours keeps the prompt's last max_length/2
 tokens and cuts the responses; DPOTrainer keeps the start of each sequence (truncation_mode
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--max-held-out", type=int, default=None, help="score only the first N held-out pairs (quick runs)")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="train and score one side (no RESULT)")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
+    p.add_argument("--recipe", default=None, help="instead: train with this recipe as it is (its data must hold "
+                   "out the same rows: data.eval_fraction 0.2, seed 0) and score its export the plain way")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -63,7 +66,7 @@ def run_ours(args, workdir: Path) -> Path:
     out = workdir / "ours"
     sets = {
         "output_dir": out, "seed": qc.SPLIT_SEED, "model.name_or_path": "smollm2-135m",
-        "model.gradient_checkpointing": "false",
+        "model.gradient_checkpointing": "false", "model.export_dtype": "fp32",
         "data.train": qc.DATA, "data.eval": "null", "data.eval_fraction": qc.HELD_FRACTION,
         "data.max_rows": args.train_rows, "data.max_eval_rows": 0, "data.max_length": args.max_length,
         "train.global_batch_size": args.batch, "train.micro_batch_size": args.batch,
@@ -137,6 +140,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-dpo-quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        if args.recipe:
+            return qc.score_recipe("dpo", args.recipe, workdir, args.max_held_out, started)
         train_rows, held_rows = qc.held_out_split()
         train_rows = train_rows[: args.train_rows]
         train_pairs, rejected = qc.parse_pairs(train_rows)
@@ -151,7 +156,9 @@ def main(argv=None) -> int:
               f"rejected {dict(rejected) or 'none'}); held out: {len(held_rows)} rows -> {len(held)} pairs scored "
               f"(parser rejected {dict(held_rejected) or 'none'})", flush=True)
         t0 = time.perf_counter()
-        start = qc.response_logps(common.smollm2_path(), held)
+        cached = workdir / f"start_logps_{len(held)}.json"  # the starting model's: the same for every run
+        start = json.loads(cached.read_text()) if cached.exists() else qc.response_logps(common.smollm2_path(), held)
+        cached.write_text(json.dumps(start))
         print(f"[start] log-probs of the starting model on the held-out pairs in {time.perf_counter() - t0:.0f}s",
               flush=True)
         table, acc = [], {}

@@ -178,3 +178,38 @@ def print_data_table(rows: list[tuple[str, dict]]) -> None:
     print(f"\n{'side':<6} {'rows':>5} {'kept':>5} {'truncated':>9} {'dropped':>7}  notes")
     for name, d in rows:
         print(f"{name:<6} {d['rows']:>5} {d['kept']:>5} {d['truncated']:>9} {d['dropped']:>7}  {d.get('note', '')}")
+
+
+def score_recipe(stage: str, recipe: str, workdir: Path, max_held_out: int | None, started: float) -> int:
+    """Train `align STAGE RECIPE` as the recipe says (output into workdir) and score its export on the held-out
+    pairs the plain way; the recipe must hold out this module's rows (data.eval_fraction, seed)."""
+    from alignment.cli import stage_module
+    from alignment.core.config import load_recipe
+
+    stage_module(stage)
+    r = load_recipe(recipe, stage, [])
+    train = Path(r.data.train) if Path(r.data.train).is_absolute() else common.REPO / r.data.train
+    if (r.data.eval, r.data.eval_fraction, r.seed) != (None, HELD_FRACTION, SPLIT_SEED) or train.resolve() \
+            != Path(DATA).resolve():
+        raise SystemExit(f"{recipe}: must train on {DATA} with data.eval_fraction {HELD_FRACTION} and seed "
+                         f"{SPLIT_SEED} so that its held-out rows are this benchmark's")
+    out = workdir / "recipe"
+    cmd = [common.PYTHON, "-m", "alignment.cli", stage, recipe, "--set", f"output_dir={out}",
+           "--set", "logging.progress_bar=false"]
+    train_wall = common.run_logged(cmd, workdir / "recipe.log", stage)
+    _, held_rows = held_out_split()
+    held, _ = parse_pairs(held_rows)
+    held = held[:max_held_out] if max_held_out else held
+    final = out / "final"
+    if (final / "merged").is_dir():  # LoRA: the merged export is the plain-transformers model
+        final = final / "merged"
+    t0 = time.perf_counter()
+    if stage == "rm":
+        result = plain_reward_accuracy(str(final), held, recipe)
+    else:
+        start = response_logps(common.smollm2_path(), held)
+        result = implicit_reward_accuracy(response_logps(str(final), held), start, recipe, t0)
+    print(f"{recipe}: held-out accuracy {result['accuracy']:.4f} on {result['pairs']} pairs (plain scoring); "
+          f"training wall time {train_wall / 60:.1f} min; total {(time.perf_counter() - started) / 60:.1f} min")
+    (workdir / "recipe_result.json").write_text(json.dumps({"recipe": recipe, "train_wall_s": train_wall, **result}))
+    return 0

@@ -7,7 +7,8 @@ Both sides train SmolLM2-135M-Instruct with a scalar head, full fine-tune, on th
 fixed split, 360 held-out rows neither side sees), with TRL's RewardConfig defaults for what a
 user leaves unset: learning rate 1e-4, linear decay, no warm-up, no weight decay, batch 8 (no
 accumulation), gradient clipping 1.0, dropout off, no centring term, bf16 autocast on CPU
-(TRL's default precision; ours: DeepSpeed bf16 with fp32 master weights). Only max_length
+(TRL's default precision; ours: DeepSpeed bf16 with fp32 master weights, exported as TRL saves its
+fp32 weights: model.export_dtype fp32). Only max_length
 (TRL default 1024; 320 here, which the CPU affords) and the epochs (TRL default 3; 1 here) are
 set, the same on both sides. Each side keeps its own data handling: ours packs pairs and keeps
 an over-long pair (its prompt keeps its last max_length/2 tokens, the responses are cut);
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--max-held-out", type=int, default=None, help="score only the first N held-out pairs (quick runs)")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="train and score one side (no RESULT)")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
+    p.add_argument("--recipe", default=None, help="instead: train with this recipe as it is (its data must hold "
+                   "out the same rows: data.eval_fraction 0.2, seed 0) and score its export the plain way")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -60,7 +63,7 @@ def run_ours(args, workdir: Path) -> Path:
     out = workdir / "ours"
     sets = {
         "output_dir": out, "seed": qc.SPLIT_SEED, "model.name_or_path": "smollm2-135m",
-        "model.gradient_checkpointing": "false",
+        "model.gradient_checkpointing": "false", "model.export_dtype": "fp32",
         "data.train": qc.DATA, "data.eval": "null", "data.eval_fraction": qc.HELD_FRACTION,
         "data.max_rows": args.train_rows, "data.max_eval_rows": 0, "data.max_length": args.max_length,
         "train.global_batch_size": args.batch, "train.micro_batch_size": args.batch,
@@ -130,6 +133,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-rm-quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        if args.recipe:
+            return qc.score_recipe("rm", args.recipe, workdir, args.max_held_out, started)
         train_rows, held_rows = qc.held_out_split()
         train_rows = train_rows[: args.train_rows]
         train_pairs, rejected = qc.parse_pairs(train_rows)

@@ -52,6 +52,9 @@ def test_reward_model_on_hh_rlhf_beats_chance(tmp_path, hh_path):
     metrics = run_stage(
         "rm", "configs/smollm2/rm-hh.yaml", tmp_path / "rm", f"data.train={hh_path}",
         "train.max_steps=40", "train.eval_interval=0", "data.max_eval_rows=240",
+        # the quick settings this check was measured with (the recipe itself trains a whole epoch in full)
+        "data.eval_fraction=0.15", "data.max_length=192", "train.learning_rate=2e-4", "train.warmup_steps=5",
+        "train.eval_before_training=true", "rm.max_prompt_length=96", "rm.trainable_layers=6", "rm.center_coef=0.01",
     )
     accuracy = eval_at(metrics, "eval/accuracy")[-1][1]
     pairs = eval_at(metrics, "eval/pairs")[-1][1]
@@ -79,6 +82,10 @@ def test_dpo_on_hh_rlhf_implicit_reward_beats_chance(tmp_path, hh_path):
     metrics = run_stage(
         "dpo", "configs/smollm2/dpo-hh.yaml", tmp_path / "dpo", f"data.train={hh_path}",
         "train.max_steps=40", "train.eval_interval=0", "data.max_eval_rows=200", "lora.merge_on_export=false",
+        # the quick settings this check was measured with (the recipe itself trains a whole epoch in full)
+        "data.eval_fraction=0.15", "data.max_length=192", "train.learning_rate=2e-4", "train.warmup_steps=4",
+        "train.eval_before_training=true", "lora.enabled=true", "lora.r=16", "lora.alpha=32", "dpo.reference=auto",
+        "dpo.max_prompt_length=96", "dpo.beta=0.1",
     )
     start = eval_at(metrics, "eval/rewards/accuracies")[0]
     end = eval_at(metrics, "eval/rewards/accuracies")[-1]

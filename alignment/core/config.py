@@ -63,6 +63,10 @@ class ModelConfig:
     when rows are at most 512 tokens (faster there), else transformers' default (`sdpa`)."""
     tokenizer: Optional[str] = None
     """Tokenizer path or id when it differs from the model's."""
+    export_dtype: Literal["auto", "fp32"] = "auto"
+    """dtype of final/: auto = the training precision (bf16 runs write bf16, half the size); fp32 = the
+    optimizer's fp32 master weights of a bf16/fp16 full fine-tune, which keep updates smaller than bf16's
+    rounding step (DPO at lr 1e-6 changes most weights by less than that; TRL's AMP saves fp32 too)."""
 
 
 @dataclass

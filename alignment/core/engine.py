@@ -253,18 +253,30 @@ class Engine:
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
     # -- weights -------------------------------------------------------------
-    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, module: torch.nn.Module, fp32_masters: bool = False) -> dict[str, torch.Tensor]:
         """Every persistent tensor of `module`, gathered from ZeRO-3 shards, on rank 0 (CPU).
 
         Other ranks return {}; all ranks must call (the gathers are collective).
-        Tied parameters appear under each of their names.
+        Tied parameters appear under each of their names. With `fp32_masters` (a bf16/fp16 run), trained
+        parameters come from the optimizer's fp32 master copy (frozen ones as the module holds them).
         """
         out: dict[str, torch.Tensor] = {}
         gathered: dict[int, torch.Tensor] = {}
+        master = fp32_masters and self.train_cfg.precision != "fp32"
         for name, tensor in module.state_dict(keep_vars=True).items():
             key = id(tensor)
             if key not in gathered:
-                if hasattr(tensor, "ds_id"):
+                hp = None
+                if master and isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad and (
+                        hasattr(tensor, "_hp_mapping") or hasattr(tensor, "_z3_optimizer")):
+                    # The bf16/fp16 module weight is the fp32 master rounded; at small learning rates (DPO's
+                    # 1e-6) the rounding erases most of the update. Collective over ranks, like the gather.
+                    from deepspeed.utils import safe_get_full_fp32_param
+
+                    hp = safe_get_full_fp32_param(tensor)
+                if hp is not None:
+                    value = hp.detach().cpu().clone() if self.dist.is_main else None
+                elif hasattr(tensor, "ds_id"):
                     import deepspeed
 
                     with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):

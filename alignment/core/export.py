@@ -74,7 +74,8 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
     revision = getattr(model_cfg, "revision", None)
     remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
     expected = live_outputs(engine, model, tokenizer, kind)
-    state = engine.full_state_dict(module)
+    fp32_masters = getattr(model_cfg, "export_dtype", "auto") == "fp32"
+    state = engine.full_state_dict(module, fp32_masters=fp32_masters)
     error = None
     if engine.dist.is_main:
         try:
@@ -86,7 +87,12 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
             if is_lora:  # recorded in adapter_config.json, so the base reloads at the revision it trained from
                 for peft_config in module.peft_config.values():
                     peft_config.revision = revision
+            masters = fp32_masters and not is_lora and precision != "fp32"
+            if masters:  # fp32 master weights of a bf16/fp16 run (Engine.full_state_dict): the model in fp32
+                state = _as_fp32(state)
             module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            if masters:
+                _set_config_dtype(out_dir / "config.json", "float32")
             tokenizer.save_pretrained(out_dir)
             if is_lora:
                 # The live base's config (a reward head's single label, the distinct pad token, reward
@@ -110,6 +116,27 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
     if error:
         raise ExportMismatch(f"export of {out_dir} failed: {error}")
     return out_dir
+
+
+def _as_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every floating tensor in fp32 (exact for bf16/fp16 values), tied tensors still one tensor."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, value in state.items():
+        if id(value) not in done:
+            done[id(value)] = value.float() if value.is_floating_point() else value
+        out[name] = done[id(value)]
+    return out
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    """Record the weights' dtype, so that transformers' default load (dtype='auto') keeps them as written."""
+    config = json.loads(path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = dtype
+    config.setdefault("dtype", dtype)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def merge_adapter(adapter_dir: Path, kind: str, merged_dir: Path, trust_remote_code: bool = False) -> None:

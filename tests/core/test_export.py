@@ -251,3 +251,26 @@ def test_tied_embeddings_export(full_bf16):
     model = strict_load(final)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     torch.testing.assert_close(logits_of(model, final), logits_of(hand_loaded(final), final), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero,nproc", [(2, 1), (3, 2)])
+def test_export_dtype_fp32_writes_the_fp32_master_weights(zero, nproc, tmp_path, base_dir):
+    """A bf16 run with model.export_dtype=fp32 writes the optimizer's fp32 masters, not the bf16 weights rounded
+    from them: the values are not all bf16-representable, and they reload at the declared float32."""
+    out = tmp_path / "run"
+    sets = (f"deepspeed.zero_stage={zero}", "train.global_batch_size=8", "train.micro_batch_size=4",
+            "train.eval_interval=0", "train.save_interval=0", "data.eval=null", "train.precision=bf16",
+            "model.export_dtype=fp32", "train.learning_rate=1e-5")
+    result = run_sft(out, *sets, steps=2, nproc=nproc).check()
+    assert "exported and verified" in result.output
+    final = out / "final"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    tensors = load_safetensors_dir(final)
+    base = load_safetensors_dir(base_dir)
+    name = "model.layers.1.mlp.down_proj.weight"
+    weight = tensors[name]
+    assert weight.dtype == torch.float32
+    assert not torch.equal(weight, base[name].float()), "trained"
+    # bf16 weights widened to fp32 would all be bf16 values; fp32 masters moved by lr 1e-5 are not
+    assert (weight.to(torch.bfloat16).float() != weight).float().mean() > 0.5
+    assert strict_load(final).dtype == torch.float32
