@@ -29,7 +29,7 @@ quickstart: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
