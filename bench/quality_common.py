@@ -207,7 +207,9 @@ def score_recipe(stage: str, recipe: str, workdir: Path, max_held_out: int | Non
     if stage == "rm":
         result = plain_reward_accuracy(str(final), held, recipe)
     else:
-        start = response_logps(common.smollm2_path(), held)
+        cached = workdir / f"start_logps_{len(held)}.json"  # as bench/dpo_quality.py caches it
+        start = json.loads(cached.read_text()) if cached.exists() else response_logps(common.smollm2_path(), held)
+        cached.write_text(json.dumps(start))
         result = implicit_reward_accuracy(response_logps(str(final), held), start, recipe, t0)
     print(f"{recipe}: held-out accuracy {result['accuracy']:.4f} on {result['pairs']} pairs (plain scoring); "
           f"training wall time {train_wall / 60:.1f} min; total {(time.perf_counter() - started) / 60:.1f} min")

@@ -45,7 +45,7 @@ BACKWARD_TRANSIENTS = 0.15  # the backward's working set (activation gradients, 
 ENGINE_OVERHEAD_MIB = 80.0  # DeepSpeed engine and optimizer objects, autograd graph, allocator arenas
 
 _PROBE = """
-import json, resource, sys
+import json, sys
 import torch, transformers, deepspeed
 import alignment.stages.sft, alignment.stages.dpo, alignment.stages.ppo, reward.train
 from alignment.core.config import DeepSpeedConfig
@@ -53,7 +53,8 @@ from alignment.core.distributed import Distributed
 from alignment.core.models import load_tokenizer
 Distributed(DeepSpeedConfig())
 load_tokenizer(sys.argv[1])
-print(json.dumps({"runtime_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+from alignment.core.tracking import peak_memory
+print(json.dumps({"runtime_mib": peak_memory()["memory/peak_rss_mib"]}))
 """
 
 

@@ -37,15 +37,29 @@ def git_revision(path: str | Path | None = None) -> str:
 def peak_memory() -> dict[str, float]:
     """This process's peak memory so far, MiB: resident set (host RAM; on CPU runs, everything) and, with CUDA,
     the peak allocated on its GPU. `align estimate` predicts these."""
-    import resource
-
-    out = {"memory/peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"memory/peak_rss_mib": round(_peak_rss_kib() / 1024, 1)}
     if "torch" in sys.modules:
         import torch
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["memory/peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def _peak_rss_kib() -> float:
+    """VmHWM: this process image's own peak RSS. Not getrusage's ru_maxrss, which Linux carries across
+    execve: a run started from a large process (a test worker, a benchmark holding a model) would report
+    its parent's peak."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def run_info(seed: int, world_size: int, stage: str) -> dict[str, Any]:
