@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-ranks":
             ranks = check_node_ranks(Path(args.file).read_text().splitlines(), args.nnodes)
-            print(f"node ranks ok: {ranks}")
+            print(f"node ranks ok: {dict(sorted(ranks.items()))}")
             return 0
         if args.command == "guard":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
