@@ -196,6 +196,9 @@ class GoldEvalConfig:
     num_prompts: int = 64
     max_new_tokens: int = 32
     batch_size: int = 16
+    interval: int = 0
+    """ppo: also score the policy being trained every this many iterations (its training weights, in
+    memory; logged as gold/score at that iteration); 0 = only before and after."""
 
 
 STAGE_RECIPES: dict[str, type] = {}

@@ -79,12 +79,18 @@ def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, ma
     from alignment.core.export import load_exported
     from alignment.core.models import load_tokenizer
 
-    rows = read_rows(prompts_source)[:num_prompts]
-    mine = rows[engine.dist.rank :: engine.dist.world_size]
     tokenizer = load_tokenizer(tokenizer_path or model_dir, trust_remote_code, None if tokenizer_path else revision)
     with engine.plain_init():
         model = load_exported(model_dir, "causal_lm", trust_remote_code=trust_remote_code,
                               revision=revision).to(engine.dist.device).eval()
+    return gold_score_of_model(engine, model, tokenizer, prompts_source, num_prompts, max_new_tokens, batch_size)
+
+
+def gold_score_of_model(engine, model, tokenizer, prompts_source: str, num_prompts: int, max_new_tokens: int,
+                        batch_size: int) -> dict:
+    """gold_score of a model already in memory (e.g. a stage's policy inside engine.generation_view)."""
+    rows = read_rows(prompts_source)[:num_prompts]
+    mine = rows[engine.dist.rank :: engine.dist.world_size]
     responses = generate(model, tokenizer, [r.data["prompt"] for r in mine], max_new_tokens, batch_size, engine.dist.device)
     scores = [task.score(r.data["gold"], resp) for r, resp in zip(mine, responses)]
     sums = engine.dist.reduce_sums({"score": sum(scores), "exact": sum(s == 1.0 for s in scores), "n": len(scores)})

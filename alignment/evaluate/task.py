@@ -49,7 +49,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = "alignment-task/v2"
+FORMAT_VERSION = "alignment-task/v3"
 FAMILIES = ("arithmetic", "units", "words", "format")
 ID_PREFIX = {"arithmetic": "arith", "units": "units", "words": "words", "format": "fmt"}
 FULL_CREDIT, FORMAT_ERROR_CREDIT, RAMBLING_CREDIT = 1.0, 0.5, 0.25
@@ -368,18 +368,23 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
-                    n_eval: int = 200) -> dict[str, Path]:
-    """Write SFT, preference and prompt JSONL files for train / eval, plus a manifest.
+                    n_eval: int = 200, n_rl: int = 4000) -> dict[str, Path]:
+    """Write SFT, preference and prompt JSONL files for train / eval, plus a manifest, and
+    ``prompts_rl.jsonl``: prompts for online RL and on-policy pairs that neither the SFT
+    demonstrations nor the held-out split contain (RL on the prompts SFT memorised learns
+    little that carries over to new ones).
 
     The eval split is generated first (so it does not change with ``n_train``)
-    and train excludes its prompts: ids and prompt texts are disjoint. Output is
-    byte-identical for the same arguments. Returns name -> path.
+    and train excludes its prompts: ids and prompt texts are disjoint; the RL split
+    excludes both. Output is byte-identical for the same arguments. Returns name -> path.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_problems = generate_problems(n_eval, seed, split="eval")
     train_problems = generate_problems(n_train, seed, split="train",
                                        exclude_prompts={p.prompt for p in eval_problems})
+    rl_problems = generate_problems(n_rl, seed, split="rl",
+                                    exclude_prompts={p.prompt for p in eval_problems + train_problems})
     paths: dict[str, Path] = {}
     for split, problems in (("train", train_problems), ("eval", eval_problems)):
         rng = random.Random(f"{seed}:prefs:{split}")
@@ -399,10 +404,13 @@ def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
         for kind, records in (("sft", sft), ("prefs", prefs), ("prompts", prompts)):
             paths[f"{kind}_{split}"] = out_dir / f"{kind}_{split}.jsonl"
             _write_jsonl(paths[f"{kind}_{split}"], records)
+    paths["prompts_rl"] = out_dir / "prompts_rl.jsonl"
+    _write_jsonl(paths["prompts_rl"], [{"prompt": _message("user", p.prompt), "gold": p.gold, "id": p.id}
+                                       for p in rl_problems])
     manifest = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
-        "counts": {"train": len(train_problems), "eval": len(eval_problems)},
+        "counts": {"train": len(train_problems), "eval": len(eval_problems), "rl": len(rl_problems)},
         "family_counts": {
             "train": dict(sorted(Counter(p.family for p in train_problems).items())),
             "eval": dict(sorted(Counter(p.family for p in eval_problems).items())),
@@ -420,11 +428,12 @@ def main(argv=None) -> dict[str, Path]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=200)
+    parser.add_argument("--n-rl", type=int, default=4000)
     args = parser.parse_args(argv)
-    paths = write_task_data(args.out_dir, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+    paths = write_task_data(args.out_dir, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval, n_rl=args.n_rl)
     manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
     print(f"wrote {len(paths)} files to {args.out_dir} (seed {args.seed}, "
-          f"{manifest['counts']['train']} train / {manifest['counts']['eval']} eval)")
+          f"{manifest['counts']['train']} train / {manifest['counts']['eval']} eval / {manifest['counts']['rl']} RL prompts)")
     for split, counts in manifest["family_counts"].items():
         print(f"  {split}: " + ", ".join(f"{family}={n}" for family, n in counts.items()))
     return paths

@@ -41,7 +41,7 @@ from alignment.core.fingerprint import sequence_fingerprint
 from alignment.core.modeling import response_logprobs, user_model
 from alignment.core.models import count_parameters, load_model, load_tokenizer, resolve_model_path
 from alignment.core.tracking import print_main
-from alignment.evaluate.gold import gold_eval
+from alignment.evaluate.gold import gold_eval, gold_score_of_model
 from alignment.rlhf import advantages as adv
 from alignment.rlhf.kl import KLController, kl_estimate
 from alignment.rlhf.ppo_losses import aggregate, normaliser_unit, policy_loss, value_loss
@@ -442,6 +442,8 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         gold["before"] = gold_eval(engine, model_path, cfg.gold_eval, recipe.model, base=True,
                                    samples_to=Path(recipe.output_dir) / "gold_samples_before.jsonl")
         run.logger.log({"gold/score_before": gold["before"]["gold/score"]}, step=0)
+        if cfg.gold_eval.interval:  # the same weights as the export's score above, in training form (its baseline)
+            run.logger.log({"gold/score": gold_during_training(engine, actor, tokenizer, cfg.gold_eval, 0)}, step=0)
 
     stops = text.stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -562,6 +564,9 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
             if start == 0:
                 print_main(dist.is_main, f"check: before any update the ratio is 1 to {checks['check/first_ratio_dev']:.2g} "
                            f"and the approximate KL {checks['check/first_approxkl']:.2g}; {compared}")
+        if cfg.gold_eval.prompts and cfg.gold_eval.interval and iteration % cfg.gold_eval.interval == 0 \
+                and iteration < iterations:  # the last one is the export's, below
+            metrics["gold/score"] = gold_during_training(engine, actor, tokenizer, cfg.gold_eval, iteration)
         for message in health.check(metrics, buffer["groups"], cfg.kl_target):
             print_main(dist.is_main, f"warning: iteration {iteration}: {message}")
         run.logger.log(metrics, iteration)
@@ -585,6 +590,16 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
                        f"{gold['after']['gold/score']:.3f} after")
     loop.finish(run, {**metrics, **gold.get("after", {})})
     return {"metrics": metrics, "gold": gold, "data": [report.as_dict()]}
+
+
+def gold_during_training(engine, actor, tokenizer, g: GoldEvalConfig, iteration: int) -> float:
+    """The gold score of the policy as it trains (its training weights and precision, in memory): the curve
+    between the before and after scores, which load the exports."""
+    with engine.generation_view(actor) as policy:
+        score = gold_score_of_model(engine, policy, tokenizer, g.prompts, g.num_prompts, g.max_new_tokens,
+                                    g.batch_size)["gold/score"]
+    print_main(engine.dist.is_main, f"iteration {iteration}: gold score {score:.3f} (training weights)")
+    return score
 
 
 def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update: dict, mask: torch.Tensor,

@@ -15,7 +15,7 @@ from alignment.evaluate.task import (
     write_task_data,
 )
 
-FILE_KEYS = ("sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "prompts_eval")
+FILE_KEYS = ("sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "prompts_eval", "prompts_rl")
 
 
 def _gold(expected, *, family="arithmetic", task="add", kind="number", fmt="plain",
@@ -41,8 +41,8 @@ def problems():
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    first = write_task_data(tmp_path_factory.mktemp("a"), seed=3, n_train=300, n_eval=60)
-    second = write_task_data(tmp_path_factory.mktemp("b"), seed=3, n_train=300, n_eval=60)
+    first = write_task_data(tmp_path_factory.mktemp("a"), seed=3, n_train=300, n_eval=60, n_rl=100)
+    second = write_task_data(tmp_path_factory.mktemp("b"), seed=3, n_train=300, n_eval=60, n_rl=100)
     return first, second
 
 
@@ -190,6 +190,11 @@ def test_train_eval_disjoint(written):
     prompts_of = lambda key: {r["prompt"][0]["content"] for r in _read_jsonl(paths[key])}
     assert not prompts_of("prompts_train") & prompts_of("prompts_eval")
     assert len(prompts_of("prompts_train")) == 300 and len(prompts_of("prompts_eval")) == 60
+    # The RL prompts are new to SFT and to the held-out split, and carry what the verifier needs.
+    rl = _read_jsonl(paths["prompts_rl"])
+    assert len(prompts_of("prompts_rl")) == len(rl) == 100
+    assert not prompts_of("prompts_rl") & (prompts_of("prompts_train") | prompts_of("prompts_eval"))
+    assert all(set(r) == {"prompt", "gold", "id"} and "-rl3-" in r["id"] for r in rl)
 
 
 def test_jsonl_schemas(written):
@@ -218,7 +223,7 @@ def test_manifest(written):
     manifest = json.loads(paths["manifest"].read_text())
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["seed"] == 3
-    assert manifest["counts"] == {"train": 300, "eval": 60}
+    assert manifest["counts"] == {"train": 300, "eval": 60, "rl": 100}
     assert sum(manifest["family_counts"]["train"].values()) == 300
     assert set(manifest["family_counts"]["eval"]) == set(FAMILIES)
 

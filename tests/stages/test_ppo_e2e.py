@@ -30,9 +30,15 @@ def ppo_args(recipe: str, out, *sets: str, nproc: int = 1, resume: bool = False)
 
 def test_tiny_ppo_with_a_critic_end_to_end(tmp_path):
     out = tmp_path / "ppo"
-    result = run_cli(ppo_args("configs/tiny/ppo.yaml", out)).check()
+    result = run_cli(ppo_args("configs/tiny/ppo.yaml", out, "ppo.gold_eval.prompts=builtin:prompts_eval",
+                              "ppo.gold_eval.num_prompts=6", "ppo.gold_eval.max_new_tokens=6",
+                              "ppo.gold_eval.interval=2")).check()
     steps = step_metrics_ppo(out)
     assert sorted(steps) == [1, 2, 3, 4]
+    # gold_eval.interval: the training weights scored at iteration 2; the last iteration is the export's score.
+    assert "gold/score" in steps[2] and "gold/score" not in steps[1] and "gold/score" not in steps[4]
+    assert "iteration 2: gold score" in result.output
+    assert [m["step"] for m in read_metrics(out) if "gold/score" in m] == [0, 2, 4]  # 0: the start, in memory
     first = steps[1]
     # Before any update: the ratio is 1, the approximate KL 0, the rollout's log-probs the training pass's.
     assert first["check/first_ratio_dev"] < 1e-6 and first["check/first_approxkl"] < 1e-10
