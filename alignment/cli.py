@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens a reward-model judge reads (default: its training data.max_length, else 512)")
     pairs.add_argument("--offset", type=int, default=0, help="with --num-prompts: start this far into the seeded "
                        "shuffle of the prompts (rounds of online DPO take consecutive slices)")
+    pairs.add_argument("--chosen", choices=["best", "reference"], default="best",
+                       help="best: the best sample; reference: the verifier's reference answer against the worst "
+                            "sample when that one is wrong (SPIN-style; prompts need gold specs)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")
     ev = sub.add_parser("eval", help="evaluate a policy (gold, RM score, win rate, KL, forgetting) or a reward model",

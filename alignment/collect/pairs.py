@@ -14,7 +14,11 @@ Steps:
      reward model directory exported by `align rm`.
   4. Keep the best and the worst response of each prompt as (chosen, rejected) when their
      scores differ by at least `min_gap`; prompts whose samples all tie are counted and
-     dropped, never written.
+     dropped, never written. With `--chosen reference` (prompts with gold specs) the chosen
+     response is instead the verifier's reference answer and the rejected one the worst
+     sample, when it falls short of full credit: the policy's own mistakes against the
+     right answer, also where no sample found it (SPIN, Chen et al. 2024, arXiv:2401.01335,
+     with the verifier choosing which samples to reject).
   5. Write JSONL in the explicit prompt/chosen/rejected shape the preference loaders read,
      with the judge's scores, and print a report. With a reward-model judge on prompts
      that carry gold specs, the report also says how often the judge agrees with gold.
@@ -43,6 +47,7 @@ class PairsReport:
     samples: int = 0
     pairs: int = 0
     dropped_all_tied: int = 0
+    """Prompts whose samples all tie (--chosen reference: whose samples are all right)."""
     judge_agrees_with_gold: int = 0
     judged_against_gold: int = 0
     mean_sample_score: float = 0.0
@@ -110,6 +115,9 @@ def make_pairs(args) -> PairsReport:
         rows = [order[(offset + i) % len(order)] for i in range(min(args.num_prompts, len(order)))]
     prompts = [_prompt_messages(row) for row in rows]
     golds = [row.data.get("gold") for row in rows]
+    by_reference = getattr(args, "chosen", "best") == "reference"
+    if by_reference and args.judge != GOLD_JUDGE:
+        raise DataError("--chosen reference ranks the samples with the verifier: use it with --judge gold")
     if args.judge == GOLD_JUDGE and not all(golds):
         missing = next(row.origin for row, gold in zip(rows, golds) if not gold)
         raise DataError(f"{missing}: the gold judge needs a 'gold' spec on every prompt row "
@@ -148,15 +156,23 @@ def make_pairs(args) -> PairsReport:
         report.prompts += 1
         report.samples += len(group)
         report.mean_sample_score += sum(group_scores)
-        picked = best_and_worst(group_scores, args.min_gap)
-        if picked is None:
-            report.dropped_all_tied += 1
-            continue
-        best, worst = picked
+        if by_reference:
+            worst = min(range(len(group)), key=lambda i: (group_scores[i], i))
+            if group_scores[worst] >= task.FULL_CREDIT:
+                report.dropped_all_tied += 1  # every sample right: nothing to reject
+                continue
+            chosen, score_chosen = task.render_answer(gold["expected"], gold["format"]), task.FULL_CREDIT
+        else:
+            picked = best_and_worst(group_scores, args.min_gap)
+            if picked is None:
+                report.dropped_all_tied += 1
+                continue
+            best, worst = picked
+            chosen, score_chosen = group[best], group_scores[best]
         record = {"prompt": prompt,
-                  "chosen": [{"role": "assistant", "content": group[best]}],
+                  "chosen": [{"role": "assistant", "content": chosen}],
                   "rejected": [{"role": "assistant", "content": group[worst]}],
-                  "score_chosen": group_scores[best], "score_rejected": group_scores[worst],
+                  "score_chosen": score_chosen, "score_rejected": group_scores[worst],
                   "source": row.origin}
         if "id" in row.data:
             record["id"] = row.data["id"]

@@ -87,3 +87,37 @@ def test_gold_judge_needs_gold_specs(tmp_path):
     prompts.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
     with pytest.raises(DataError, match=r"prompts\.jsonl:1.*'gold'"):
         make_pairs(_args(prompts=str(prompts), out=str(tmp_path / "p.jsonl")))
+
+
+def test_reference_chosen_pairs_the_right_answer_with_the_worst_wrong_sample(tmp_path, monkeypatch):
+    # The tiny random model answers everything wrong: every prompt gives a pair, the reference answer
+    # (full credit, rendered in the requested format) against the lowest-scoring sample.
+    out = tmp_path / "pairs.jsonl"
+    report = make_pairs(_args(out=str(out), chosen="reference"))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    golds = {row.data["id"]: row.data["gold"] for row in read_rows("builtin:prompts_eval")}
+    assert len(records) == report.pairs == report.prompts - report.dropped_all_tied == 6
+    for record in records:
+        gold = golds[record["id"]]
+        chosen, rejected = record["chosen"][0]["content"], record["rejected"][0]["content"]
+        assert chosen == task.render_answer(gold["expected"], gold["format"]) and task.score(gold, chosen) == 1.0
+        assert record["score_rejected"] == task.score(gold, rejected) < 1.0
+
+    # A prompt whose samples are all right has nothing to reject: dropped and counted, never written.
+    from alignment.collect import pairs as pairs_module
+
+    answers = {row.data["prompt"][-1]["content"]: task.render_answer(row.data["gold"]["expected"],
+                                                                   row.data["gold"]["format"])
+               for row in read_rows("builtin:prompts_eval")}
+    first = next(iter(answers))
+
+    def fake_samples(model, tokenizer, prompts, samples, *args):
+        return [[answers[p[-1]["content"]] if p[-1]["content"] == first else "no idea"] * samples for p in prompts]
+
+    monkeypatch.setattr(pairs_module, "sample_responses", fake_samples)
+    monkeypatch.setattr(pairs_module.random, "Random", lambda seed: type("R", (), {"sample": lambda self, r, n: r})())
+    report = make_pairs(_args(out=str(tmp_path / "all-right.jsonl"), chosen="reference"))
+    assert (report.prompts, report.pairs, report.dropped_all_tied) == (6, 5, 1)
+
+    with pytest.raises(DataError, match="--judge gold"):
+        make_pairs(_args(out=str(tmp_path / "x.jsonl"), chosen="reference", judge="some/rm"))
