@@ -38,6 +38,9 @@ class PairsStage:
     prompts: str = "builtin:prompts_train"
     judge: str = "gold"
     """'gold' (the built-in task's verifier) or 'rm' (this pipeline's reward model)."""
+    chosen: Literal["best", "reference"] = "best"
+    """'best': the best sample against the worst; 'reference': the verifier's reference answer against
+    the worst sample when it is wrong (SPIN-style; needs judge 'gold')."""
     num_prompts: int = 256
     samples: int = 4
     temperature: float = 1.0
@@ -78,8 +81,10 @@ class PipelineRecipe:
             raise ValueError("pairs.judge 'rm' needs the rm stage enabled")
         if self.pairs.enabled and not (self.sft.enabled and self.dpo.enabled):
             raise ValueError("the pairs stage samples from the SFT policy for DPO: enable sft and dpo")
-        if self.pairs.enabled and self.pairs.samples < 2:
-            raise ValueError("pairs.samples must be at least 2")
+        if self.pairs.enabled and self.pairs.chosen == "reference" and self.pairs.judge != "gold":
+            raise ValueError("pairs.chosen 'reference' ranks the samples with the verifier: set pairs.judge 'gold'")
+        if self.pairs.enabled and self.pairs.samples < (2 if self.pairs.chosen == "best" else 1):
+            raise ValueError("pairs.samples must be at least 2 (1 with pairs.chosen 'reference')")
         if self.pairs.rounds < 1 or (self.pairs.rounds > 1 and not self.pairs.enabled):
             raise ValueError("pairs.rounds must be >= 1, and more than one round needs pairs.enabled")
         if self.ppo.enabled and self.ppo.reward in ("rm", "gold+rm") and not self.rm.enabled:
@@ -133,7 +138,7 @@ def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
             command = ["pairs", "--model", str(policy), "--prompts", stage.prompts, "--judge", judge,
                        "--out", str(pairs_file), "--num-prompts", str(stage.num_prompts), "--samples",
                        str(stage.samples), "--temperature", str(stage.temperature), "--max-new-tokens",
-                       str(stage.max_new_tokens), "--seed", str(recipe.seed),
+                       str(stage.max_new_tokens), "--chosen", stage.chosen, "--seed", str(recipe.seed),
                        "--offset", str((round_index - 1) * stage.num_prompts)]  # new prompts each round
             planned.append(PlannedStage(label, stage_dir, command))
             continue

@@ -55,7 +55,8 @@ class PairsReport:
 
     def format(self) -> str:
         text = (f"pairs: {self.prompts} prompts x {self.samples // max(self.prompts, 1)} samples -> "
-                f"{self.pairs} pairs written, {self.dropped_all_tied} prompts dropped (all samples tied); "
+                f"{self.pairs} pairs written, {self.dropped_all_tied} prompts dropped "
+                f"(all samples tied; with --chosen reference: all right); "
                 f"mean sample score {self.mean_sample_score:.3f}")
         if self.judged_against_gold:
             text += (f"; judge agrees with gold on {self.judge_agrees_with_gold}/{self.judged_against_gold} "

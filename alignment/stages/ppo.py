@@ -41,6 +41,7 @@ from alignment.core.fingerprint import sequence_fingerprint
 from alignment.core.modeling import response_logprobs, user_model
 from alignment.core.models import count_parameters, load_model, load_tokenizer, resolve_model_path
 from alignment.core.tracking import print_main
+from alignment.evaluate import task
 from alignment.evaluate.gold import gold_eval, gold_score_of_model
 from alignment.rlhf import advantages as adv
 from alignment.rlhf.kl import KLController, kl_estimate
@@ -117,6 +118,12 @@ class PPOConfig:
     """Run each group's prompt once in the training pass, [prompt | response 1 | ... | response K] with each
     response seeing only the prompt and itself (alignment.rlhf.rollout.group_batch; the same log-probs as
     separate rows). Needs train.global_batch_size and micro_batch_size to be multiples of samples_per_prompt."""
+    guidance: Optional[Literal["reference"]] = None
+    """reference: in a group whose samples all fall short of the verifier's full credit, the last sample is
+    replaced by the prompt's reference answer (its `gold` spec), scored by ppo.rewards like any response:
+    off-policy guidance (LUFFY, Yan et al. 2025, arXiv:2504.14945, without its policy shaping; the guided
+    response's old log-probs are the current policy's, so its ratio starts at 1). The group then holds the
+    right answer to move towards. rollout/guided_share counts them; objective/scores leaves them out."""
     rollout_batch_size: int = 64
     """Sequences per decoding batch on a rank."""
     max_prompt_length: Optional[int] = None
@@ -155,6 +162,9 @@ def validate_ppo(recipe: PPORecipe) -> None:
         problems.append("ppo.temperature >= 0, 0 < ppo.top_p <= 1, ppo.top_k >= 0")
     if cfg.temperature == 0 and cfg.advantage in ("grpo", "rloo"):
         problems.append("ppo.temperature 0 (greedy) gives identical samples: group baselines need sampling")
+    if cfg.guidance and cfg.advantage not in ("grpo", "rloo"):
+        problems.append(f"ppo.guidance replaces a sample within a group: use it with advantage grpo or rloo, "
+                        f"not {cfg.advantage}")
     if cfg.kl_coef < 0 or (cfg.kl_target is not None and cfg.kl_target <= 0):
         problems.append("ppo.kl_coef must be >= 0 and ppo.kl_target > 0")
     for i, source in enumerate(cfg.rewards):
@@ -309,6 +319,27 @@ def informative_groups(scores: torch.Tensor, group_size: int, keep: int) -> list
     spread = scores.view(-1, group_size).std(dim=1) > 0 if group_size > 1 else torch.ones(len(scores), dtype=torch.bool)
     order = [g for g in range(len(spread)) if spread[g]] + [g for g in range(len(spread)) if not spread[g]]
     return [g * group_size + k for g in sorted(order[:keep]) for k in range(group_size)]
+
+
+def all_wrong_groups(texts: list[str], rows: list[dict], group_size: int) -> list[int]:
+    """Groups (of `group_size` consecutive episodes) none of whose responses the verifier gives full credit;
+    every row needs its `gold` spec."""
+    out = []
+    for g in range(len(texts) // group_size):
+        members = range(g * group_size, (g + 1) * group_size)
+        if any(not rows[i].get("gold") for i in members):
+            raise DataError("ppo.guidance: reference needs a 'gold' spec on every prompt row (builtin:prompts_*)")
+        if max(task.score(rows[i]["gold"], texts[i]) for i in members) < task.FULL_CREDIT:
+            out.append(g)
+    return out
+
+
+def reference_response(tokenizer, prompt, row: dict, max_new_tokens: int, stops: list[int]) -> list[int]:
+    """The verifier's reference answer as the response ids the training pass sees (the one tokenization
+    path), ending with the end-of-turn token, cut to max_new_tokens as a sample would be."""
+    gold = row["gold"]
+    ids = text.encode(tokenizer, prompt, task.render_answer(gold["expected"], gold["format"])).response_ids
+    return ids[:max_new_tokens]
 
 
 def episode_seed(seed: int, iteration: int, prompt: int, sample: int) -> int:
@@ -468,11 +499,22 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
                                      top_k=cfg.top_k, top_p=cfg.top_p, device=device)
             rollout = sampler([prompts.ids[i] for i in episode_prompts], seeds)
         clock.lap("rollout")
-
-        # Step 2. Score every response with every source, weighted.
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rollout.response_ids]
         ep_prompts = [prompts.prompts[i] for i in episode_prompts]
         ep_rows = [prompts.rows[i] for i in episode_prompts]
+        guided = torch.zeros(len(rollout), dtype=torch.bool)
+        if cfg.guidance == "reference":  # Step 1b. The reference answer into groups with no right answer.
+            for g in all_wrong_groups(texts, ep_rows, K):
+                last = g * K + K - 1
+                rollout.response_ids[last] = reference_response(tokenizer, ep_prompts[last], ep_rows[last],
+                                                                cfg.max_new_tokens, stops)
+                rollout.ended[last] = rollout.response_ids[last][-1] in stops
+                if rollout.logprobs:  # not sampled: nothing to compare with the training pass
+                    rollout.logprobs[last] = [float("nan")] * len(rollout.response_ids[last])
+                texts[last] = tokenizer.decode(rollout.response_ids[last], skip_special_tokens=True)
+                guided[last] = True
+
+        # Step 2. Score every response with every source, weighted.
         scores = torch.zeros(len(rollout))
         per_source = {}
         for source, fn in sources:
@@ -492,7 +534,7 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
             rollout = Rollout(*[[getattr(rollout, f)[i] for i in keep] for f in
                                 ("prompt_ids", "response_ids", "ended", "logprobs")])
             episode_prompts = [episode_prompts[i] for i in keep]
-            texts, scores, ended = [texts[i] for i in keep], scores[keep], ended[keep]
+            texts, scores, ended, guided = [texts[i] for i in keep], scores[keep], ended[keep], guided[keep]
             per_source = {k: v[keep] for k, v in per_source.items()}
         clock.lap("scoring")
 
@@ -510,7 +552,7 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         for i, row in enumerate(rollout.logprobs):
             sampled_logp[i, : len(row)] = torch.tensor(row)
         local = {"prompt_ids": rollout.prompt_ids, "response_ids": rollout.response_ids, "scores": scores,
-                 "ended": ended, "old_logp": old_logp, "ref_logp": ref_logp, "values": values,
+                 "ended": ended, "guided": guided, "old_logp": old_logp, "ref_logp": ref_logp, "values": values,
                  "sampled_logp": sampled_logp, "groups": [texts[i : i + K] for i in range(0, len(texts), K)],
                  **{f"score:{k}": v for k, v in per_source.items()}}
         buffer = gather_rollout(engine, local)  # every rank: the whole rollout, in rank order
@@ -556,7 +598,8 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         if iteration == start + 1:
             # Tempered or truncated sampling draws from another distribution than the policy's: nothing to compare.
             if is_pure_sampling(cfg.temperature, cfg.top_k, cfg.top_p):
-                diff = float(((buffer["sampled_logp"][:, :T] - old_lp).abs() * mask).max())
+                sampled = ~buffer["guided"]  # guided responses were not sampled: nothing to compare
+                diff = float(((buffer["sampled_logp"][sampled, :T] - old_lp[sampled]).abs() * mask[sampled]).max())
                 metrics["check/rollout_logprob_max_diff"] = diff
                 compared = f"rollout log-probs equal the training pass's to {diff:.2g}"
             else:
@@ -699,19 +742,22 @@ class Clock:
 
 
 def iteration_metrics(buffer, mask, seq_kl, beta, stats, values, returns, clock: Clock, episodes: int) -> dict:
-    scores = buffer["scores"]
-    lengths = mask.sum(dim=1)
+    sampled = ~buffer["guided"]  # the policy's own responses (ppo.guidance adds reference answers)
+    scores = buffer["scores"][sampled]
+    seq_kl = seq_kl[sampled]
+    lengths = mask[sampled].sum(dim=1)
     out = {"objective/scores": float(scores.mean()), "objective/scores_std": float(scores.std()) if len(scores) > 1 else 0.0,
            "objective/kl": float(seq_kl.mean()), "objective/kl_coef": beta,
            "objective/rlhf_reward": float((scores - beta * seq_kl).mean()),
            "response/length": float(lengths.mean()), "response/length_max": float(lengths.max()),
-           "response/no_eos_share": float((~buffer["ended"]).float().mean()),
+           "response/no_eos_share": float((~buffer["ended"][sampled]).float().mean()),
+           "rollout/guided_share": float(buffer["guided"].float().mean()),
            **stats,
            **{f"time/{k}": v for k, v in clock.times.items()},
            "train/episodes_per_s": episodes / max(sum(clock.times.values()), 1e-9)}
     for key, value in buffer.items():
         if key.startswith("score:"):
-            out[f"objective/score/{key[6:]}"] = float(value.mean())
+            out[f"objective/score/{key[6:]}"] = float(value[sampled].mean())
     if returns is not None:
         out["val/explained_variance"] = adv.explained_variance(values, returns, mask)
         out["val/mean"] = float(adv.masked_mean(values, mask))

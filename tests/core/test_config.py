@@ -555,12 +555,18 @@ def test_cli_help(args, tmp_path):
     (["pairs.enabled=true", "pairs.judge=rm", "rm.enabled=false"], "needs the rm stage enabled"),
     (["pairs.enabled=true", "dpo.enabled=false"], "enable sft and dpo"),
     (["pairs.enabled=true", "pairs.samples=1"], "at least 2"),
+    (["pairs.enabled=true", "pairs.chosen=reference", "pairs.judge=rm"], "set pairs.judge 'gold'"),
 ])
 def test_pipeline_pairs_stage_cross_checks(sets, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(REPO / "configs" / "smollm2" / "pipeline.yaml", "pipeline", sets)
     # the same recipe without the pairs stage is fine
     load_recipe(REPO / "configs" / "smollm2" / "pipeline.yaml", "pipeline", [s for s in sets if "pairs.enabled" not in s])
+
+
+def test_pipeline_pairs_chosen_is_best_or_reference():
+    with pytest.raises(RecipeError, match="pairs.chosen: 'oracle' is not one of 'best', 'reference'"):
+        load_recipe(REPO / "configs" / "smollm2" / "pipeline.yaml", "pipeline", ["pairs.chosen=oracle"])
 
 
 def test_removed_option_is_an_unknown_key(tmp_path):
@@ -622,6 +628,7 @@ def test_pipeline_online_dpo_rounds_chain_policies(capsys):
     assert [arg(p, "--out") for p in pairs] == [f"{out}/pairs-round1/pairs.jsonl", f"{out}/pairs-round2/pairs.jsonl",
                                                  f"{out}/pairs/pairs.jsonl"]
     assert [arg(p, "--offset") for p in pairs] == ["0", "256", "512"]  # consecutive slices of one shuffle
+    assert [arg(p, "--chosen") for p in pairs] == ["best"] * 3
     for p, d in zip(pairs, dpos):
         assert setting(d, "model.name_or_path") == arg(p, "--model")
         assert setting(d, "data.train") == arg(p, "--out")

@@ -151,3 +151,46 @@ def test_reinforce_pp_and_kl_in_the_reward_run(tmp_path):
                      "ppo.kl_estimator=k2", "ppo.kl_target=0.01", "train.max_steps=2", "train.save_interval=0")).check()
     steps = step_metrics_ppo(out)
     assert steps[2]["objective/kl_coef"] != steps[1]["objective/kl_coef"], "the adaptive controller moved beta"
+
+
+def test_guidance_helpers_find_all_wrong_groups_and_encode_the_reference_answer():
+    from alignment.core import text
+    from alignment.core.models import load_tokenizer, resolve_model_path
+    from alignment.evaluate import task
+    from alignment.stages.ppo import all_wrong_groups, reference_response
+
+    rows = [{"gold": {"family": "arith", "task": "multiply", "kind": "number", "expected": "42", "format": "plain",
+                      "operands": [6, 7], "case_sensitive": False}}] * 4
+    texts = ["41", "42", "7", "8"]  # group 0 has the right answer, group 1 has none
+    gold = rows[0]["gold"]
+    assert task.score(gold, "42") == task.FULL_CREDIT and task.score(gold, "41") < task.FULL_CREDIT
+    assert all_wrong_groups(texts, rows, 2) == [1]
+    with pytest.raises(Exception, match="needs a 'gold' spec"):
+        all_wrong_groups(texts, [{}] * 4, 2)
+    tokenizer = load_tokenizer(resolve_model_path("tiny-llama"))
+    stops = text.stop_token_ids(tokenizer)
+    prompt = [{"role": "user", "content": "What is 6 * 7?"}]
+    ids = reference_response(tokenizer, prompt, rows[0], 32, stops)
+    assert ids[-1] in stops, "the reference answer ends its turn as a sample that stopped would"
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "42"
+    assert ids == text.encode(tokenizer, prompt, "42").response_ids  # the training pass's ids
+    assert reference_response(tokenizer, prompt, rows[0], 1, stops) == ids[:1]
+
+
+def test_grpo_with_reference_guidance(tmp_path):
+    """The random tiny policy gets nothing right: every group gets the reference answer as its last member,
+    which the verifier scores 1; the policy's own scores and the first-iteration guards ignore it."""
+    out = tmp_path / "guided"
+    run_cli(ppo_args("configs/tiny/grpo.yaml", out, "ppo.guidance=reference", "ppo.rewards=[{source: gold}]",
+                     "ppo.max_new_tokens=6", "train.max_steps=2", "train.save_interval=0")).check()
+    steps = step_metrics_ppo(out)
+    first = steps[1]
+    assert first["rollout/guided_share"] == pytest.approx(1 / 4)  # one of the 4 samples of every prompt
+    assert first["objective/scores"] == 0.0 and first["objective/score/gold"] == 0.0
+    assert first["check/first_ratio_dev"] < 1e-6 and first["check/rollout_logprob_max_diff"] < 1e-4
+    assert first["loss/policy"] == first["loss/policy"]  # finite: the guided rows carry no NaN into the loss
+    import alignment.stages.ppo  # noqa: F401  (registers the stage's schema)
+    from alignment.core.config import load_recipe
+
+    with pytest.raises(Exception, match="use it with advantage grpo or rloo"):
+        load_recipe(REPO / "configs" / "tiny" / "ppo.yaml", "ppo", ["ppo.guidance=reference"])
