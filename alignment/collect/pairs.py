@@ -162,7 +162,7 @@ def make_pairs(args) -> PairsReport:
             if group_scores[worst] >= task.FULL_CREDIT:
                 report.dropped_all_tied += 1  # every sample right: nothing to reject
                 continue
-            chosen, score_chosen = task.render_answer(gold["expected"], gold["format"]), task.FULL_CREDIT
+            chosen, score_chosen = task.reference_answer(gold), task.FULL_CREDIT
         else:
             picked = best_and_worst(group_scores, args.min_gap)
             if picked is None:

@@ -119,6 +119,11 @@ def render_answer(expected: str, fmt: str) -> str:
     return expected
 
 
+def reference_answer(gold: dict) -> str:
+    """The canonical right response to a prompt with this gold spec (what SFT demonstrates)."""
+    return render_answer(gold["expected"], gold["format"])
+
+
 def _gold(family, task, expected, kind="number", fmt="plain", operands=(), case_sensitive=False):
     return {"family": family, "task": task, "kind": kind, "expected": str(expected),
             "format": fmt, "operands": list(operands), "case_sensitive": case_sensitive}
@@ -223,7 +228,7 @@ def generate_problems(n: int, seed: int, *, split: str = "train",
             raise RuntimeError(f"could not find a new prompt for problem {index}")
         seen.add(prompt)
         problem_id = f"{ID_PREFIX[family]}-{split}{seed}-{index:06d}"
-        answer = render_answer(gold["expected"], gold["format"])
+        answer = reference_answer(gold)
         problems.append(Problem(problem_id, family, prompt, answer, gold))
     return problems
 
@@ -300,7 +305,7 @@ def score(gold: dict, response: str) -> float:
         return FULL_CREDIT
     if not _value_present(gold, text):
         return 0.0
-    canonical = render_answer(gold["expected"], gold["format"])
+    canonical = reference_answer(gold)
     concise_limit = max(RAMBLE_FACTOR * len(canonical), RAMBLE_MIN_CHARS)
     return FORMAT_ERROR_CREDIT if len(text) <= concise_limit else RAMBLING_CREDIT
 

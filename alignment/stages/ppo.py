@@ -337,8 +337,7 @@ def all_wrong_groups(texts: list[str], rows: list[dict], group_size: int) -> lis
 def reference_response(tokenizer, prompt, row: dict, max_new_tokens: int, stops: list[int]) -> list[int]:
     """The verifier's reference answer as the response ids the training pass sees (the one tokenization
     path), ending with the end-of-turn token, cut to max_new_tokens as a sample would be."""
-    gold = row["gold"]
-    ids = text.encode(tokenizer, prompt, task.render_answer(gold["expected"], gold["format"])).response_ids
+    ids = text.encode(tokenizer, prompt, task.reference_answer(row["gold"])).response_ids
     return ids[:max_new_tokens]
 
 
