@@ -4,6 +4,10 @@ A causal LM's output layer is the most expensive matmul for small models with
 large vocabularies (SmolLM2: 576 x 49152). We run the decoder once, then apply the
 output layer only at positions whose next token is a target, in fp32 for the
 log-softmax, in chunks so that extra memory stays near one chunk of logits.
+
+A batch may carry `logit_temperature` (a float T > 0): log-probs (and entropies) are then those of
+softmax(logits / T), the distribution a rollout sampled at temperature T draws from, so that online RL
+trains and regularises the policy it samples (as TRL's GRPOTrainer and verl do).
 """
 
 from __future__ import annotations
@@ -92,6 +96,13 @@ def target_logprobs(model, batch: dict):
     return call(model, _target_logprobs, batch)
 
 
+def _scaled(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """fp32 logits, divided by the batch's sampling temperature when it carries one."""
+    temperature = batch.get("logit_temperature")
+    logits = logits.float()
+    return logits / temperature if temperature else logits
+
+
 def _target_logprobs(model, batch: dict, with_entropy: bool = False):
     hidden = _last_hidden(model, batch)
     labels = batch["labels"]
@@ -102,8 +113,7 @@ def _target_logprobs(model, batch: dict, with_entropy: bool = False):
     target_ids = targets[where[:, 0], where[:, 1]]
     logps, entropies = [], []
     for start in range(0, picked.shape[0], LOGIT_CHUNK):
-        logits = head(picked[start : start + LOGIT_CHUNK]).float()
-        log_probs = F.log_softmax(logits, dim=-1)
+        log_probs = F.log_softmax(_scaled(head(picked[start : start + LOGIT_CHUNK]), batch), dim=-1)
         logps.append(torch.gather(log_probs, 1, target_ids[start : start + LOGIT_CHUNK, None])[:, 0])
         if with_entropy:
             entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
@@ -126,7 +136,7 @@ def _predicted_logprobs(model, batch: dict, with_entropy: bool = False):
     head = unwrap(model).get_output_embeddings()
     logps, entropies = [], []
     for start in range(0, picked.shape[0], LOGIT_CHUNK):
-        log_probs = F.log_softmax(head(picked[start : start + LOGIT_CHUNK]).float(), dim=-1)
+        log_probs = F.log_softmax(_scaled(head(picked[start : start + LOGIT_CHUNK]), batch), dim=-1)
         logps.append(torch.gather(log_probs, 1, target_ids[start : start + LOGIT_CHUNK, None])[:, 0])
         if with_entropy:
             entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
@@ -141,7 +151,7 @@ def response_logprobs(model, batch: dict, with_entropy: bool = False):
     batch: right-padded prompt + response rows with `labels` on the response tokens and
     `response_start` [B] (each row's prompt length; alignment.rlhf.rollout.episode_batch), or
     groups packed with their prompt once (`pred_index`, `targets`, `target_slot`; group_batch).
-    T = the longest response.
+    T = the longest response. With batch["logit_temperature"] = T_s, the log-probs of softmax(logits / T_s).
     """
     if "pred_index" in batch:
         out = call(model, _predicted_logprobs, batch, with_entropy)

@@ -7,9 +7,10 @@ max_new_tokens generated ids, and each sampled token's log-probability under the
 it was drawn from. A vLLM engine for GPU clusters would be another sampler with this call.
 
 :class:`KVCacheSampler` decodes batches with a KV cache over left-padded prompts and stops each
-sequence at its own stop token. Sampling is pure by default (temperature 1, no top-k/top-p):
-the only distribution under which the rollout's log-probs are the policy's and the KL estimates
-unbiased. Each episode draws its noise from its own seeded generator (Gumbel-max), so a
+sequence at its own stop token. Sampling is pure by default (temperature 1, no top-k/top-p).
+A temperature T other than 1 samples softmax(logits / T), and the stage reads every log-prob of
+actor and reference under that same tempered distribution, so the ratio and the KL estimates
+hold for it. Top-k / top-p truncate the distribution, which no training pass reproduces. Each episode draws its noise from its own seeded generator (Gumbel-max), so a
 response does not depend on which other prompts share its batch or its rank: 1 rank and 2 ranks
 sample the same responses. Under ZeRO-3 the caller gathers the weights once per rollout and
 removes ZeRO's hooks (alignment.core.engine.Engine.generation_view), so decoding never runs token
@@ -19,7 +20,6 @@ by token through parameter all-gathers (FAILURES rows 6, 7).
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -169,8 +169,10 @@ class KVCacheSampler:
                        [p for r in parts for p in r.ended], [p for r in parts for p in r.logprobs])
 
 
-def is_pure_sampling(temperature: float, top_k: int, top_p: float) -> bool:
-    return math.isclose(temperature, 1.0) and not top_k and top_p >= 1.0
+def is_untruncated(top_k: int, top_p: float) -> bool:
+    """No top-k / top-p: the rollout draws from softmax(logits / temperature), which the training pass
+    reproduces (modeling's logit_temperature)."""
+    return not top_k and top_p >= 1.0
 
 
 def episode_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,

@@ -324,12 +324,12 @@ class LogpDropWatch:
         return None
 
 
-@torch.no_grad()
 def rpo_scale(pairs: list) -> float:
     """Pairs per chosen token of a batch of pairs (make_loss_fn's RPO normaliser)."""
     return len(pairs) / max(1, sum(len(p.chosen_ids) for p in pairs))
 
 
+@torch.no_grad()  # no graph: held-out forwards would otherwise keep training-sized activations alive
 def evaluate(engine, model, pairs: list, pad_id: int, loss_fn, pack_to: int | None = None) -> dict[str, float]:
     """Held-out DPO metrics over every pair, sharded over ranks in lock-step; the RPO term normalised over
     the whole eval set, so eval/loss is the same quantity at every evaluation."""

@@ -25,6 +25,7 @@ the training pass's and that the ratio is 1 before any update.
 from __future__ import annotations
 
 import importlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from alignment.rlhf import advantages as adv
 from alignment.rlhf.kl import KLController, kl_estimate
 from alignment.rlhf.ppo_losses import aggregate, normaliser_unit, policy_loss, value_loss
 from alignment.rlhf.rewards import token_rewards
-from alignment.rlhf.rollout import KVCacheSampler, Rollout, episode_batch, group_batch, is_pure_sampling
+from alignment.rlhf.rollout import KVCacheSampler, Rollout, episode_batch, group_batch, is_untruncated
 from reward.model import DEFAULT_MAX_LENGTH, ensure_distinct_pad, sequence_rewards, token_values
 
 
@@ -74,7 +75,9 @@ class PPOConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    """Pure sampling (1, 0, 1) is the default; anything else warns: the KL estimate no longer holds."""
+    """Pure sampling (1, 0, 1) is the default. A temperature T != 1 trains the tempered policy softmax(logits / T)
+    that it samples (log-probs of actor and reference from logits / T, as TRL's GRPOTrainer and verl); top-k /
+    top-p warn: the KL estimate no longer holds."""
     epochs: int = 1
     """Passes over each rollout; a pass is episodes / train.global_batch_size optimizer steps."""
     oversample: int = 1
@@ -350,21 +353,26 @@ def micro_slices(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def layout(prompt_ids, response_ids, group: int, pad_id: int, device) -> dict:
-    """Episodes as the training pass reads them: groups packed with their prompt once (group > 1), or a row each."""
-    if group > 1:
-        return group_batch(prompt_ids, response_ids, group, pad_id, device)
-    return episode_batch(prompt_ids, response_ids, pad_id, device)
+def layout(prompt_ids, response_ids, group: int, pad_id: int, device, temperature: float = 1.0) -> dict:
+    """Episodes as the training pass reads them: groups packed with their prompt once (group > 1), or a row each.
+    A sampling temperature other than 1 (and 0, greedy) makes the log-probs read from them those of
+    softmax(logits / temperature): the distribution the rollout drew from."""
+    batch = group_batch(prompt_ids, response_ids, group, pad_id, device) if group > 1 \
+        else episode_batch(prompt_ids, response_ids, pad_id, device)
+    if temperature > 0 and not math.isclose(temperature, 1.0):
+        batch["logit_temperature"] = float(temperature)
+    return batch
 
 
 @torch.no_grad()
-def forward_in_chunks(fn, prepared, rollout: Rollout, pad_id: int, device, micro: int, group: int = 1) -> torch.Tensor:
+def forward_in_chunks(fn, prepared, rollout: Rollout, pad_id: int, device, micro: int, group: int = 1,
+                      temperature: float = 1.0) -> torch.Tensor:
     """fn(model, batch) -> [b, T_b] over this rank's episodes in chunks (whole groups), padded to the longest
     response."""
     T = max(1, max(len(r) for r in rollout.response_ids))
     outs = []
     for s in micro_slices(len(rollout), micro):
-        batch = layout(rollout.prompt_ids[s], rollout.response_ids[s], group, pad_id, device)
+        batch = layout(rollout.prompt_ids[s], rollout.response_ids[s], group, pad_id, device, temperature)
         values = fn(prepared, batch).float().cpu()
         outs.append(torch.nn.functional.pad(values, (0, T - values.shape[1])))
     return torch.cat(outs) if outs else torch.zeros(0, T)
@@ -403,10 +411,13 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
     if cfg.prompts_per_rollout % dist.world_size:
         raise RecipeError(f"ppo.prompts_per_rollout ({cfg.prompts_per_rollout}) must be a multiple of the world "
                           f"size ({dist.world_size}): each rank samples whole groups")
-    if not is_pure_sampling(cfg.temperature, cfg.top_k, cfg.top_p):
-        print_main(dist.is_main, f"warning: sampling with temperature {cfg.temperature}, top_k {cfg.top_k}, top_p "
-                   f"{cfg.top_p} is not the policy's distribution: the KL estimate and the importance ratio no "
-                   "longer hold exactly")
+    if not is_untruncated(cfg.top_k, cfg.top_p):
+        print_main(dist.is_main, f"warning: sampling with top_k {cfg.top_k}, top_p {cfg.top_p} truncates the "
+                   "policy's distribution: the KL estimate and the importance ratio no longer hold exactly")
+    elif cfg.temperature > 0 and not math.isclose(cfg.temperature, 1.0):
+        print_main(dist.is_main, f"sampling at temperature {cfg.temperature}: the policy trained, its ratio, entropy "
+                   f"and KL to the reference are those of softmax(logits / {cfg.temperature}), the distribution "
+                   "sampled; greedy decoding (the gold score) is the same either way")
 
     # Setup. Tokenizer and prompts (the data report counts everything dropped).
     model_path = resolve_model_path(recipe.model.name_or_path)
@@ -538,12 +549,13 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         clock.lap("scoring")
 
         # Step 3. Log-probs of the actor as it sampled and of the reference; the critic's values.
-        old_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro, group)
+        tau = cfg.temperature  # actor and reference both as the rollout sampled: softmax(logits / tau)
+        old_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro, group, tau)
         if reference is not None:
-            ref_logp = forward_in_chunks(response_logprobs, reference, rollout, pad_id, device, micro, group)
+            ref_logp = forward_in_chunks(response_logprobs, reference, rollout, pad_id, device, micro, group, tau)
         else:
             with user_model(actor).disable_adapter():
-                ref_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro, group)
+                ref_logp = forward_in_chunks(response_logprobs, actor, rollout, pad_id, device, micro, group, tau)
         values = forward_in_chunks(token_values, critic, rollout, pad_id, device, micro, group) if critic is not None \
             else torch.zeros_like(old_logp)
         T = old_logp.shape[1]
@@ -595,14 +607,14 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks,
                    "rollout/informative_share": dist.reduce_sums({"s": informative_share})["s"] / dist.world_size}
         if iteration == start + 1:
-            # Tempered or truncated sampling draws from another distribution than the policy's: nothing to compare.
-            if is_pure_sampling(cfg.temperature, cfg.top_k, cfg.top_p):
+            # Truncated sampling draws from a distribution no training pass computes: nothing to compare.
+            if is_untruncated(cfg.top_k, cfg.top_p):
                 sampled = ~buffer["guided"]  # guided responses were not sampled: nothing to compare
                 diff = float(((buffer["sampled_logp"][sampled, :T] - old_lp[sampled]).abs() * mask[sampled]).max())
                 metrics["check/rollout_logprob_max_diff"] = diff
                 compared = f"rollout log-probs equal the training pass's to {diff:.2g}"
             else:
-                compared = "rollout log-probs not compared (the sampling is tempered or truncated)"
+                compared = "rollout log-probs not compared (top-k / top-p sampling)"
             if start == 0:
                 print_main(dist.is_main, f"check: before any update the ratio is 1 to {checks['check/first_ratio_dev']:.2g} "
                            f"and the approximate KL {checks['check/first_approxkl']:.2g}; {compared}")
@@ -669,7 +681,7 @@ def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update
 
             def batch_of(idx):
                 b = layout([buffer["prompt_ids"][i] for i in idx], [buffer["response_ids"][i] for i in idx], group,
-                           pad_id, dist.device)
+                           pad_id, dist.device, cfg.temperature)
                 width = b["response_mask"].shape[1]
                 b.update({k: v[idx, :width].to(dist.device) for k, v in update.items()})
                 return b

@@ -114,6 +114,38 @@ def test_rollout_logprobs_equal_the_training_pass(model, tok, prompt_ids):
     assert (logp[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("layout", ["rows", "groups"])
+def test_tempered_rollout_logprobs_equal_the_tempered_training_pass(model, tok, prompt_ids, layout):
+    """At temperature 0.6 the rollout samples softmax(logits / 0.6); the training pass with logit_temperature
+    0.6 reads the same log-probs (and entropies of that distribution), and without it the untempered ones."""
+    from alignment.core.modeling import full_logits
+    from alignment.rlhf.rollout import group_batch
+
+    grouped = [p for p in prompt_ids[:2] for _ in range(3)]
+    out = sample_batch(model, grouped, list(range(20, 26)), **_options(tok, temperature=0.6))
+    make = (lambda: episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)) if layout == "rows" \
+        else (lambda: group_batch(out.prompt_ids, out.response_ids, 3, tok.pad_token_id))
+    batch = dict(make(), logit_temperature=0.6)
+    with torch.no_grad():
+        logp, entropy = response_logprobs(model, batch, with_entropy=True)
+        plain = response_logprobs(model, make())
+    mask = batch["response_mask"].bool()
+    sampled = torch.zeros_like(logp)
+    for i, row in enumerate(out.logprobs):
+        sampled[i, : len(row)] = torch.tensor(row)
+    torch.testing.assert_close(logp[mask], sampled[mask], atol=1e-4, rtol=0)
+    assert (plain[mask] - logp[mask]).abs().max() > 1e-2, "the temperature changes the log-probs"
+    # By hand for the first episode: log_softmax(logits / T) at each response token.
+    rows = episode_batch(out.prompt_ids[:1], out.response_ids[:1], tok.pad_token_id)
+    start, n = int(rows["response_start"][0]), len(out.response_ids[0])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(full_logits(model, rows["input_ids"]).float()[0] / 0.6, dim=-1)
+    picked = log_probs[start - 1 : start - 1 + n]
+    by_hand = picked.gather(1, torch.tensor(out.response_ids[0])[:, None])[:, 0]
+    torch.testing.assert_close(logp[0, :n], by_hand, atol=1e-4, rtol=0)
+    torch.testing.assert_close(entropy[0, :n], -(picked.exp() * picked).sum(-1), atol=1e-4, rtol=0)
+
+
 def test_padding_never_reaches_the_loss(model, tok):
     """[a, b, c] (no EOS) and [a, EOS]: masks [1, 1, 1] and [1, 1, 0]; what stands in the padding changes
     neither the loss nor its gradient (FAILURES row 24)."""

@@ -489,3 +489,30 @@ def test_logp_drop_watch_compares_like_with_like():
     assert all(watch.update({"logps/chosen_per_token": v, "rewards/margins": 1.0}, "x") is None for v in values)
     fired = [watch.update({"logps/chosen_per_token": -1.5, "rewards/margins": 1.0}, "x") for _ in range(5)]
     assert fired[:3] == [None] * 3 and fired[3] and fired[4] is None
+
+
+def test_evaluate_builds_no_graph(tiny_path, tok, pairs):
+    """Held-out DPO evaluation runs without autograd (a regression once kept a training-sized graph per
+    eval batch), and gives the same accuracy as the loss function on the same pairs."""
+    from alignment.stages.dpo import evaluate
+
+    policy, frozen = _policy_and_frozen(tiny_path)
+    reference = Reference("model", frozen=frozen)
+    inner = make_loss_fn(DPOConfig(beta=0.1), reference)
+    grad_modes = []
+
+    def loss_fn(model, batch):
+        grad_modes.append(torch.is_grad_enabled())
+        return inner(model, batch)
+
+    dist = SimpleNamespace(world_size=1, rank=0, device="cpu", reduce_sums=lambda sums: dict(sums))
+    engine = SimpleNamespace(layout=SimpleNamespace(micro_batch_size=2), dist=dist)
+    out = evaluate(engine, policy, pairs, tok.pad_token_id, loss_fn)
+    assert grad_modes == [False, False]  # 3 pairs in micro-batches of 2
+    assert policy.training  # back in train mode afterwards
+    with torch.no_grad():
+        batch = pair_batch(pairs, [0, 1, 2], tok.pad_token_id, "cpu")
+        pc, pr, _, _ = pair_logps(policy, batch)
+        rc, rr = reference.logps(policy, batch)
+    expected = ((pc - rc) > (pr - rr)).double().mean().item()
+    assert out["eval/rewards/accuracies"] == pytest.approx(expected, abs=1e-12)

@@ -145,12 +145,20 @@ def test_reward_model_source_and_its_normalisation(tmp_path, reward_model_dirs):
     assert bad.returncode == 2 and "stores no reward_mean / reward_std" in bad.output, bad.output[-2000:]
 
 
-def test_reinforce_pp_and_kl_in_the_reward_run(tmp_path):
+def test_reinforce_pp_kl_in_the_reward_and_tempered_sampling(tmp_path):
+    """REINFORCE++ with KL in the reward and the adaptive controller, sampling at temperature 0.7: the training
+    pass reads the tempered log-probs, so the first-iteration guards hold exactly as at temperature 1."""
     out = tmp_path / "rpp"
-    run_cli(ppo_args("configs/tiny/grpo.yaml", out, "ppo.advantage=reinforce_pp", "ppo.kl_in=reward",
-                     "ppo.kl_estimator=k2", "ppo.kl_target=0.01", "train.max_steps=2", "train.save_interval=0")).check()
+    result = run_cli(ppo_args("configs/tiny/grpo.yaml", out, "ppo.advantage=reinforce_pp", "ppo.kl_in=reward",
+                              "ppo.kl_estimator=k2", "ppo.kl_target=0.01", "ppo.temperature=0.7",
+                              "train.max_steps=2", "train.save_interval=0")).check()
     steps = step_metrics_ppo(out)
     assert steps[2]["objective/kl_coef"] != steps[1]["objective/kl_coef"], "the adaptive controller moved beta"
+    first = steps[1]
+    assert first["check/first_ratio_dev"] < 1e-6 and first["check/first_approxkl"] < 1e-10
+    assert first["check/rollout_logprob_max_diff"] < 1e-4
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert "sampling at temperature 0.7" in result.output and "warning: sampling" not in result.output
 
 
 def test_guidance_helpers_find_all_wrong_groups_and_encode_the_reference_answer():
