@@ -539,6 +539,9 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         informative_share = float((scores.view(-1, K).std(dim=1) > 0).float().mean()) if K > 1 else float("nan")
+        # Every sampled response's score, before dynamic sampling keeps the informative groups: the policy's own
+        # score (objective/scores, over the kept groups, runs higher whenever oversample > 1).
+        all_sampled = {"sum": float(scores[~guided].sum()), "n": float((~guided).sum())}
         if cfg.oversample > 1:  # dynamic sampling: keep the groups that carry signal
             keep = informative_groups(scores, K, cfg.prompts_per_rollout // dist.world_size)
             rollout = Rollout(*[[getattr(rollout, f)[i] for i in keep] for f in
@@ -606,6 +609,8 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
                   "check/first_approxkl": stats.pop("first_approxkl")}
         metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks,
                    "rollout/informative_share": dist.reduce_sums({"s": informative_share})["s"] / dist.world_size}
+        all_sampled = dist.reduce_sums(all_sampled)
+        metrics["rollout/scores_all_sampled"] = all_sampled["sum"] / max(all_sampled["n"], 1.0)
         if iteration == start + 1:
             # Truncated sampling draws from a distribution no training pass computes: nothing to compare.
             if is_untruncated(cfg.top_k, cfg.top_p):

@@ -161,6 +161,33 @@ def test_reinforce_pp_kl_in_the_reward_and_tempered_sampling(tmp_path):
     assert "sampling at temperature 0.7" in result.output and "warning: sampling" not in result.output
 
 
+def test_informative_groups_keeps_groups_with_a_spread_first_in_order():
+    from alignment.stages.ppo import informative_groups
+
+    # 4 groups of 3: group 0 tied, 1 spread, 2 tied, 3 spread.
+    scores = torch.tensor([1., 1., 1., 0., 1., 0., 0., 0., 0., 0.5, 0.5, 1.])
+    assert informative_groups(scores, 3, 2) == [3, 4, 5, 9, 10, 11]
+    assert informative_groups(scores, 3, 3) == [0, 1, 2, 3, 4, 5, 9, 10, 11]  # then tied ones, first first
+    assert informative_groups(scores, 3, 1) == [3, 4, 5]
+
+
+def test_dynamic_sampling_trains_on_the_kept_groups_and_reports_every_sample(tmp_path):
+    """oversample 3: three times the prompts are sampled and scored, the groups with a spread are kept (as
+    many as prompts_per_rollout); rollout/scores_all_sampled is the mean over every sample, objective/scores
+    over the kept ones. Without oversampling the two are the same number."""
+    out = tmp_path / "dyn"
+    run_cli(ppo_args("configs/tiny/grpo.yaml", out, "ppo.oversample=3", "ppo.rewards=[{source: alignment.evaluate."
+                     "rewards:digits}]", "train.max_steps=2", "train.save_interval=0")).check()
+    steps = step_metrics_ppo(out)
+    for m in steps.values():
+        assert 0.0 <= m["rollout/scores_all_sampled"] <= 1.0 and 0.0 <= m["rollout/informative_share"] <= 1.0
+    plain = tmp_path / "plain"
+    run_cli(ppo_args("configs/tiny/grpo.yaml", plain, "ppo.rewards=[{source: alignment.evaluate.rewards:digits}]",
+                     "train.max_steps=1", "train.save_interval=0")).check()
+    first = step_metrics_ppo(plain)[1]
+    assert first["rollout/scores_all_sampled"] == pytest.approx(first["objective/scores"], abs=1e-6)
+
+
 def test_guidance_helpers_find_all_wrong_groups_and_encode_the_reference_answer():
     from alignment.core import text
     from alignment.core.models import load_tokenizer, resolve_model_path
