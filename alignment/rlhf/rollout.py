@@ -10,8 +10,8 @@ it was drawn from. A vLLM engine for GPU clusters would be another sampler with 
 sequence at its own stop token. Sampling is pure by default (temperature 1, no top-k/top-p).
 A temperature T other than 1 samples softmax(logits / T), and the stage reads every log-prob of
 actor and reference under that same tempered distribution, so the ratio and the KL estimates
-hold for it. Top-k / top-p truncate the distribution, which no training pass reproduces. Each episode draws its noise from its own seeded generator (Gumbel-max), so a
-response does not depend on which other prompts share its batch or its rank: 1 rank and 2 ranks
+hold for it. Top-k / top-p truncate the distribution, which no training pass reproduces. Each
+episode draws its noise from its own seeded generator (Gumbel-max), so a response does not depend on which other prompts share its batch or its rank: 1 rank and 2 ranks
 sample the same responses. Under ZeRO-3 the caller gathers the weights once per rollout and
 removes ZeRO's hooks (alignment.core.engine.Engine.generation_view), so decoding never runs token
 by token through parameter all-gathers (FAILURES rows 6, 7).
@@ -20,6 +20,7 @@ by token through parameter all-gathers (FAILURES rows 6, 7).
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -167,6 +168,11 @@ class KVCacheSampler:
                  for i in range(0, len(prompt_ids), self.batch_size)]
         return Rollout([p for r in parts for p in r.prompt_ids], [p for r in parts for p in r.response_ids],
                        [p for r in parts for p in r.ended], [p for r in parts for p in r.logprobs])
+
+
+def is_tempered(temperature: float) -> bool:
+    """Sampling at a temperature other than 1 (0 is greedy): log-probs must be read from logits / temperature."""
+    return temperature > 0 and not math.isclose(temperature, 1.0)
 
 
 def is_untruncated(top_k: int, top_p: float) -> bool:

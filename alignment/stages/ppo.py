@@ -25,7 +25,6 @@ the training pass's and that the ratio is 1 before any update.
 from __future__ import annotations
 
 import importlib
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from alignment.rlhf import advantages as adv
 from alignment.rlhf.kl import KLController, kl_estimate
 from alignment.rlhf.ppo_losses import aggregate, normaliser_unit, policy_loss, value_loss
 from alignment.rlhf.rewards import token_rewards
-from alignment.rlhf.rollout import KVCacheSampler, Rollout, episode_batch, group_batch, is_untruncated
+from alignment.rlhf.rollout import KVCacheSampler, Rollout, episode_batch, group_batch, is_tempered, is_untruncated
 from reward.model import DEFAULT_MAX_LENGTH, ensure_distinct_pad, sequence_rewards, token_values
 
 
@@ -359,7 +358,7 @@ def layout(prompt_ids, response_ids, group: int, pad_id: int, device, temperatur
     softmax(logits / temperature): the distribution the rollout drew from."""
     batch = group_batch(prompt_ids, response_ids, group, pad_id, device) if group > 1 \
         else episode_batch(prompt_ids, response_ids, pad_id, device)
-    if temperature > 0 and not math.isclose(temperature, 1.0):
+    if is_tempered(temperature):
         batch["logit_temperature"] = float(temperature)
     return batch
 
@@ -414,7 +413,7 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
     if not is_untruncated(cfg.top_k, cfg.top_p):
         print_main(dist.is_main, f"warning: sampling with top_k {cfg.top_k}, top_p {cfg.top_p} truncates the "
                    "policy's distribution: the KL estimate and the importance ratio no longer hold exactly")
-    elif cfg.temperature > 0 and not math.isclose(cfg.temperature, 1.0):
+    elif is_tempered(cfg.temperature):
         print_main(dist.is_main, f"sampling at temperature {cfg.temperature}: the policy trained, its ratio, entropy "
                    f"and KL to the reference are those of softmax(logits / {cfg.temperature}), the distribution "
                    "sampled; greedy decoding (the gold score) is the same either way")
@@ -607,10 +606,10 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         kl_ctl.update(float(seq_kl.mean()), episodes)
         checks = {"train/lr": stats.pop("lr"), "check/first_ratio_dev": stats.pop("first_ratio_dev"),
                   "check/first_approxkl": stats.pop("first_approxkl")}
-        metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks,
-                   "rollout/informative_share": dist.reduce_sums({"s": informative_share})["s"] / dist.world_size}
-        all_sampled = dist.reduce_sums(all_sampled)
-        metrics["rollout/scores_all_sampled"] = all_sampled["sum"] / max(all_sampled["n"], 1.0)
+        metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks}
+        rollout_sums = dist.reduce_sums({"informative": informative_share, **all_sampled})  # one collective
+        metrics["rollout/informative_share"] = rollout_sums["informative"] / dist.world_size
+        metrics["rollout/scores_all_sampled"] = rollout_sums["sum"] / max(rollout_sums["n"], 1.0)
         if iteration == start + 1:
             # Truncated sampling draws from a distribution no training pass computes: nothing to compare.
             if is_untruncated(cfg.top_k, cfg.top_p):
