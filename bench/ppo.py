@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ppo.py [--parts grpo,ppo,rollout] [--iterations 4] [--warmup 1] [--threads 0]
 
-Both sides of a comparison get the same model (the built-in SmolLM2-135M-Instruct, full fine-tune, bf16),
+Both sides of a comparison get the same model (the built-in SmolLM2-135M-Instruct, full fine-tune, bf16 mixed precision: trained models in fp32 with bf16 autocast, frozen ones in bf16),
 the same prompts (the built-in task's train prompts, tokenized by our chat-template path), the same
 reward, group size or rollout batch, response length (max_new_tokens, sampling at temperature 1,
 stopping at EOS), PPO epochs and minibatches, learning rate and KL coefficient. Throughput is episodes
@@ -239,11 +239,16 @@ def trl_ppo_worker(spec: dict) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = Dataset.from_list([{"input_ids": ids} for ids in json.loads(Path(spec["prompts_file"]).read_text())])
-    dtype = torch.bfloat16
-    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype)
-    ref = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype)
-    reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=dtype)
-    value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=dtype)
+    # The same precision as our side: the trained models (policy, value) hold fp32 weights and Adam states and
+    # compute under bf16 autocast (the Trainer's bf16=True: AMP, as TRL's GRPOTrainer loads by default); the
+    # frozen ones (reference, reward) are bf16, as ours are. Loading the trained models in bf16 instead is
+    # pure-bf16 training, another setting: it halves their weights and optimizer state and, at lr 1e-6, rounds
+    # most updates away (see README, "Quality against TRL").
+    trained, frozen = torch.float32, torch.bfloat16
+    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=trained)
+    ref = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=frozen)
+    reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=frozen)
+    value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=trained)
     batch = spec["prompts"]
     # TRL 0.29.1: local_batch_size = per_device_train_batch_size * gradient_accumulation_steps (the rollout),
     # split into num_mini_batches; the optimizer steps every gradient_accumulation_steps micro-batches.
