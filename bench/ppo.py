@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/ppo.py [--parts grpo,ppo,rollout] [--iterations 4] [--warmup 1] [--threads 0]
 
-Both sides of a comparison get the same model (the built-in SmolLM2-135M-Instruct, full fine-tune, bf16 mixed precision: trained models in fp32 with bf16 autocast, frozen ones in bf16),
+Both sides of a comparison get the same model (the built-in SmolLM2-135M-Instruct, full fine-tune, bf16
+mixed precision: trained models in fp32 with bf16 autocast, frozen ones in bf16),
 the same prompts (the built-in task's train prompts, tokenized by our chat-template path), the same
 reward, group size or rollout batch, response length (max_new_tokens, sampling at temperature 1,
 stopping at EOS), PPO epochs and minibatches, learning rate and KL coefficient. Throughput is episodes
