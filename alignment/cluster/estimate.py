@@ -15,8 +15,9 @@ Per trainable role (DeepSpeed, as alignment.core.engine configures it):
   activations per layer that needs gradients: T*(16h + (4h + 2kv + 4I)*b), plus T*a*s*(b+4) for eager
               attention (its fp32 softmax); with gradient checkpointing: T*h*b per layer plus one layer's
               full set; times 1.15 for the backward's own working set (calibrated)
-  logits      N*V*4 (the fp32 log-softmax autograd keeps; ours applies the output layer to target
-              positions only, in chunks)
+  logits      n*V*(12+b), n = min(N, C): one chunk of C target positions at a time (ours applies the
+              output layer to target positions only, and recomputes each chunk in backward rather than
+              keeping its fp32 log-softmax): its logits in b and fp32, the log-softmax and its gradient
 Per frozen role (reference, reward models): weights b*P (ZeRO-3: /W), nothing else that persists.
 PPO's rollout: KV cache 2*L*kv*b per token of (rollout batch x (prompt + max_new_tokens)).
 Loading: a model is read in fp32 (4*P) and cast to the training precision; about 2*P of that stays in
@@ -183,7 +184,11 @@ def trainable_role(est: Estimate, role: str, shape: Shape, trainable: int, recip
     formula = f"(1+{BACKWARD_TRANSIENTS})*[{formula}]"
     est.add(role, "activations", per, formula)
     if logits:
-        est.add(role, "logits", targets * shape.vocab * 4, f"N*V*4, N={targets}, V={shape.vocab}")
+        from alignment.core.modeling import LOGIT_CHUNK
+
+        n = min(targets, LOGIT_CHUNK)
+        est.add(role, "logits", n * shape.vocab * (12 + b), f"n*V*(12+{b}), n=min(N={targets}, {LOGIT_CHUNK}), "
+                f"V={shape.vocab}")
 
 
 def frozen_role(est: Estimate, role: str, shape: Shape, recipe) -> None:

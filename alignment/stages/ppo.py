@@ -693,7 +693,7 @@ def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update
             micro_batches = [batch_of(idx) for idx in mine]
 
             def actor_loss(model, b):
-                logp, entropy = response_logprobs(model, b, with_entropy=True)
+                logp, entropy = response_logprobs(model, b, entropy="grad" if cfg.entropy_coef else "value")
                 token_mask = b["response_mask"]
                 pg, clipped = policy_loss(logp, b["old_logp"], b["advantages"], cfg.clip_low, cfg.clip_high,
                                           cfg.dual_clip)

@@ -167,6 +167,57 @@ def test_matches_full_logits_reference(model, tok, examples, monkeypatch, chunk)
                               float(long.num_trainable - (long.labels[0] != IGNORE))]
 
 
+@pytest.mark.parametrize("entropy", [None, "value", "grad"])
+def test_chunk_recompute_gradients_and_saved_memory(tok, examples, tiny_path, monkeypatch, entropy):
+    """Under autograd each logit chunk is recomputed in backward: the log-probs, entropies and gradients are
+    the full-logits reference's, and nothing vocabulary-wide is kept for backward (before, every chunk's fp32
+    log-softmax was, plus the entropy's exp for PPO)."""
+    from alignment.rlhf.rollout import episode_batch
+
+    monkeypatch.setattr(modeling, "LOGIT_CHUNK", 4)  # several chunks per batch
+    prompts = [tok.encode(user) for user, _ in CHATS[:2]]
+    responses = [tok.encode(answer) for _, answer in CHATS[:2]]
+    rows = episode_batch(prompts, responses, tok.pad_token_id)
+    rows["logit_temperature"] = 0.7
+    mask = rows["response_mask"].bool()
+    weights = torch.linspace(-1, 1, mask.shape[1])
+    results = []
+    for how in ("chunked", "reference"):
+        model = load_model(tiny_path).eval()
+        vocab = model.config.vocab_size
+        if how == "reference":
+            logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits.float() / 0.7
+            log_probs = F.log_softmax(logits[:, :-1], dim=-1)
+            start = rows["response_start"]
+            picked = torch.stack([log_probs[i, start[i] - 1 : start[i] - 1 + mask.shape[1]] for i in range(2)])
+            targets = torch.stack([rows["input_ids"][i, start[i] : start[i] + mask.shape[1]] for i in range(2)])
+            logp = picked.gather(-1, targets[..., None])[..., 0] * mask
+            ent = -(picked.exp() * picked).sum(-1) * mask
+        else:
+            saved = []
+
+            def pack(t):
+                saved.append(tuple(t.shape))
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = modeling.response_logprobs(model, rows, entropy=entropy)
+            logp, ent = out if entropy else (out, None)
+            assert not [shape for shape in saved if shape and shape[-1] == vocab], saved
+            if entropy:
+                assert ent.requires_grad == (entropy == "grad")
+        loss = (logp * weights).sum() + ((ent * weights).sum() if entropy == "grad" else 0)
+        loss.backward()
+        grad = model.model.layers[0].mlp.down_proj.weight.grad.clone()
+        results.append((logp.detach(), None if ent is None else ent.detach(), grad, model.lm_head.weight.grad.clone()))
+    (logp, ent, grad, head_grad), (ref_logp, ref_ent, ref_grad, ref_head_grad) = results
+    torch.testing.assert_close(logp[mask], ref_logp[mask], atol=ATOL, rtol=0)
+    if ent is not None:
+        torch.testing.assert_close(ent[mask], ref_ent[mask], atol=ATOL, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(head_grad, ref_head_grad, atol=1e-6, rtol=1e-4)
+
+
 def test_padded_row_equals_alone(model, tok, examples):
     """A short example inside a right-padded batch scores exactly as it does alone."""
     batch = collate(examples, tok.pad_token_id)

@@ -127,7 +127,7 @@ def test_tempered_rollout_logprobs_equal_the_tempered_training_pass(model, tok, 
         else (lambda: group_batch(out.prompt_ids, out.response_ids, 3, tok.pad_token_id))
     batch = dict(make(), logit_temperature=0.6)
     with torch.no_grad():
-        logp, entropy = response_logprobs(model, batch, with_entropy=True)
+        logp, entropy = response_logprobs(model, batch, entropy="value")
         plain = response_logprobs(model, make())
     mask = batch["response_mask"].bool()
     sampled = torch.zeros_like(logp)
@@ -204,7 +204,7 @@ def test_packed_groups_give_the_log_probs_values_and_gradients_of_separate_episo
     results = []
     for batch in (separate, packed):
         model.zero_grad()
-        logp, entropy = response_logprobs(model, batch, with_entropy=True)
+        logp, entropy = response_logprobs(model, batch, entropy="value")
         (logp * torch.linspace(-1, 1, logp.shape[1])).sum().backward()
         results.append((logp.detach(), entropy.detach(), model.model.layers[1].mlp.down_proj.weight.grad.clone()))
     for a, b in zip(*results):
