@@ -212,6 +212,9 @@ def lost_peer(message: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from alignment.core.allocator import tune_host_allocator
+
+    tune_host_allocator()  # before the first tensor: freed tensor memory goes back to the OS (see the module)
     if args.command == "data":
         if args.target[0] == "check":
             if len(args.target) != 2:

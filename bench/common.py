@@ -60,35 +60,48 @@ def bench_env(extra: dict | None = None) -> dict:
 PEAK_MIB: dict[str, float] = {}  # label -> peak resident memory of that side's whole process tree (MiB)
 
 
-def watch_peak_rss(proc: subprocess.Popen, timeout: float | None, every: float = 0.1) -> float:
+def watch_peak_rss(proc: subprocess.Popen, timeout: float | None, every: float = 0.1,
+                   trace_path: Path | None = None) -> float:
     """Wait for `proc`, sampling the summed PSS (proportional set size: a shared library's pages split among
     the processes mapping it, so a launcher plus ranks is not charged libtorch once per process) of it and all
     its descendants; the peak in MiB. Sampling can miss a spike shorter than the interval (`every`, longer for
-    large processes); both sides of a comparison are sampled the same way."""
+    large processes); both sides of a comparison are sampled the same way. With `trace_path`, every sample
+    goes there as a JSON line (seconds since start, total MiB, MiB per process with its command line), so
+    that a peak can be attributed to a phase or a child process."""
     import psutil
 
     peak, deadline = 0, (time.time() + timeout) if timeout else None
     root = psutil.Process(proc.pid)
+    trace = open(trace_path, "w") if trace_path else None
+    start = time.perf_counter()
     while proc.poll() is None:
         if deadline and time.time() > deadline:
             for p in root.children(recursive=True):
                 p.kill()
             proc.kill()
             raise subprocess.TimeoutExpired(proc.args, timeout)
-        total, sampled = 0, time.perf_counter()
+        total, sampled, parts = 0, time.perf_counter(), []
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_full_info().pss
+                    pss = p.memory_full_info().pss
+                    total += pss
+                    if trace:
+                        parts.append([p.pid, round(pss / 2**20, 1), " ".join(p.cmdline()[1:4])[:120]])
                 except psutil.NoSuchProcess:
                     pass
         except psutil.NoSuchProcess:
             break
         peak = max(peak, total)
+        if trace:
+            trace.write(json.dumps({"t": round(sampled - start, 2), "mib": round(total / 2**20, 1), "procs": parts}) + "\n")
+            trace.flush()
         # Reading PSS walks the page tables: ~0.1 s for a 13 GB process. Keep the sampler under ~10% of one core
         # so that it does not slow the side it measures (at 0.1 s intervals it took half a core).
         time.sleep(max(every, 9 * (time.perf_counter() - sampled)))
     proc.wait()
+    if trace:
+        trace.close()
     return peak / 2**20
 
 
@@ -104,7 +117,8 @@ def run_logged(cmd: list[str], log_path: Path, label: str, env: dict | None = No
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env or bench_env(), stdout=log, stderr=subprocess.STDOUT)
-        PEAK_MIB[label] = watch_peak_rss(proc, timeout)
+        # The memory timeline lies next to the log (<log>.memory.jsonl), for attributing a peak to a phase.
+        PEAK_MIB[label] = watch_peak_rss(proc, timeout, trace_path=log_path.with_suffix(".memory.jsonl"))
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])

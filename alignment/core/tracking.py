@@ -65,6 +65,8 @@ def _peak_rss_kib() -> float:
 def run_info(seed: int, world_size: int, stage: str) -> dict[str, Any]:
     import importlib.metadata as md
 
+    from alignment.core.allocator import host_allocator_state
+
     versions = {}
     for package in ("torch", "transformers", "deepspeed", "peft", "trl", "datasets", "wandb"):
         try:
@@ -81,6 +83,7 @@ def run_info(seed: int, world_size: int, stage: str) -> dict[str, Any]:
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "command": sys.argv,
+        "host_allocator": host_allocator_state(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
