@@ -217,6 +217,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
         loop.step_boundary(run, {"reward": model}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
+    engine.release_optimizer_state(model)  # training is over: export and its reload check run without Adam's moments
 
     # Step 6. Reward statistics over held-out responses, export with them, reload check.
     if "eval/reward_mean" in metrics:

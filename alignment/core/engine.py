@@ -237,6 +237,9 @@ class Engine:
     @staticmethod
     def step(model) -> bool:
         """Call after every micro-batch of `model` (a prepared engine); True when its optimizer stepped."""
+        if getattr(model, "_alignment_optimizer_released", False):
+            raise RuntimeError("this model's optimizer state was released (Engine.release_optimizer_state): "
+                               "its training is over; an optimizer step now would restart Adam from zero moments")
         boundary = model.is_gradient_accumulation_boundary()
         model.step()
         return boundary
@@ -251,6 +254,30 @@ class Engine:
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    @staticmethod
+    def release_optimizer_state(model) -> int:
+        """Training of `model` (a prepared engine) is over: free its optimizer's per-parameter state (AdamW's
+        two moments, 8 bytes per trained parameter: the largest single part of a full fine-tune's memory),
+        so that export, its reload check in a second process and the final evaluation run without it.
+        Weights, fp32 master copies included, stay. Returns the bytes freed; a later `step` raises.
+        Call after the last checkpoint (a checkpoint holds this state)."""
+        optimizer, freed, seen = getattr(model, "optimizer", None), 0, set()
+        while optimizer is not None and id(optimizer) not in seen:  # DeepSpeed's wrappers hold the torch one
+            seen.add(id(optimizer))
+            state = getattr(optimizer, "state", None)
+            if isinstance(optimizer, torch.optim.Optimizer) and state:
+                for per_param in state.values():
+                    freed += sum(v.numel() * v.element_size() for v in per_param.values()
+                                 if torch.is_tensor(v) and v.numel() > 1)
+                state.clear()
+            optimizer = getattr(optimizer, "optimizer", None)
+        for param in model.parameters():  # ZeRO-1/2 map each weight to views of the moments (universal checkpoints)
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is not None and getattr(mapping, "optim_fragment", None):
+                mapping.optim_fragment = {}
+        model._alignment_optimizer_released = True
+        return freed
 
     # -- weights -------------------------------------------------------------
     def full_state_dict(self, module: torch.nn.Module, fp32_masters: bool = False) -> dict[str, torch.Tensor]:

@@ -459,7 +459,8 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         loop.step_boundary(run, {"policy": policy}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
 
-    # Step 6. Export final/, reload check, gold score.
+    # Step 6. Export final/, reload check, gold score (without Adam's moments: training is over).
+    engine.release_optimizer_state(policy)
     final = export_model(engine, policy, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
                          lora_cfg=recipe.lora, precision=recipe.train.precision,
                          model_cfg=recipe.model)

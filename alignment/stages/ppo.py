@@ -632,7 +632,11 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         loop.step_boundary(run, models, iteration, iterations, 0, order, extra={"kl_coef": kl_ctl.value})
     progress.close()
 
-    # Export: the policy to final/ (verified), the critic to final/critic/.
+    # Export: the policy to final/ (verified), the critic to final/critic/; training is over, so without
+    # Adam's moments.
+    for trained in (actor, critic):
+        if trained is not None:
+            engine.release_optimizer_state(trained)
     final = export_model(engine, actor, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
                          lora_cfg=recipe.lora, precision=t.precision, model_cfg=recipe.model)
     if critic is not None:

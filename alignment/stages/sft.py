@@ -160,7 +160,9 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
     results["final_loss"] = metrics["loss"] if steps > start else None
     results["final_eval"] = {k: v for k, v in metrics.items() if k.startswith("eval/")} if steps > start else {}
 
-    # Step 6. Export final/, reload it in a fresh process and compare; then the gold score.
+    # Step 6. Export final/, reload it in a fresh process and compare; then the gold score. Training is over:
+    # Adam's moments go first, so that export, its reload check and the gold score run without them.
+    engine.release_optimizer_state(model)
     final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
                          lora_cfg=recipe.lora, precision=recipe.train.precision,
                          model_cfg=recipe.model)

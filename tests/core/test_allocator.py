@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 reason="glibc's malloc only")
 
 PROBE = r"""
-import ctypes, sys
+import ctypes, os, sys
 from alignment.core.allocator import tune_host_allocator
 state = tune_host_allocator() if sys.argv[1] == "tune" else "untouched"
 libc = ctypes.CDLL("libc.so.6")
@@ -25,12 +25,13 @@ lo, hi = 0, 0
 for line in open("/proc/self/maps"):
     if "[heap]" in line:
         lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+assert sys.argv[1] != "tune" or "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in os.environ or "system" in state
 print(("heap" if lo <= block < hi else "mmap") + "|" + state)
 """
 
 
 def probe(mode: str, **env_extra) -> tuple[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ALIGN_MALLOC"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ALIGN_MALLOC", "ONEDNN_"))}
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True)
     where, state = out.stdout.strip().split("|")
@@ -44,14 +45,14 @@ def test_default_glibc_puts_a_mid_sized_block_on_the_heap():
 def test_tuned_allocator_mmaps_mid_sized_blocks():
     where, state = probe("tune")
     assert where == "mmap"
-    assert state == "glibc, mmap threshold 512 KiB, trim threshold 32 MiB"
+    assert state == "malloc: glibc, mmap threshold 512 KiB, trim threshold 32 MiB; oneDNN primitive cache: 64"
 
 
 def test_opt_out_and_user_thresholds_are_respected():
     where, state = probe("tune", ALIGN_MALLOC="system")
     assert (where, state) == ("heap", "system defaults (ALIGN_MALLOC=system)")
-    where, state = probe("tune", MALLOC_TRIM_THRESHOLD_="134217728")
-    assert state == "the environment's MALLOC_*_THRESHOLD_"
+    where, state = probe("tune", MALLOC_TRIM_THRESHOLD_="134217728", ONEDNN_PRIMITIVE_CACHE_CAPACITY="512")
+    assert state == "malloc: the environment's MALLOC_*_THRESHOLD_; oneDNN primitive cache: 512"
 
 
 def test_run_info_records_the_allocator_setting():
