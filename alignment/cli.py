@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from alignment.core.allocator import tune_host_allocator
 
-    tune_host_allocator()  # before the first tensor: freed tensor memory goes back to the OS (see the module)
+    tune_host_allocator(args.command)  # before the first tensor: freed tensor memory goes back to the OS (see the module)
     if args.command == "data":
         if args.target[0] == "check":
             if len(args.target) != 2:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 PROBE = r"""
 import ctypes, os, sys
 from alignment.core.allocator import tune_host_allocator
-state = tune_host_allocator() if sys.argv[1] == "tune" else "untouched"
+state = tune_host_allocator(sys.argv[2]) if sys.argv[1] == "tune" else "untouched"
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -30,10 +30,10 @@ print(("heap" if lo <= block < hi else "mmap") + "|" + state)
 """
 
 
-def probe(mode: str, **env_extra) -> tuple[str, str]:
+def probe(mode: str, stage: str = "sft", **env_extra) -> tuple[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ALIGN_MALLOC", "ONEDNN_"))}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, stage], env=env, capture_output=True, text=True, check=True)
     where, state = out.stdout.strip().split("|")
     return where, state
 
@@ -46,6 +46,12 @@ def test_tuned_allocator_mmaps_mid_sized_blocks():
     where, state = probe("tune")
     assert where == "mmap"
     assert state == "malloc: glibc, mmap threshold 512 KiB, trim threshold 32 MiB; oneDNN primitive cache: 64"
+
+
+def test_pair_stages_keep_glibcs_threshold_unless_asked():
+    where, state = probe("tune", "rm")
+    assert where == "heap" and state.startswith("malloc: glibc's default (stage rm;")
+    assert probe("tune", "dpo", ALIGN_MALLOC="tuned")[0] == "mmap"
 
 
 def test_opt_out_and_user_thresholds_are_respected():
