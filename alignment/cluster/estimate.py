@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -296,12 +295,10 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
         est.add("rollout", "sampling logits", batch * shape.vocab * 4 * 2, f"{batch} x V x 4 x 2 (logits, probs)")
     else:
         raise ValueError(f"align estimate: no estimate for stage {stage!r}")
-    from alignment.core.allocator import MALLOC_STAGES
+    from alignment.core.allocator import fixes_mmap_threshold
 
     # With the fixed mmap threshold (alignment.core.allocator) the cast's blocks go back to the OS.
-    malloc_tuned = os.environ.get("ALIGN_MALLOC", "").lower() == "tuned" or (
-        stage in MALLOC_STAGES and os.environ.get("ALIGN_MALLOC", "").lower() != "system")
-    if recipe.train.precision != "fp32" and not malloc_tuned:
+    if recipe.train.precision != "fp32" and not fixes_mmap_threshold(stage):
         est.add("load", "cast residue", 2 * shape.params, "2*P: models load in fp32 (4*P, file pages) and are cast "
                 "(2*P); the cast peaks at 6*P and the allocator keeps about 2*P of it", "host")
     est.add("runtime", "engine and allocator", ENGINE_OVERHEAD_MIB * MIB, "constant, calibrated on this machine", "host")

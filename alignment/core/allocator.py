@@ -52,6 +52,12 @@ _state = "not set"
 MALLOC_STAGES = ("sft", "ppo")
 
 
+def fixes_mmap_threshold(stage: str | None) -> bool:
+    """Whether `align <stage>` fixes glibc's mmap threshold (ALIGN_MALLOC, else MALLOC_STAGES)."""
+    choice = os.environ.get("ALIGN_MALLOC", "").lower()
+    return choice != "system" and (choice == "tuned" or stage in MALLOC_STAGES)
+
+
 def tune_host_allocator(stage: str | None = None) -> str:
     """Apply the settings above once per process; returns (and remembers) what was done, for run logs.
 
@@ -60,13 +66,12 @@ def tune_host_allocator(stage: str | None = None) -> str:
     global _state
     if _state != "not set":
         return _state
-    choice = os.environ.get("ALIGN_MALLOC", "").lower()
-    if choice == "system":
+    if os.environ.get("ALIGN_MALLOC", "").lower() == "system":
         _state = "system defaults (ALIGN_MALLOC=system)"
         return _state
     # Read by oneDNN when torch first uses it; children (ranks, the export check) inherit it.
     onednn = os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
-    if choice != "tuned" and stage not in MALLOC_STAGES:
+    if not fixes_mmap_threshold(stage):
         malloc = f"glibc's default (stage {stage}; ALIGN_MALLOC=tuned to fix the mmap threshold)"
     elif any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         malloc = "the environment's MALLOC_*_THRESHOLD_"
