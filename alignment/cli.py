@@ -212,9 +212,12 @@ def lost_peer(message: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from alignment.core.allocator import tune_host_allocator
+    from alignment import stages
+    from alignment.core import allocator
 
-    tune_host_allocator(args.command)  # before the first tensor: freed tensor memory goes back to the OS (see the module)
+    allocator.cap_onednn_cache()  # before torch loads (see the module)
+    if args.command not in (*stages.MODULES, "pipeline"):
+        allocator.tune_host_allocator(args.command)  # stages choose theirs once the recipe is read, below
     if args.command == "data":
         if args.target[0] == "check":
             if len(args.target) != 2:
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    allocator.tune_host_allocator(args.command, recipe)  # before the models load
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if (args.nproc or 1) > 1 and not in_job and args.command != "pipeline":
         return launch_local(args.nproc, _strip_nproc(argv))

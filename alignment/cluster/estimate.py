@@ -298,7 +298,7 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
     from alignment.core.allocator import fixes_mmap_threshold
 
     # With the fixed mmap threshold (alignment.core.allocator) the cast's blocks go back to the OS.
-    if recipe.train.precision != "fp32" and not fixes_mmap_threshold(stage):
+    if recipe.train.precision != "fp32" and not fixes_mmap_threshold(stage, recipe):
         est.add("load", "cast residue", 2 * shape.params, "2*P: models load in fp32 (4*P, file pages) and are cast "
                 "(2*P); the cast peaks at 6*P and the allocator keeps about 2*P of it", "host")
     est.add("runtime", "engine and allocator", ENGINE_OVERHEAD_MIB * MIB, "constant, calibrated on this machine", "host")

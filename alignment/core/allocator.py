@@ -12,8 +12,15 @@ speed (every mmapped block is faulted in again), 2-4 MiB saved almost nothing.
 
 What. :func:`tune_host_allocator` fixes the mmap threshold at 512 KiB (which also switches the dynamic
 rise off) and sets the trim threshold to 32 MiB (free memory at the top of the heap goes back once
-it passes that), for the stages in MALLOC_STAGES (sft, ppo: bench/ppo.py's GRPO at the same speed).
-It changes where memory comes from, never what is computed.
+it passes that), for the workloads in MALLOC_WORKLOADS (:func:`workload`: sft, and ppo's critic-free
+family). It changes where memory comes from, never what is computed. Where it costs speed, glibc's
+default stays (measured, bench/ppo.py, 2026-12-03, the fixed threshold against glibc's default):
+- GRPO: 3.23 against 3.03 episodes/s, peak 3,756 against 4,199 MiB (TRL: 1.80 episodes/s, 5,029 MiB):
+  fixed.
+- PPO with a critic: 1.21 against 1.66 episodes/s, peak 5,506 against 6,159 MiB (TRL: 0.81-0.85
+  episodes/s, 8,343-8,450 MiB): the update (actor and critic, fresh pages faulted in for both every
+  micro-batch; system time 45 s against 18 s over 3 iterations) went from 5-6 s to 8-9 s, so glibc's.
+- rm, dpo: see MALLOC_WORKLOADS.
 
 oneDNN (PyTorch's CPU matmul and convolution library) caches a compiled primitive, with its buffers,
 for every distinct problem shape, up to 1,024 of them. A training run meets new shapes all the time
@@ -46,33 +53,52 @@ ONEDNN_CACHE_CAPACITY = "64"
 _state = "not set"
 
 
-# Stages whose steps move few activation bytes: the fixed threshold costs them no speed. The pair stages
+# Workloads whose steps move few activation bytes: the fixed threshold costs them no speed. The pair stages
 # (rm, dpo: chosen + rejected at 192-512 tokens) fault in gigabytes of fresh pages per step through it:
-# bench/rm.py went from 1.5 to 0.93 pairs/s (peak 7,009 -> 4,954 MiB), so they keep glibc's threshold.
-MALLOC_STAGES = ("sft", "ppo")
+# bench/rm.py went from 1.5 to 0.93 pairs/s (peak 7,009 -> 4,954 MiB), so they keep glibc's threshold,
+# as does PPO with a critic ("ppo-critic", see the module docstring).
+MALLOC_WORKLOADS = ("sft", "ppo")
 
 
-def fixes_mmap_threshold(stage: str | None) -> bool:
-    """Whether `align <stage>` fixes glibc's mmap threshold (ALIGN_MALLOC, else MALLOC_STAGES)."""
+def workload(stage: str | None, recipe=None) -> str | None:
+    """What the malloc rule keys on: the stage, and for ppo whether a critic trains beside the actor."""
+    if stage == "ppo" and getattr(getattr(recipe, "ppo", None), "advantage", None) == "gae":
+        return "ppo-critic"
+    return stage
+
+
+def fixes_mmap_threshold(stage: str | None, recipe=None) -> bool:
+    """Whether `align <stage>` with this recipe fixes glibc's mmap threshold (ALIGN_MALLOC, else
+    MALLOC_WORKLOADS)."""
     choice = os.environ.get("ALIGN_MALLOC", "").lower()
-    return choice != "system" and (choice == "tuned" or stage in MALLOC_STAGES)
+    return choice != "system" and (choice == "tuned" or workload(stage, recipe) in MALLOC_WORKLOADS)
 
 
-def tune_host_allocator(stage: str | None = None) -> str:
+def cap_onednn_cache() -> str:
+    """The oneDNN part alone, for the start of a process that does not know its recipe yet: it must run
+    before torch loads. Returns the capacity in force ("" under ALIGN_MALLOC=system)."""
+    if os.environ.get("ALIGN_MALLOC", "").lower() == "system":
+        return ""
+    # Read by oneDNN when torch first uses it; children (ranks, the export check) inherit it.
+    return os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+
+
+def tune_host_allocator(stage: str | None = None, recipe=None) -> str:
     """Apply the settings above once per process; returns (and remembers) what was done, for run logs.
 
-    `stage` (the align subcommand) chooses the malloc part: on for MALLOC_STAGES, else glibc's default;
-    ``ALIGN_MALLOC=tuned`` turns it on for any stage, ``ALIGN_MALLOC=system`` turns everything off."""
+    `stage` (the align subcommand) and its recipe choose the malloc part (:func:`fixes_mmap_threshold`);
+    ``ALIGN_MALLOC=tuned`` turns it on for any stage, ``ALIGN_MALLOC=system`` turns everything off.
+    mallopt applies to the allocations after it, so this may run once the recipe is read, before the
+    models load; the oneDNN cap must come before torch loads (:func:`cap_onednn_cache`)."""
     global _state
     if _state != "not set":
         return _state
     if os.environ.get("ALIGN_MALLOC", "").lower() == "system":
         _state = "system defaults (ALIGN_MALLOC=system)"
         return _state
-    # Read by oneDNN when torch first uses it; children (ranks, the export check) inherit it.
-    onednn = os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
-    if not fixes_mmap_threshold(stage):
-        malloc = f"glibc's default (stage {stage}; ALIGN_MALLOC=tuned to fix the mmap threshold)"
+    onednn = cap_onednn_cache()
+    if not fixes_mmap_threshold(stage, recipe):
+        malloc = f"glibc's default ({workload(stage, recipe)}; ALIGN_MALLOC=tuned to fix the mmap threshold)"
     elif any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         malloc = "the environment's MALLOC_*_THRESHOLD_"
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 reason="glibc's malloc only")
 
 PROBE = r"""
-import ctypes, os, sys
+import ctypes, os, sys, types
 from alignment.core.allocator import tune_host_allocator
-state = tune_host_allocator(sys.argv[2]) if sys.argv[1] == "tune" else "untouched"
+recipe = types.SimpleNamespace(ppo=types.SimpleNamespace(advantage=sys.argv[3])) if sys.argv[3] else None
+state = tune_host_allocator(sys.argv[2], recipe) if sys.argv[1] == "tune" else "untouched"
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -30,10 +31,10 @@ print(("heap" if lo <= block < hi else "mmap") + "|" + state)
 """
 
 
-def probe(mode: str, stage: str = "sft", **env_extra) -> tuple[str, str]:
+def probe(mode: str, stage: str = "sft", advantage: str = "", **env_extra) -> tuple[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ALIGN_MALLOC", "ONEDNN_"))}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", PROBE, mode, stage], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, stage, advantage], env=env, capture_output=True, text=True, check=True)
     where, state = out.stdout.strip().split("|")
     return where, state
 
@@ -50,8 +51,30 @@ def test_tuned_allocator_mmaps_mid_sized_blocks():
 
 def test_pair_stages_keep_glibcs_threshold_unless_asked():
     where, state = probe("tune", "rm")
-    assert where == "heap" and state.startswith("malloc: glibc's default (stage rm;")
+    assert where == "heap" and state.startswith("malloc: glibc's default (rm;")
     assert probe("tune", "dpo", ALIGN_MALLOC="tuned")[0] == "mmap"
+
+
+def test_ppo_with_a_critic_keeps_glibcs_threshold_and_the_critic_free_family_fixes_it():
+    where, state = probe("tune", "ppo", "gae")
+    assert where == "heap" and state.startswith("malloc: glibc's default (ppo-critic;")
+    assert probe("tune", "ppo", "grpo")[0] == "mmap"
+    assert probe("tune", "ppo", "rloo")[0] == "mmap"
+
+
+def test_the_cli_chooses_the_setting_from_the_recipe(tmp_path):
+    """`align ppo` reads the recipe before it decides (the recipe's advantage picks the workload); the
+    decision lands in run_info.json. A 1-iteration tiny GAE run, with the allocator state checked."""
+    import json
+
+    out = tmp_path / "ppo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ALIGN_MALLOC", "ONEDNN_"))}
+    subprocess.run([sys.executable, "-m", "alignment.cli", "ppo", "configs/tiny/ppo.yaml", "--set", f"output_dir={out}",
+                    "--set", "train.max_steps=1", "--set", "ppo.gold_eval.prompts=null"], env=env, check=True,
+                   capture_output=True)
+    state = json.loads((out / "run_info.json").read_text())["host_allocator"]
+    assert state == ("malloc: glibc's default (ppo-critic; ALIGN_MALLOC=tuned to fix the mmap threshold); "
+                     "oneDNN primitive cache: 64")
 
 
 def test_opt_out_and_user_thresholds_are_respected():
