@@ -114,6 +114,37 @@ def test_rollout_logprobs_equal_the_training_pass(model, tok, prompt_ids):
     assert (logp[~mask] == 0).all()
 
 
+def test_an_eager_gqa_model_decodes_through_sdpa_with_the_same_tokens_and_logprobs(tok, prompt_ids):
+    """decode_attention: eager attention copies the KV cache to every query head at every token; the rollout
+    runs SDPA on the KV heads instead (tiny-llama: 4 query heads, 2 KV heads). Greedy tokens equal generate's
+    through eager, the sampled log-probs equal eager's training pass, and the model is eager again after."""
+    from alignment.evaluate.gold import generate_ids
+
+    torch.manual_seed(0)
+    eager = load_model(resolve_model_path("tiny-llama"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.mul_(4.0)
+    assert eager.config.num_key_value_heads < eager.config.num_attention_heads
+    seen = []
+    hook = eager.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, out: seen.append(module.config._attn_implementation))
+    greedy = sample_batch(eager, prompt_ids, [0, 0, 0], temperature=0.0, **_options(tok))
+    sampled = sample_batch(eager, prompt_ids, [5, 6, 7], **_options(tok))
+    hook.remove()
+    assert seen and set(seen) == {"sdpa"} and eager.config._attn_implementation == "eager"
+    assert greedy.response_ids == generate_ids(eager, tok, PROMPTS, max_new_tokens=12, batch_size=3,
+                                               device=torch.device("cpu"))
+    batch = episode_batch(sampled.prompt_ids, sampled.response_ids, tok.pad_token_id)
+    with torch.no_grad():
+        logp = response_logprobs(eager, batch)
+    mask = batch["response_mask"].bool()
+    rollout = torch.zeros_like(logp)
+    for i, row in enumerate(sampled.logprobs):
+        rollout[i, : len(row)] = torch.tensor(row)
+    torch.testing.assert_close(logp[mask], rollout[mask], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["rows", "groups"])
 def test_tempered_rollout_logprobs_equal_the_tempered_training_pass(model, tok, prompt_ids, layout):
     """At temperature 0.6 the rollout samples softmax(logits / 0.6); the training pass with logit_temperature
