@@ -634,3 +634,15 @@ def test_pipeline_online_dpo_rounds_chain_policies(capsys):
         assert setting(d, "data.train") == arg(p, "--out")
     assert setting(commands[-1], "model.name_or_path") == f"{out}/dpo/final"
     assert not Path(out).exists()
+
+
+def test_ppo_forward_batch_size_takes_whole_groups():
+    """Step 3's no-grad forwards pack each group with its prompt once: a chunk that splits a group is refused."""
+    from alignment import stages
+    from alignment.core.config import load_recipe
+
+    stages.load("ppo")
+    K = load_recipe("configs/tiny/grpo.yaml", "ppo", []).ppo.samples_per_prompt
+    assert load_recipe("configs/tiny/grpo.yaml", "ppo", [f"ppo.forward_batch_size={3 * K}"]).ppo.forward_batch_size == 3 * K
+    with pytest.raises(RecipeError, match="forward_batch_size"):
+        load_recipe("configs/tiny/grpo.yaml", "ppo", [f"ppo.forward_batch_size={K + 1}"])
