@@ -156,7 +156,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     # A shared-prompt segment holds prompt + both responses: up to 2 x max_length - 1 tokens.
     model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters,
                                       longest_row=2 * d.max_length if share_prompt else d.max_length,
-                                      disable_dropout=recipe.rm.disable_dropout)
+                                      disable_dropout=recipe.rm.disable_dropout, block_masked=share_prompt)
     reports = [DataReport("train"), DataReport("eval")]
     train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0], reward_model=True)
     eval_pairs = (load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1], reward_model=True)

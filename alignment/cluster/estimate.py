@@ -219,7 +219,11 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe.model.tokenizer or path, recipe.model.trust_remote_code)
     micro, d = recipe.train.micro_batch_size, recipe.data
-    attention = recipe.model.attn_implementation or ("eager" if d.max_length <= 512 else "sdpa")
+    from alignment.core.models import attention_for
+
+    shared_prompt = stage == "rm" and d.packing and recipe.rm.share_prompt  # reward/train.py's choice
+    attention = attention_for(recipe.model.attn_implementation, "cuda" if _on_gpu() else "cpu",
+                              2 * d.max_length if shared_prompt else d.max_length, shared_prompt) or "sdpa"
     lora = recipe.lora
     b = _bytes(recipe.train.precision)
 

@@ -143,23 +143,25 @@ def read_splits(recipe: RecipeBase) -> tuple[list, list]:
     return rows, eval_rows
 
 
-def attention_implementation(engine: Engine, recipe: RecipeBase, longest_row: int | None = None) -> str | None:
+def attention_implementation(engine: Engine, recipe: RecipeBase, longest_row: int | None = None,
+                             block_masked: bool = False) -> str | None:
     """The attention kernel every model of this run loads with (models.attention_for); rows default to
     data.max_length tokens."""
     from alignment.core.models import attention_for
 
-    return attention_for(recipe.model.attn_implementation, engine.dist.device.type, longest_row or recipe.data.max_length)
+    return attention_for(recipe.model.attn_implementation, engine.dist.device.type, longest_row or recipe.data.max_length,
+                         block_masked)
 
 
 def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, kind: str = "causal_lm",
                          before_adapters: Callable | None = None, longest_row: int | None = None,
-                         disable_dropout: bool = False):
+                         disable_dropout: bool = False, block_masked: bool = False):
     """Load (sharded under ZeRO-3 as it loads), then gradient checkpointing, LoRA and (when asked) no
     dropout, as the recipe says."""
     from alignment.core.models import apply_lora, load_model
     from alignment.core.models import disable_dropout as turn_off_dropout
 
-    attention = attention_implementation(engine, recipe, longest_row)
+    attention = attention_implementation(engine, recipe, longest_row, block_masked)
     with engine.model_init():
         model = load_model(model_path, kind, trust_remote_code=recipe.model.trust_remote_code,
                            revision=recipe.model.revision, attn_implementation=attention)

@@ -202,16 +202,21 @@ def torch_dtype(precision: str):
 # Measured on CPU (bf16, 1 thread, SmolLM2 layers, forward + backward): transformers' eager
 # attention (batched matmuls, fp32 softmax) beat SDPA's CPU kernel by 25% at 192-token rows
 # (whole model: 6.2 s against 9.3 s per RM micro-batch), broke even near 512 and lost beyond
-# (1.4x slower at 1024, 1.9x at 2048). GPUs keep transformers' default.
+# (1.4x slower at 1024, 1.9x at 2048). GPUs keep transformers' default. Rows of shared-prompt
+# segments under a block mask (reward models' rm.share_prompt, up to 2 x max_length tokens) are the
+# exception: bench/rm.py (2026-12-03, rows up to 384 tokens, 1 thread) ran 1.51 pairs/s at a peak of
+# 6,107 MiB with SDPA against 1.44 pairs/s and 7,358 MiB with eager, which keeps every layer's fp32
+# attention probabilities [rows, heads, L, L] for the backward.
 EAGER_ATTENTION_MAX_ROW = 512
 
 
-def attention_for(requested: str | None, device_type: str, longest_row: int) -> str | None:
-    """The attention implementation to load with: the recipe's choice when set, else
-    `eager` on CPU for rows of at most EAGER_ATTENTION_MAX_ROW tokens, else transformers' default."""
+def attention_for(requested: str | None, device_type: str, longest_row: int, block_masked: bool = False) -> str | None:
+    """The attention implementation to load with: the recipe's choice when set, else `eager` on CPU for
+    rows of at most EAGER_ATTENTION_MAX_ROW tokens without a shared-prompt block mask (`block_masked`),
+    else transformers' default (SDPA)."""
     if requested:
         return requested
-    if device_type == "cpu" and longest_row <= EAGER_ATTENTION_MAX_ROW:
+    if device_type == "cpu" and longest_row <= EAGER_ATTENTION_MAX_ROW and not block_masked:
         return "eager"
     return None
 

@@ -277,3 +277,6 @@ def test_attention_choice():
     assert attention_for(None, "cuda", 192) is None
     assert attention_for("sdpa", "cpu", 192) == "sdpa"  # the recipe's choice always wins
     assert attention_for("flash_attention_2", "cuda", 4096) == "flash_attention_2"
+    # shared-prompt block masks (reward models): SDPA, faster there and without eager's saved probabilities
+    assert attention_for(None, "cpu", 384, block_masked=True) is None
+    assert attention_for("eager", "cpu", 384, block_masked=True) == "eager"
