@@ -16,12 +16,13 @@ Sides, each a fresh process:
 - `ours`: `python -m alignment.cli rm configs/smollm2/rm-hh.yaml --set ...` with the
   recipe's own layout and attention: pairs packed without padding, each pair one
   [prompt | chosen | rejected] segment whose prompt runs once (data.packing, rm.share_prompt),
-  and the attention kernel our loader picks (eager on CPU for rows up to 512 tokens).
+  and the attention kernel our loader picks (SDPA for these block-masked rows; eager on CPU for
+  other rows up to 512 tokens).
 - `ours-padded`: the same with data.packing=false (right-padded [2B, T] rows), to show
   what the layout is worth (--no-padded skips it).
 - `trl`: RewardTrainer with its defaults (SDPA attention): the RESULT `rm-vs-trl`.
 - `trl-eager`: RewardTrainer loading the model with attn_implementation="eager", the
-  kernel ours uses on CPU, i.e. TRL's fastest setting here: the RESULT `rm-vs-trl-eager`.
+  kernel ours-padded uses on CPU, i.e. TRL's fastest setting here: the RESULT `rm-vs-trl-eager`.
 
 Throughput = pairs over the timed steps / their wall time (first --warmup-steps steps of
 each side not timed); one CPU thread per side by default (see pref_common.side_env). Ends with:
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
         print(shared_prompt_note(s, data), flush=True)
         rows = []
         if args.only in (None, "ours"):
-            rows.append(pc.Row("ours", "align rm as the recipe says: shared-prompt packed pairs, eager attention",
+            rows.append(pc.Row("ours", "align rm as the recipe says: shared-prompt packed pairs, SDPA attention",
                                run_ours(args, s, data, workdir, "ours"), s.warmup))
             if not args.no_padded:
                 rows.append(pc.Row("ours-padded", "align rm, data.packing=false: right-padded [2B,T]",
