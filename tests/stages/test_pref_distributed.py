@@ -33,7 +33,12 @@ def run_stage(stage: str, out, *sets: str, nproc: int = 1):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("stage,extra", [("rm", ()), ("dpo", ("dpo.reference=model",))])
+# rm pins eager attention: its shared-prompt rows otherwise load with SDPA, whose CPU kernel accumulates the
+# softmax in blocks that depend on the row width, and 1 rank (4 pairs per micro-batch) packs other widths than
+# 2 ranks (2 each): 2.5e-5 relative apart after 3 steps (2026-12-03). Eager's batched matmuls agree to 1e-5,
+# so the comparison is of the distributed plumbing, as intended.
+@pytest.mark.parametrize("stage,extra", [("rm", ("model.attn_implementation=eager",)),
+                                         ("dpo", ("dpo.reference=model",))])
 def test_one_rank_and_two_ranks_match(tmp_path, align_cache, stage, extra):
     one = run_stage(stage, tmp_path / "r1", "train.micro_batch_size=4", "deepspeed.zero_stage=2", *extra)
     for zero in (2, 3):
