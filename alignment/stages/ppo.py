@@ -133,8 +133,8 @@ class PPOConfig:
     train.micro_batch_size. These forwards keep no activations for a backward, so they can take more rows
     than a training micro-batch, and larger matmuls run faster on CPU (SmolLM2-135M, bf16, 64 GRPO
     episodes: 1.15 s per model in chunks of 8, 0.91 s in chunks of 32). The actor's old log-probs stay in
-    micro-batches, the shape of the training pass they are divided by: in bf16 the first update's mean
-    |ratio - 1| was 0.011 in micro-batches of 8 and 0.043 in chunks of 32 (bench/ppo.py --parts grpo)."""
+    micro-batches, the shape of the training pass the ratio compares them with: in bf16 the first update's
+    mean |ratio - 1| was 0.011 in micro-batches of 8 and 0.043 in chunks of 32 (bench/ppo.py --parts grpo)."""
     max_prompt_length: Optional[int] = None
     """Prompts longer than this (tokens) are dropped and counted; None = data.max_length."""
     gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)

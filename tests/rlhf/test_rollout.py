@@ -101,8 +101,9 @@ def test_each_sequence_stops_at_its_own_stop_token_and_truncation_is_flagged(mod
     assert batch["response_mask"].tolist() == [[1] * 2 + [0] * 6, [1] * 6 + [0] * 2, [1] * 8]
 
 
-def test_rollout_logprobs_equal_the_training_pass(model, tok, prompt_ids):
-    out = sample_batch(model, prompt_ids, [5, 6, 7], **_options(tok))
+def _assert_rollout_logprobs_are_the_training_passs(model, tok, out):
+    """The log-prob the rollout recorded for every sampled token equals the training pass's (to 1e-4), and the
+    training pass reads 0 off the response."""
     batch = episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)
     with torch.no_grad():
         logp = response_logprobs(model, batch)
@@ -112,6 +113,10 @@ def test_rollout_logprobs_equal_the_training_pass(model, tok, prompt_ids):
         sampled[i, : len(row)] = torch.tensor(row)
     torch.testing.assert_close(logp[mask], sampled[mask], atol=1e-4, rtol=0)
     assert (logp[~mask] == 0).all()
+
+
+def test_rollout_logprobs_equal_the_training_pass(model, tok, prompt_ids):
+    _assert_rollout_logprobs_are_the_training_passs(model, tok, sample_batch(model, prompt_ids, [5, 6, 7], **_options(tok)))
 
 
 def test_an_eager_gqa_model_decodes_through_sdpa_with_the_same_tokens_and_logprobs(tok, prompt_ids):
@@ -135,14 +140,7 @@ def test_an_eager_gqa_model_decodes_through_sdpa_with_the_same_tokens_and_logpro
     assert seen and set(seen) == {"sdpa"} and eager.config._attn_implementation == "eager"
     assert greedy.response_ids == generate_ids(eager, tok, PROMPTS, max_new_tokens=12, batch_size=3,
                                                device=torch.device("cpu"))
-    batch = episode_batch(sampled.prompt_ids, sampled.response_ids, tok.pad_token_id)
-    with torch.no_grad():
-        logp = response_logprobs(eager, batch)
-    mask = batch["response_mask"].bool()
-    rollout = torch.zeros_like(logp)
-    for i, row in enumerate(sampled.logprobs):
-        rollout[i, : len(row)] = torch.tensor(row)
-    torch.testing.assert_close(logp[mask], rollout[mask], atol=1e-4, rtol=0)
+    _assert_rollout_logprobs_are_the_training_passs(eager, tok, sampled)
 
 
 @pytest.mark.parametrize("layout", ["rows", "groups"])
