@@ -64,6 +64,8 @@ def parse_args(argv=None):
                    "both; 0 = torch's default (all cores). Default 1: see pref_common.side_env")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (no RESULT line)")
     p.add_argument("--no-padded", action="store_true", help="skip our right-padded run (data.packing=false)")
+    p.add_argument("--set", dest="ours_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe override for our side (repeatable), for A/B runs, e.g. model.lean_activations=false")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ours-worker", default=None, help=argparse.SUPPRESS)
@@ -97,6 +99,9 @@ def run_ours(args, s: pc.Settings, data: pc.PairData, workdir: Path, label: str)
         sets["data.packing"] = "false"
     if args.zero_stage is not None:
         sets["deepspeed.zero_stage"] = args.zero_stage
+    for item in args.ours_sets:
+        key, _, value = item.partition("=")
+        sets[key] = value
     return pc.run_ours(str(Path(__file__).resolve()), "rm", RECIPE, sets, workdir, label, s.global_batch,
                        pc.side_env(args.threads))
 

@@ -12,7 +12,9 @@ Per trainable role (DeepSpeed, as alignment.core.engine configures it):
   gradients   b*Pt               (ZeRO-2/3: b*Pt/W)
   optimizer   Adam m, v in fp32: 8*Pt, and an fp32 master copy 4*Pt with bf16/fp16 (ZeRO >= 1: /W);
               ZeRO-0 with bf16 also keeps fp32 gradients 4*Pt (DeepSpeed's BF16_Optimizer)
-  activations per layer that needs gradients: T*(16h + (4h + 2kv + 4I)*b), plus T*a*s*(b+4) for eager
+  activations per layer that needs gradients: T*(16h + (4h + 2kv + 4I)*b), with model.lean_activations
+              T*((6h + 2kv + 3I)*b + 8) (RMSNorm inputs kept in b, not fp32; SiLU(gate) recomputed),
+              plus T*a*s*(b+4) for eager
               attention (its fp32 softmax); with gradient checkpointing: T*h*b per layer plus one layer's
               full set; times 1.15 for the backward's own working set (calibrated)
   logits      n*V*(12+b), n = min(N, C): one chunk of C target positions at a time (ours applies the
@@ -107,6 +109,7 @@ class Shape:
     intermediate: int
     heads: int
     vocab: int
+    leanable: bool = False  # its RMSNorm and MLP are the ones alignment.core.lean_layers patches
 
     @classmethod
     def of(cls, path: str, trust_remote_code: bool = False, num_labels: int | None = None) -> "Shape":
@@ -121,11 +124,14 @@ class Shape:
             else:
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         params = sum(p.numel() for p in model.parameters())
+        from alignment.core.lean_layers import make_lean
+
+        leanable = make_lean(model)["mlp"] == config.num_hidden_layers
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(params, config.num_hidden_layers, config.hidden_size, kv_heads * head_dim,
-                   getattr(config, "intermediate_size", 4 * config.hidden_size), heads, config.vocab_size)
+                   getattr(config, "intermediate_size", 4 * config.hidden_size), heads, config.vocab_size, leanable)
 
     def params_per_layer(self) -> float:
         return (self.params - self.vocab * self.hidden) / max(self.layers, 1)
@@ -169,6 +175,10 @@ def trainable_role(est: Estimate, role: str, shape: Shape, trainable: int, recip
     # SiLU(gate), up and their product (4I); LoRA's r-wide intermediates.
     layer = 16 * h + (4 * h + 2 * kv + 4 * i + r) * b
     formula_layer = f"(16h + (4h+2kv+4I{'+7r' if r else ''})*{b})"
+    if recipe.model.lean_activations and shape.leanable:
+        # lean_layers: each RMSNorm keeps its input in b (2h for two) and one fp32 scale, the MLP gate and up.
+        layer = (6 * h + 2 * kv + 3 * i + r) * b + 8
+        formula_layer = f"((6h+2kv+3I{'+7r' if r else ''})*{b} + 8) lean"
     if recipe.model.gradient_checkpointing:
         per = tokens * (h * b * grad_layers + layer)
         formula = f"T*h*{b}*{grad_layers} + one layer T*{formula_layer}, T={tokens}"

@@ -58,6 +58,10 @@ class ModelConfig:
     """Run modelling code shipped with the checkpoint. Off unless you trust the source."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% more compute."""
+    lean_activations: bool = True
+    """Trainable models' RMSNorm and SwiGLU MLP keep less for the backward (their input in its own dtype,
+    not an fp32 copy and the intermediates) and recompute the rest: the same outputs, about 37% less
+    activation memory on SmolLM2 (alignment/core/lean_layers.py). Models with other layers are unchanged."""
     attn_implementation: Optional[str] = None
     """Passed to transformers (`sdpa`, `eager`, `flash_attention_2`). None = automatic: `eager` on CPU
     when rows are at most 512 tokens (faster there), else transformers' default (`sdpa`)."""

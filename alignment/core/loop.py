@@ -156,8 +156,8 @@ def attention_implementation(engine: Engine, recipe: RecipeBase, longest_row: in
 def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, kind: str = "causal_lm",
                          before_adapters: Callable | None = None, longest_row: int | None = None,
                          disable_dropout: bool = False, block_masked: bool = False):
-    """Load (sharded under ZeRO-3 as it loads), then gradient checkpointing, LoRA and (when asked) no
-    dropout, as the recipe says."""
+    """Load (sharded under ZeRO-3 as it loads), then lean activations, gradient checkpointing, LoRA and
+    (when asked) no dropout, as the recipe says."""
     from alignment.core.models import apply_lora, load_model
     from alignment.core.models import disable_dropout as turn_off_dropout
 
@@ -169,6 +169,11 @@ def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, ki
                f"{'' if recipe.model.attn_implementation else ' (automatic: model.attn_implementation unset)'}")
     if before_adapters is not None:
         before_adapters(model)
+    if recipe.model.lean_activations:
+        from alignment.core.lean_layers import make_lean
+
+        lean = make_lean(model)
+        print_main(engine.dist.is_main, f"lean activations: {lean['rmsnorm']} RMSNorm and {lean['mlp']} MLP modules")
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
