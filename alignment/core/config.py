@@ -124,7 +124,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto = bf16 mixed precision where the device has fast bf16 matmuls (a CUDA GPU with bf16, a CPU with
+    oneDNN's AVX512/AMX bf16 kernels), else fp32; resolved when the recipe loads and printed."""
     log_interval: int = 1
     """Write metrics every N optimizer steps."""
     eval_interval: int = 0
@@ -372,6 +374,7 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None
         raise RecipeError(f"{path or 'recipe'}: required keys not set: {', '.join(missing)}.")
     if isinstance(recipe, RecipeBase):
         validate(recipe, source=str(path or "recipe"))
+        _resolve_precision(recipe)
         if stage in STAGE_CHECKS:
             try:
                 STAGE_CHECKS[stage](recipe)
@@ -383,6 +386,23 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None
         except ValueError as exc:
             raise RecipeError(f"{path or 'recipe'}: {exc}") from None
     return recipe
+
+
+_PRECISION_NOTES: set = set()
+
+
+def _resolve_precision(recipe: RecipeBase) -> None:
+    """Replace `train.precision: auto` by what this device runs fast (alignment.core.distributed), once, so
+    everything downstream sees a concrete precision; say so on the first rank."""
+    import os
+    import sys
+
+    from alignment.core.distributed import resolve_precision
+
+    recipe.train.precision, note = resolve_precision(recipe.train.precision)
+    if note and note not in _PRECISION_NOTES and os.environ.get("RANK", "0") == "0":
+        _PRECISION_NOTES.add(note)
+        print(note, file=sys.stderr, flush=True)
 
 
 def validate(recipe: RecipeBase, source: str = "recipe") -> None:

@@ -123,6 +123,10 @@ class Engine:
     """The job's distributed state, its batch layout, and DeepSpeed wrapping. Create one per process."""
 
     def __init__(self, train: TrainConfig, ds: DeepSpeedConfig, seed: int):
+        if train.precision == "auto":  # a TrainConfig built in code, not through load_recipe
+            from alignment.core.distributed import resolve_precision
+
+            train.precision = resolve_precision("auto")[0]
         self.train_cfg = train
         self.ds_cfg = ds
         self.seed = seed

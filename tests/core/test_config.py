@@ -646,3 +646,38 @@ def test_ppo_forward_batch_size_takes_whole_groups():
     assert load_recipe("configs/tiny/grpo.yaml", "ppo", [f"ppo.forward_batch_size={3 * K}"]).ppo.forward_batch_size == 3 * K
     with pytest.raises(RecipeError, match="forward_batch_size"):
         load_recipe("configs/tiny/grpo.yaml", "ppo", [f"ppo.forward_batch_size={K + 1}"])
+
+
+# ---------------------------------------------------------------------------
+# train.precision: auto resolves to what the device runs fast
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("native, requested, expected, note", [
+    (True, "auto", "bf16", "auto -> bf16"),
+    (False, "auto", "fp32", "auto -> fp32"),
+    (True, "bf16", "bf16", None),
+    (False, "bf16", "bf16", "warning: train.precision bf16"),  # kept as asked, with a warning
+    (False, "fp32", "fp32", None),
+])
+def test_precision_auto_resolves_when_the_recipe_loads(tmp_path, monkeypatch, capsys, native, requested, expected,
+                                                       note):
+    import alignment.core.config as config
+    import alignment.core.distributed as distributed
+
+    monkeypatch.setattr(distributed, "native_bf16", lambda: (native, "this CPU (TEST) says so"))
+    monkeypatch.setattr(config, "_PRECISION_NOTES", set())
+    recipe = _load(tmp_path, {"train": {"precision": requested}})
+    assert recipe.train.precision == expected
+    err = capsys.readouterr().err
+    if note:
+        assert note in err and "this CPU (TEST) says so" in err
+    else:
+        assert "train.precision" not in err
+
+
+def test_precision_defaults_to_auto_and_the_real_device_resolves_it(tmp_path):
+    from alignment.core.distributed import native_bf16
+
+    assert TrainConfig().precision == "auto"
+    recipe = _load(tmp_path)  # the base recipe does not set train.precision
+    assert recipe.train.precision == ("bf16" if native_bf16()[0] else "fp32")
