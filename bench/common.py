@@ -41,6 +41,15 @@ def smollm2_path() -> str:
     return resolve_model_path("smollm2-135m")
 
 
+def default_precision() -> str:
+    """Both sides' precision unless --precision says otherwise: bf16 where this machine runs bf16 matmuls fast,
+    else fp32 (recipes' train.precision auto; on a CPU without oneDNN bf16 kernels bf16 is ~45x slower)."""
+    setup_path()
+    from alignment.core.distributed import native_bf16
+
+    return "bf16" if native_bf16()[0] else "fp32"
+
+
 def bench_env(extra: dict | None = None) -> dict:
     """Environment for both sides of a comparison: identical, quiet, offline, no trackers."""
     env = dict(os.environ)

@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=192, help="the recipe's (configs/smollm2/rm-hh.yaml)")
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: half of --max-length")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="both sides; default bf16 where this machine runs it fast, else fp32")
     p.add_argument("--zero-stage", type=int, default=None, help="our DeepSpeed ZeRO stage (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per side (OMP_NUM_THREADS), the same on "
                    "both; 0 = torch's default (all cores). Default 1: see pref_common.side_env")
@@ -69,7 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ours-worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.precision = args.precision or common.default_precision()
+    return args
 
 
 def settings(args) -> pc.Settings:

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="both sides; default bf16 where this machine runs it fast, else fp32")
     p.add_argument("--lora", action="store_true", help="LoRA r=16 alpha=32 on all linear layers on both sides "
                    "(default: full fine-tune)")
     p.add_argument("--zero-stage", type=int, default=None, help="our DeepSpeed ZeRO stage (default: the recipe's)")
@@ -75,7 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (no RESULT line)")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.precision = args.precision or common.default_precision()
+    return args
 
 
 # ---------------------------------------------------------------------------
