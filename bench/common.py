@@ -45,9 +45,9 @@ def default_precision() -> str:
     """Both sides' precision unless --precision says otherwise: bf16 where this machine runs bf16 matmuls fast,
     else fp32 (recipes' train.precision auto; on a CPU without oneDNN bf16 kernels bf16 is ~45x slower)."""
     setup_path()
-    from alignment.core.distributed import native_bf16
+    from alignment.core.distributed import resolve_precision
 
-    return "bf16" if native_bf16()[0] else "fp32"
+    return resolve_precision("auto")[0]
 
 
 def bench_env(extra: dict | None = None) -> dict:
