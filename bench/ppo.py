@@ -1,9 +1,10 @@
 """Online-RL throughput: `align ppo` against TRL, side by side, and our ZeRO-3 rollout against an unsharded one.
 
-    .venv/bin/python bench/ppo.py [--parts grpo,ppo,rollout] [--iterations 4] [--warmup 1] [--threads 0]
+    .venv/bin/python bench/ppo.py [--parts grpo,ppo,rollout] [--iterations 4] [--warmup 1] [--threads 0] [--precision bf16|fp32]
 
 Both sides of a comparison get the same model (the built-in SmolLM2-135M-Instruct, full fine-tune, bf16
-mixed precision: trained models in fp32 with bf16 autocast, frozen ones in bf16),
+mixed precision: trained models in fp32 with bf16 autocast, frozen ones in bf16; or fp32 throughout
+with --precision fp32, the default where this machine has no fast bf16 matmuls, as recipes' auto),
 the same prompts (the built-in task's train prompts, tokenized by our chat-template path), the same
 reward, group size or rollout batch, response length (max_new_tokens, sampling at temperature 1,
 stopping at EOS), PPO epochs and minibatches, learning rate and KL coefficient. Throughput is episodes
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--zero-stage", type=int, default=0, help="our side's deepspeed.zero_stage (one process)")
     p.add_argument("--kl-coef", type=float, default=0.02)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="both sides (default: bf16 where this machine runs bf16 matmuls fast, else fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side; 0 = all cores")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), default=None, help=argparse.SUPPRESS)
@@ -99,7 +102,7 @@ def iterations_from_metrics(path: Path, warmup: int) -> tuple[float, float, int]
 def ours_rl(args, workdir: Path, tag: str, recipe: str, sets: dict) -> tuple[float, float]:
     out = workdir / tag
     base = {"output_dir": out, "seed": SEED, "model.name_or_path": "smollm2-135m", "data.train": PROMPTS,
-            "lora.enabled": "false", "train.precision": "bf16", "train.max_steps": args.iterations,
+            "lora.enabled": "false", "train.precision": args.precision, "train.max_steps": args.iterations,
             # one process: ZeRO-2 shards nothing and its bf16 step costs ~1.5 s more per engine on this CPU
             "deepspeed.zero_stage": args.zero_stage,
             "train.learning_rate": args.lr, "train.lr_scheduler": "constant", "train.warmup_steps": 0,
@@ -139,7 +142,7 @@ def trl_grpo_worker(spec: dict) -> None:
         gradient_accumulation_steps=accumulation, steps_per_generation=accumulation * spec["minibatches"],
         num_generations=spec["samples"], max_completion_length=spec["max_new_tokens"], temperature=1.0,
         top_p=1.0, num_iterations=spec["epochs"], beta=spec["kl_coef"], learning_rate=spec["lr"],
-        lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=not torch.cuda.is_available(),
+        lr_scheduler_type="constant", warmup_steps=0, bf16=spec["precision"] == "bf16", use_cpu=not torch.cuda.is_available(),
         max_steps=spec["iterations"] * spec["minibatches"] * spec["epochs"], use_vllm=False,
         gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
         shuffle_dataset=False, loss_type="grpo",
@@ -155,7 +158,7 @@ def run_trl_grpo(args, workdir: Path) -> tuple[float, float]:
     spec = {"output_dir": str(workdir / "trl-grpo"), "result": str(workdir / "trl-grpo.json"),
             "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
             "epochs": args.epochs, "minibatches": args.minibatches, "micro_batch": args.micro_batch,
-            "lr": args.lr, "kl_coef": args.kl_coef, "iterations": args.iterations}
+            "lr": args.lr, "kl_coef": args.kl_coef, "iterations": args.iterations, "precision": args.precision}
     spec_path = workdir / "trl-grpo-spec.json"
     spec_path.write_text(json.dumps(spec))
     common.run_logged([common.PYTHON, str(Path(__file__).resolve()), "--worker", "trl-grpo", str(spec_path)],
@@ -245,7 +248,8 @@ def trl_ppo_worker(spec: dict) -> None:
     # frozen ones (reference, reward) are bf16, as ours are. Loading the trained models in bf16 instead is
     # pure-bf16 training, another setting: it halves their weights and optimizer state and, at lr 1e-6, rounds
     # most updates away (see README, "Quality against TRL").
-    trained, frozen = torch.float32, torch.bfloat16
+    bf16 = spec["precision"] == "bf16"
+    trained, frozen = torch.float32, torch.bfloat16 if bf16 else torch.float32
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=trained)
     ref = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=frozen)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=frozen)
@@ -259,7 +263,7 @@ def trl_ppo_worker(spec: dict) -> None:
         gradient_accumulation_steps=accumulation, num_mini_batches=spec["minibatches"],
         num_ppo_epochs=spec["epochs"], total_episodes=batch * spec["iterations"], response_length=spec["max_new_tokens"],
         temperature=1.0, stop_token="eos", kl_coef=spec["kl_coef"], learning_rate=spec["lr"],
-        lr_scheduler_type="constant", bf16=True, use_cpu=not torch.cuda.is_available(), num_sample_generations=0,
+        lr_scheduler_type="constant", bf16=bf16, use_cpu=not torch.cuda.is_available(), num_sample_generations=0,
         local_rollout_forward_batch_size=spec["micro_batch"], save_strategy="no", report_to="none", seed=SEED,
         vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
     )
@@ -303,7 +307,7 @@ def part_ppo(args, workdir: Path) -> str:
             "output_dir": str(workdir / "trl-ppo"), "result": str(workdir / "trl-ppo.json"), "prompts": args.prompts,
             "micro_batch": args.micro_batch, "minibatches": args.ppo_minibatches, "epochs": args.epochs,
             "max_new_tokens": args.max_new_tokens, "kl_coef": args.kl_coef, "lr": args.lr,
-            "iterations": args.iterations}
+            "iterations": args.iterations, "precision": args.precision}
     spec_path = workdir / "trl-ppo-spec.json"
     spec_path.write_text(json.dumps(spec))
     python = trl029_python()
@@ -339,7 +343,7 @@ def rollout_worker(spec: dict) -> None:
     if sharded:
         from alignment.core.engine import Engine
 
-        engine = Engine(TrainConfig(global_batch_size=2, micro_batch_size=1, precision="bf16"),
+        engine = Engine(TrainConfig(global_batch_size=2, micro_batch_size=1, precision=spec["precision"]),
                         DeepSpeedConfig(zero_stage=3), seed=SEED)
         rank, world = engine.dist.rank, engine.dist.world_size
         with engine.model_init():
@@ -347,7 +351,8 @@ def rollout_worker(spec: dict) -> None:
         prepared = engine.prepare(model, total_steps=1)
     else:
         rank, world = 0, 1
-        model = load_model(common.smollm2_path()).to(torch.bfloat16).eval()
+        dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+        model = load_model(common.smollm2_path()).to(dtype).eval()
     mine = rows[rank::world]
     ids = [text.prompt_ids(tokenizer, r.data["prompt"]) for r in mine for _ in range(spec["samples"])]
     seeds = list(range(rank * 100000, rank * 100000 + len(ids)))
@@ -380,7 +385,8 @@ def part_rollout(args, workdir: Path) -> str:
     results = {}
     for tag, zero, nproc in (("rollout-unsharded", 0, 1), ("rollout-zero3", 3, 2)):
         spec = {"zero_stage": zero, "prompts": 32, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-                "rounds": args.iterations, "result": str(workdir / f"{tag}.json")}
+                "rounds": args.iterations, "result": str(workdir / f"{tag}.json"),
+                "precision": args.precision}
         spec_path = workdir / f"{tag}-spec.json"
         spec_path.write_text(json.dumps(spec))
         worker = [str(Path(__file__).resolve()), "--worker", "rollout", str(spec_path)]
@@ -414,13 +420,14 @@ def main(argv=None) -> int:
         spec = json.loads(Path(spec_path).read_text())
         {"trl-grpo": trl_grpo_worker, "trl-ppo": trl_ppo_worker, "rollout": rollout_worker}[kind](spec)
         return 0
+    args.precision = args.precision or common.default_precision()  # not in workers: TRL 0.29.1's has no alignment
     started = time.perf_counter()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     parts = {"grpo": part_grpo, "ppo": part_ppo, "rollout": part_rollout}
     lines = []
     try:
-        print(f"ppo benchmarks: smollm2-135m full fine-tune bf16, {args.prompts} prompts per rollout, group "
+        print(f"ppo benchmarks: smollm2-135m full fine-tune {args.precision}, {args.prompts} prompts per rollout, group "
               f"{args.samples} (GRPO), {args.max_new_tokens} new tokens, {args.epochs} epoch(s) x "
               f"{args.minibatches} minibatches (GRPO) / {args.ppo_minibatches} (PPO), micro-batch {args.micro_batch}, {args.iterations} iterations "
               f"({args.warmup} warm-up), threads per side {args.threads or 'all'}", flush=True)

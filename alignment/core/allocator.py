@@ -21,6 +21,10 @@ default stays (measured, bench/ppo.py, 2026-12-03, the fixed threshold against g
   episodes/s, 8,343-8,450 MiB): the update (actor and critic, fresh pages faulted in for both every
   micro-batch; system time 45 s against 18 s over 3 iterations) went from 5-6 s to 8-9 s, so glibc's.
 - rm, dpo: see MALLOC_WORKLOADS.
+- GRPO in fp32 on a 2-core AVX2 CPU (no fast bf16; 2026-12-03): the other way round for speed,
+  0.89 against 1.11 episodes/s (glibc's dynamic threshold, oneDNN cap kept), peak 3,653 against
+  4,145 MiB (TRL: 0.57 episodes/s, 5,152 MiB). Kept fixed: it holds the 0.8x-of-TRL memory goal there
+  and was faster in bf16; ALIGN_MALLOC=system is the faster choice on such a machine (README table).
 
 oneDNN (PyTorch's CPU matmul and convolution library) caches a compiled primitive, with its buffers,
 for every distinct problem shape, up to 1,024 of them. A training run meets new shapes all the time
