@@ -89,8 +89,11 @@ class DataConfig:
     """A malformed row stops the run with file/line/field (`error`) or is skipped and counted."""
     format: str = "auto"
     """Row shape; `auto` detects it. SFT: messages, prompt_completion, text. Preferences: see reward.data."""
+    skip_rows: int = 0
+    """Leave out the first N rows of train (after the seeded shuffle of a split, before max_rows): a later
+    stage of a pipeline can train on rows an earlier stage, which read the same file, never saw."""
     max_rows: Optional[int] = None
-    """Use only the first N rows of train (after the seeded shuffle of a split), for quick runs."""
+    """Use only the first N rows of train (after the seeded shuffle of a split and skip_rows), for quick runs."""
     max_eval_rows: Optional[int] = None
     """Use only the first N eval rows."""
     packing: bool = False
@@ -436,6 +439,8 @@ def validate(recipe: RecipeBase, source: str = "recipe") -> None:
         problems.append("data.eval_fraction must be in [0, 1)")
     if d.eval is not None and d.eval_fraction > 0:
         problems.append("set data.eval or data.eval_fraction, not both")
+    if d.skip_rows < 0:
+        problems.append(f"data.skip_rows must be >= 0, got {d.skip_rows}")
     if recipe.lora.enabled and recipe.lora.r < 1:
         problems.append("lora.r must be >= 1")
     attention = recipe.model.attn_implementation

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from alignment.core.config import RecipeBase, RecipeError, dump_recipe
+from alignment.core import allocator
 from alignment.core import checkpoint as ckpt
 from alignment.core import manifest
 from alignment.core.engine import Engine
@@ -138,6 +139,11 @@ def read_splits(recipe: RecipeBase) -> tuple[list, list]:
     eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
     if d.eval_fraction > 0:
         rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
+    if d.skip_rows and d.skip_rows >= len(rows):
+        from alignment.core.data import DataError
+
+        raise DataError(f"{d.train}: data.skip_rows ({d.skip_rows}) leaves none of its {len(rows)} training rows")
+    rows = rows[d.skip_rows:]
     rows = rows[: d.max_rows] if d.max_rows is not None else rows
     eval_rows = eval_rows[: d.max_eval_rows] if d.max_eval_rows is not None else eval_rows
     return rows, eval_rows
@@ -221,6 +227,7 @@ def accumulated_step(engine: Engine, model, micro_batches: list[dict], count: Ca
         engine.backward(model, loss_sum / normalizer)
         engine.step(model)
         sums.update(stats)
+    allocator.trim_heap()
     reduced = engine.dist.reduce_sums(dict(sums))
     reduced["count"] = normalizer
     reduced["lr"] = lr

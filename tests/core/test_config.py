@@ -681,3 +681,22 @@ def test_precision_defaults_to_auto_and_the_real_device_resolves_it(tmp_path):
     assert TrainConfig().precision == "auto"
     recipe = _load(tmp_path)  # the base recipe does not set train.precision
     assert recipe.train.precision == ("bf16" if native_bf16()[0] else "fp32")
+
+
+def test_skip_rows_leaves_out_the_first_rows_before_max_rows(tmp_path):
+    """data.skip_rows: a later pipeline stage reading the same file trains on rows an earlier stage never saw."""
+    from alignment.core.data import DataError
+    from alignment.core.loop import read_splits
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(f'{{"messages": [{{"role": "user", "content": "q{i}"}}, '
+                             f'{{"role": "assistant", "content": "a{i}"}}]}}\n' for i in range(10)))
+    base = ["model.name_or_path=tiny-llama", f"data.train={train}", "data.eval=null"]
+    recipe = load_recipe(CONFIG_DIR / "tiny" / "sft.yaml", "sft", base + ["data.skip_rows=6", "data.max_rows=3"])
+    rows, _ = read_splits(recipe)
+    assert [r.data["messages"][0]["content"] for r in rows] == ["q6", "q7", "q8"]
+    recipe = load_recipe(CONFIG_DIR / "tiny" / "sft.yaml", "sft", base + ["data.skip_rows=10"])
+    with pytest.raises(DataError, match=r"train.jsonl: data.skip_rows \(10\) leaves none of its 10 training rows"):
+        read_splits(recipe)
+    with pytest.raises(RecipeError, match="data.skip_rows must be >= 0"):
+        load_recipe(CONFIG_DIR / "tiny" / "sft.yaml", "sft", base + ["data.skip_rows=-1"])
