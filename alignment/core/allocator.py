@@ -26,7 +26,7 @@ default stays (measured, bench/ppo.py, 2026-12-03, the fixed threshold against g
   4,145 MiB (TRL: 0.57 episodes/s, 5,152 MiB). Kept fixed: it holds the 0.8x-of-TRL memory goal there
   and was faster in bf16; ALIGN_MALLOC=system is the faster choice on such a machine (README table).
 
-Where glibc's dynamic threshold stays (rm, dpo, ppo with a critic), :func:`trim_heap` runs after every
+Where glibc's dynamic threshold stays for the pair stages (rm, dpo), :func:`trim_heap` runs after every
 optimizer step (core.loop.accumulated_step): malloc_trim(0) hands the heap's free pages back, so the holes a
 step's freed activations leave below live blocks do not stay resident into the next step. Pages are faulted
 in again once per step, not per allocation as under a fixed threshold. bench/rm.py (bf16, 2026-12-05): peak
@@ -69,6 +69,9 @@ _trim = None  # libc's malloc_trim where step-boundary trimming is on (see trim_
 # bench/rm.py went from 1.5 to 0.93 pairs/s (peak 7,009 -> 4,954 MiB), so they keep glibc's threshold,
 # as does PPO with a critic ("ppo-critic", see the module docstring).
 MALLOC_WORKLOADS = ("sft", "ppo")
+# Of the others, those that trim the heap after every optimizer step (trim_heap; measured on bench/rm.py). PPO with
+# a critic steps once per minibatch per model, with its speed goal measured without it: left alone.
+TRIM_WORKLOADS = ("rm", "dpo")
 
 
 def workload(stage: str | None, recipe=None) -> str | None:
@@ -111,7 +114,8 @@ def tune_host_allocator(stage: str | None = None, recipe=None) -> str:
     onednn = cap_onednn_cache()
     if not fixes_mmap_threshold(stage, recipe):
         malloc = f"glibc's default ({workload(stage, recipe)}; ALIGN_MALLOC=tuned to fix the mmap threshold)"
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        if workload(stage, recipe) in TRIM_WORKLOADS and platform.system() == "Linux" \
+                and platform.libc_ver()[0] == "glibc":
             _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
             malloc += ", heap trimmed after each optimizer step"
     elif any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
