@@ -30,7 +30,7 @@ Where glibc's dynamic threshold stays for the pair stages (rm, dpo), :func:`trim
 optimizer step (core.loop.accumulated_step): malloc_trim(0) hands the heap's free pages back, so the holes a
 step's freed activations leave below live blocks do not stay resident into the next step. Pages are faulted
 in again once per step, not per allocation as under a fixed threshold. bench/rm.py (bf16, 2026-12-05): peak
-5,648 -> 5,376 MiB, timed steps 17.7-19.9 s against 20.9-23.1 s before (TRL: 6,926 MiB).
+5,648 -> 5,376 and 5,517 MiB (two runs), timed steps no slower (TRL: 6,926-7,029 MiB).
 
 oneDNN (PyTorch's CPU matmul and convolution library) caches a compiled primitive, with its buffers,
 for every distinct problem shape, up to 1,024 of them. A training run meets new shapes all the time
