@@ -15,4 +15,8 @@ if [[ -n "${DRY_RUN:-}" ]]; then
   printf '%q ' "${CMD[@]}"; echo
   exit 0
 fi
+# SIGUSR1 (SLURM's --signal=USR1@T) reaches every process of the job step: the ranks checkpoint and exit 75, but
+# torchrun has no handler for it and would die of it first. An ignored signal stays ignored across exec; the ranks
+# install their own handler (alignment.core.loop.watch_preemption).
+trap '' USR1
 exec "${CMD[@]}"

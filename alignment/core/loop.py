@@ -75,7 +75,9 @@ def stop_requested(engine: Engine, step: int) -> bool:
 
 def step_boundary(run: Run, models: dict, step: int, steps: int, epoch_hint: int, order: dict,
                   extra: dict | None = None) -> None:
-    """After an optimizer step: the periodic checkpoint, and a requested stop (checkpoint, then exit)."""
+    """After an optimizer step: the periodic checkpoint, and a requested stop (checkpoint, then exit
+    PREEMPTED_EXIT_CODE). torchrun turns a worker's exit code into 1, so the main rank also writes the file
+    named by ALIGN_STOP_MARKER, if set, for a launcher script to exit PREEMPTED_EXIT_CODE (launch/slurm.sbatch)."""
     due = checkpoint_due(run.recipe, step) and step < steps
     if due:
         save_checkpoint(run, models, step, epoch_hint, order, extra)
@@ -85,6 +87,9 @@ def step_boundary(run: Run, models: dict, step: int, steps: int, epoch_hint: int
         why = _stop_signal[0] if _stop_signal else "another rank's signal"
         print_main(run.engine.dist.is_main, f"stopped by {why} after step {step}: checkpoint written; run the same "
                    f"command with --resume to continue (exit code {PREEMPTED_EXIT_CODE})")
+        marker = os.environ.get("ALIGN_STOP_MARKER")
+        if marker and run.engine.dist.is_main:  # a launcher between us and the scheduler (torchrun) exits 1
+            Path(marker).write_text(f"stopped by {why} after step {step}\n")
         run.logger.close()
         sys.stdout.flush()
         sys.stderr.flush()
