@@ -89,7 +89,10 @@ def step_boundary(run: Run, models: dict, step: int, steps: int, epoch_hint: int
                    f"command with --resume to continue (exit code {PREEMPTED_EXIT_CODE})")
         marker = os.environ.get("ALIGN_STOP_MARKER")
         if marker and run.engine.dist.is_main:  # a launcher between us and the scheduler (torchrun) exits 1
-            Path(marker).write_text(f"stopped by {why} after step {step}\n")
+            try:
+                Path(marker).write_text(f"stopped by {why} after step {step}\n")
+            except OSError as exc:  # the checkpoint is written; only the launcher's exit code is lost
+                print(f"warning: could not write ALIGN_STOP_MARKER {marker}: {exc}", file=sys.stderr)
         run.logger.close()
         sys.stdout.flush()
         sys.stderr.flush()
