@@ -114,22 +114,29 @@ def tune_host_allocator(stage: str | None = None, recipe=None) -> str:
     onednn = cap_onednn_cache()
     if not fixes_mmap_threshold(stage, recipe):
         malloc = f"glibc's default ({workload(stage, recipe)}; ALIGN_MALLOC=tuned to fix the mmap threshold)"
-        if workload(stage, recipe) in TRIM_WORKLOADS and platform.system() == "Linux" \
-                and platform.libc_ver()[0] == "glibc":
-            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        libc = _glibc()
+        if workload(stage, recipe) in TRIM_WORKLOADS and libc is not None:
+            _trim = libc.malloc_trim
             malloc += ", heap trimmed after each optimizer step"
     elif any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         malloc = "the environment's MALLOC_*_THRESHOLD_"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    elif _glibc() is None:
         malloc = "system defaults (not glibc)"
     else:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _glibc()
         ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
         ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
         malloc = (f"glibc, mmap threshold {MMAP_THRESHOLD_BYTES // 1024} KiB, trim threshold "
                   f"{TRIM_THRESHOLD_BYTES // 2**20} MiB" if ok else "system defaults (mallopt refused)")
     _state = f"malloc: {malloc}; oneDNN primitive cache: {onednn}"
     return _state
+
+
+def _glibc():
+    """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def host_allocator_state() -> str:

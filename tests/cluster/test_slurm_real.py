@@ -15,21 +15,14 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, align_cache, child_env, read_metrics  # noqa: F401
+from helpers import REPO, align_cache, child_env, free_port, read_metrics  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 PACKAGES = ["slurm-wlm", "munge"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_installed() -> None:
@@ -75,7 +68,7 @@ def real_slurm(tmp_path):
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "SchedulerType=sched/builtin", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
         "ReturnToService=2", "MpiDefault=none",
-        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
         f"SlurmdSpoolDir={root / 'spool'}", f"StateSaveLocation={root / 'state'}",
         f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
@@ -105,7 +98,7 @@ def real_slurm(tmp_path):
 def test_sbatch_runs_a_tiny_stage_through_slurm_sbatch(real_slurm, tmp_path, align_cache):
     env, node, root = real_slurm
     out, log = tmp_path / "sft", tmp_path / "job.out"
-    env = dict(env, ALIGN_CACHE=str(align_cache), GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()))
+    env = dict(env, ALIGN_CACHE=str(align_cache), GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))
     proc = subprocess.run(
         ["sbatch", "--wait", "--nodes=1", f"--output={log}", "--chdir", str(REPO), "launch/slurm.sbatch",
          "sft", "configs/tiny/sft.yaml", "--set", f"output_dir={out}", "--set", "train.max_steps=3",
@@ -124,7 +117,7 @@ def test_usr1_under_slurm_checkpoints_ends_the_job_with_75_and_resume_finishes(r
     slurm.sbatch turns torchrun's 1 back into 75; the same job with --resume runs to the end."""
     env, node, root = real_slurm
     out = tmp_path / "sft"
-    env = dict(env, ALIGN_CACHE=str(align_cache), GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()))
+    env = dict(env, ALIGN_CACHE=str(align_cache), GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))
     stage = ["launch/slurm.sbatch", "sft", "configs/tiny/sft.yaml", "--set", f"output_dir={out}",
              "--set", "train.max_steps=100", "--set", "train.save_interval=0", "--set", "logging.progress_bar=false"]
     submit = ["sbatch", "--nodes=1", "--chdir", str(REPO)]

@@ -20,7 +20,7 @@ import pytest
 from alignment.collect.label import results
 from alignment.collect.label.agreement import cohen_kappa, krippendorff_alpha_nominal, majority, wilson_interval
 from alignment.collect.label.store import Item, Store, StoreError, preferred_candidate
-from helpers import align_cache, child_env  # noqa: F401
+from helpers import align_cache, child_env, free_port  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTILE = ['<script>window.__xss = 1</script>', '<img src=x onerror="window.__xss = 2">']
@@ -118,12 +118,6 @@ def test_overlap_assigns_each_item_to_n_annotators_and_kappa_per_pair(tmp_path):
             store.add_label(who, item.id, "left" if left == "a" else "right")
     st = results.stats(store)
     assert st["cohen_kappa"] == {"x|y": {"items": 6, "kappa": 1.0}} and st["krippendorff_alpha"] == 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
