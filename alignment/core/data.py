@@ -398,6 +398,53 @@ def collate(items: list, pad_id: int):
     return batch
 
 
+def shared_prefix_length(items: list) -> int:
+    """Tokens every example of a micro-batch starts with and that may be computed once: the longest common
+    prefix, cut so that it holds no target and each example keeps at least its first token after it, and
+    that first token is not a target either (in a shared row it would be predicted from another example)."""
+    if len(items) < 2:
+        return 0
+    first = items[0].input_ids
+    n = min(len(it.input_ids) for it in items) - 1
+    p = 0
+    while p < n and all(it.input_ids[p] == first[p] for it in items):
+        p += 1
+    while p > 0 and any(t != IGNORE for it in items for t in it.labels[1 : p + 1]):
+        p -= 1
+    return p
+
+
+def collate_shared_prefix(items: list, pad_id: int, min_prefix: int = 8):
+    """One row [prefix | rest 1 | ... | rest n] when the examples share a prefix of at least `min_prefix`
+    tokens (a chat template's system prompt), else `collate`.
+
+    Each rest sees the prefix and its own earlier tokens only (block_mask with parts) and its positions
+    continue from the prefix's end, so every target's log-prob is the one it has in its own padded row,
+    while the prefix runs once instead of n times (SmolLM2's default system prompt is 24 of the built-in
+    task's 54 tokens a demonstration). `example_tokens` counts the tokens of the examples as given.
+    """
+    import torch
+
+    p = 0 if isinstance(items[0], PackedRow) else shared_prefix_length(items)
+    if p < min_prefix:
+        batch = collate(items, pad_id)
+        batch["example_tokens"] = batch["attention_mask"].sum()
+        return batch
+    ids, labels, positions, parts = list(items[0].input_ids[:p]), [IGNORE] * p, list(range(p)), [0] * p
+    for k, it in enumerate(items):
+        rest = len(it.input_ids) - p
+        ids += it.input_ids[p:]
+        labels += it.labels[p:]
+        positions += range(p, p + rest)
+        parts += [k + 1] * rest
+    width = len(ids)
+    segment = torch.zeros((1, width), dtype=torch.long)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "attention_mask": torch.ones((1, width), dtype=torch.long), "position_ids": torch.tensor([positions]),
+            "block_mask": block_mask(segment, torch.tensor([parts])),
+            "example_tokens": torch.tensor(sum(len(it.input_ids) for it in items))}
+
+
 def count_targets(items: list) -> int:
     """Number of supervised next-token targets (labels shifted by one)."""
     return sum(sum(1 for t in it.labels[1:] if t != IGNORE) for it in items)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from alignment.core import loop
-from alignment.core.config import GoldEvalConfig, RecipeBase, register_stage
+from alignment.core.config import GoldEvalConfig, RecipeBase, RecipeError, register_stage
 from alignment.core.data import (
     DataReport,
     GlobalBatchSampler,
     build_sft_examples,
     collate,
+    collate_shared_prefix,
     count_targets,
     pack_examples,
 )
@@ -37,6 +38,10 @@ from alignment.evaluate.gold import gold_eval
 class SFTConfig:
     assistant_only_loss: bool = True
     """Loss on assistant/completion tokens only; `text` rows train on every token."""
+    share_prefix: bool = False
+    """Compute the tokens every example of a micro-batch starts with (a chat template's system prompt) once:
+    the micro-batch becomes one row with a block mask (core.data.collate_shared_prefix). Same loss and
+    gradients; fewer tokens through the model. Needs eager or sdpa attention (a 4D mask)."""
     gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
 
 
@@ -45,15 +50,22 @@ class SFTRecipe(RecipeBase):
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
-register_stage("sft", SFTRecipe)
+def validate_sft(recipe: SFTRecipe) -> None:
+    attention = recipe.model.attn_implementation
+    if recipe.sft.share_prefix and attention not in (None, "eager", "sdpa"):
+        raise RecipeError(f"sft.share_prefix needs model.attn_implementation eager, sdpa or unset, got {attention!r}")
+
+
+register_stage("sft", SFTRecipe, validate_sft)
 
 
 def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of -log p(target) over the supervised tokens of one micro-batch."""
     logp, _ = target_logprobs(model, batch)
     loss_sum = -logp.sum()
-    tokens = float(batch["attention_mask"].sum())
-    return loss_sum, {"nll": loss_sum.item(), "targets": float(logp.numel()), "tokens": tokens}
+    tokens = float(batch["example_tokens"] if "example_tokens" in batch else batch["attention_mask"].sum())
+    return loss_sum, {"nll": loss_sum.item(), "targets": float(logp.numel()), "tokens": tokens,
+                      "tokens_computed": float(batch["attention_mask"].sum())}
 
 
 def load_sft_data(recipe: SFTRecipe, tokenizer, is_main: bool):
@@ -130,6 +142,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
 
     # Step 5. Train: each optimizer step is one global batch.
     pad_id = tokenizer.pad_token_id
+    collate_micro = collate_shared_prefix if recipe.sft.share_prefix else collate
     if eval_items and start == 0 and recipe.train.eval_before_training:
         run.logger.log(evaluate(engine, model, eval_items, pad_id), step=0)
     progress = loop.make_progress(run, steps, start, "sft")
@@ -137,7 +150,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
     model.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.dist.rank)
-        micro = [loop.to_device(collate([train_items[i] for i in idx], pad_id), engine.dist.device)
+        micro = [loop.to_device(collate_micro([train_items[i] for i in idx], pad_id), engine.dist.device)
                  for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
         sums = loop.accumulated_step(engine, model, micro, lambda b: float(count_targets_batch(b)), nll_loss, step)
         elapsed = timer.lap()
@@ -146,6 +159,7 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
             "train/lr": sums["lr"],
             "train/grad_norm": engine.grad_norm(model),
             "train/tokens": sums["tokens"],
+            "train/tokens_computed": sums["tokens_computed"],  # fewer with sft.share_prefix
             "train/targets": sums["targets"],
             "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
             "train/epoch": (step - 1) / sampler.steps_per_epoch,

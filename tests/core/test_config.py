@@ -289,6 +289,7 @@ def test_zero_batch_sizes_fail(tmp_path, delta):
         ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction"),
         ({"train": {"log_interval": 0}}, "train.log_interval"),
         ({"data": {"packing": True}, "model": {"attn_implementation": "flash_attention_2"}}, "data.packing needs"),
+        ({"sft": {"share_prefix": True}, "model": {"attn_implementation": "flash_attention_2"}}, "sft.share_prefix needs"),
     ],
 )
 def test_contradictions_fail(tmp_path, delta, needle):

@@ -280,3 +280,74 @@ def test_attention_choice():
     # shared-prompt block masks (reward models): SDPA, faster there and without eager's saved probabilities
     assert attention_for(None, "cpu", 384, block_masked=True) is None
     assert attention_for("eager", "cpu", 384, block_masked=True) == "eager"
+
+
+# ---------------------------------------------------------------------------
+# a micro-batch's shared prefix (the chat template's system prompt) computed once
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def system_examples(tok):
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly."}
+    out = []
+    for user, answer in CHATS:
+        msgs = [system, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        out.append(sft_example(Row({"messages": msgs}, f"mem:{user[:6]}"), tok, "auto", assistant_only=True))
+    return out
+
+
+def test_shared_prefix_row_equals_padded_batch(model, tok, system_examples):
+    from alignment.core.data import collate_shared_prefix, shared_prefix_length
+
+    pad = tok.pad_token_id
+    p = shared_prefix_length(system_examples)
+    assert p >= 8 and all(e.labels[p] == IGNORE for e in system_examples)
+    shared = collate_shared_prefix(system_examples, pad)
+    assert shared["input_ids"].shape == (1, p + sum(len(e.input_ids) - p for e in system_examples))
+    assert int(shared["example_tokens"]) == sum(len(e.input_ids) for e in system_examples)
+    padded = collate(system_examples, pad)
+    with torch.no_grad():
+        logp, _ = target_logprobs(model, shared)
+        expected, where = target_logprobs(model, padded)
+    # the padded batch lists targets row by row, as the shared row lists its parts
+    assert logp.numel() == expected.numel() == sum(e.num_trainable for e in system_examples)
+    torch.testing.assert_close(logp, expected, atol=ATOL, rtol=0)
+
+    # control: without the parts, later examples see earlier ones and the values move
+    leaky = dict(shared, block_mask=shared["block_mask"].clone())
+    leaky["block_mask"][:] = torch.ones_like(leaky["block_mask"]).tril()
+    with torch.no_grad():
+        leaked, _ = target_logprobs(model, leaky)
+    assert (leaked - expected).abs().max() > 1e-3
+
+
+def test_shared_prefix_gradients_equal_padded_batch(tok, system_examples, tiny_path):
+    from alignment.core.data import collate_shared_prefix
+
+    pad = tok.pad_token_id
+    m = load_model(tiny_path, attn_implementation="sdpa")
+    params = [p for p in m.parameters() if p.requires_grad]
+    grads = []
+    for batch in (collate_shared_prefix(system_examples, pad), collate(system_examples, pad)):
+        m.zero_grad()
+        logp, _ = target_logprobs(m, batch)
+        logp.sum().backward()
+        grads.append([p.grad.clone() for p in params])
+    for shared, padded in zip(*grads):
+        torch.testing.assert_close(shared, padded, atol=ATOL, rtol=1e-4)
+
+
+def test_shared_prefix_never_holds_a_target():
+    from alignment.core.data import Example, collate_shared_prefix, shared_prefix_length
+
+    a = Example([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 4, 5, 6])
+    b = Example([1, 2, 3, 4, 7, 8], [IGNORE, IGNORE, IGNORE, IGNORE, 7, 8])
+    # tokens 1-4 are common, but a's 4 is a target: the prefix stops before it
+    assert shared_prefix_length([a, b]) == 2
+    assert shared_prefix_length([a]) == 0
+    same = Example([1, 2, 3], [IGNORE, IGNORE, 3])
+    assert shared_prefix_length([same, same]) == 1  # each keeps a token after the prefix
+    # below min_prefix: the plain padded batch, with the example token count
+    batch = collate_shared_prefix([a, b], 0)
+    assert batch["input_ids"].shape == (2, 6) and int(batch["example_tokens"]) == 12

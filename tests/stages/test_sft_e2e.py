@@ -290,3 +290,34 @@ def test_sigusr1_to_a_two_rank_launch_stops_both_ranks_with_a_checkpoint(tmp_pat
                       steps=stop_step + 2, nproc=2, resume=True)
     resumed.check()
     assert sorted(step_metrics(out)) == list(range(1, stop_step + 3))
+
+
+# ---------------------------------------------------------------------------
+# sft.share_prefix: the system prompt once per micro-batch, same training
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_share_prefix_trains_like_padded_batches(tmp_path, align_cache):
+    """Rows with a chat system prompt (as SmolLM2's template adds): with sft.share_prefix each micro-batch of 4
+    runs as one row [system prompt | 4 rests]; losses, gradient norms and final weights equal the padded run."""
+    from alignment.core.data import read_rows
+
+    system = {"role": "system", "content": "You are a concise assistant. Give only the answer, nothing else."}
+    rows = [dict(r.data) for r in read_rows("builtin:sft_train")[:32]]
+    data = tmp_path / "sys.jsonl"
+    data.write_text("".join(json.dumps({"messages": [system] + r["messages"]}) + "\n" for r in rows))
+    common = (f"data.train={data}", "data.eval=null", "train.eval_interval=0", "train.save_interval=0",
+              "train.global_batch_size=8", "train.micro_batch_size=4", "train.adam_eps=1.0e-5")
+    run_sft(tmp_path / "shared", *common, "sft.share_prefix=true", steps=4).check()
+    run_sft(tmp_path / "padded", *common, "sft.share_prefix=false", steps=4).check()
+    a, b = step_metrics(tmp_path / "shared"), step_metrics(tmp_path / "padded")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert a[s]["train/tokens"] == b[s]["train/tokens"] and a[s]["train/targets"] == b[s]["train/targets"]
+        assert b[s]["train/tokens_computed"] == b[s]["train/tokens"]
+        assert a[s]["train/tokens_computed"] < 0.6 * a[s]["train/tokens"]  # the system prompt ran once, not 4 times
+        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5), f"step {s}"
+        assert a[s]["train/grad_norm"] == pytest.approx(b[s]["train/grad_norm"], rel=1e-4), f"step {s}"
+    assert_same_weights(load_safetensors_dir(tmp_path / "shared" / "final"),
+                        load_safetensors_dir(tmp_path / "padded" / "final"), atol=1e-6)
