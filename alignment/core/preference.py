@@ -236,8 +236,11 @@ def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | No
     return pairs
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None = None, share_prompt: bool = False):
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | str | None = None,
+                  share_prompt: bool = False):
     """Chosen sequences then rejected ones, as one batch for a single forward pass.
+
+    pack_to="shared" (DPO's dpo.share_prefix): one row for the micro-batch, see _shared_pairs_row.
 
     Default: right-padded rows [2B, T]. With pack_to (padding-free): the 2B sequences
     are packed first-fit-decreasing into rows of at most pack_to tokens, with position
@@ -267,6 +270,8 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | None =
              "num_sequences": 2 * len(pairs),
              # Tokens of the 2B sequences, the same in every layout (a shared prompt counts twice).
              "sequence_tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)}
+    if pack_to == "shared":
+        return {**_shared_pairs_row(pairs), **extra}
     if share_prompt:
         if pack_to is None:
             raise ValueError("share_prompt needs packed rows (pack_to)")
@@ -370,3 +375,51 @@ def _pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int, capacity: int) 
             start += n
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
             "block_mask": block_mask(segment, part), "last_position": last}
+
+
+def _shared_pairs_row(pairs: list[TokenizedPair]) -> dict:
+    """One row [common prefix | prompt 1 | chosen 1 | rejected 1 | prompt 2 | ...] for DPO's log-probs.
+
+    The common prefix (the tokens every prompt starts with: a chat template's system prompt) runs once for
+    the micro-batch and each prompt once for its pair. A prompt token sees the prefix and its own prompt; a
+    response token also sees its own response's earlier tokens, never the other response or another pair;
+    positions continue as in the pair's own sequences. So each target's log-prob is the one it has in its
+    padded row. Targets are read where they are predicted (`pred_index`, as core.modeling reads grouped
+    rollouts): a response's first token from its prompt's last token. `target_owner` names each target's
+    sequence (chosen i -> i, rejected i -> B + i).
+    """
+    import torch
+
+    B = len(pairs)
+    first = pairs[0].prompt_ids
+    p = min(len(x.prompt_ids) for x in pairs) - 1  # each pair keeps a prompt token of its own
+    n = 0
+    while n < p and all(x.prompt_ids[n] == first[n] for x in pairs):
+        n += 1
+    ids, positions, owner_pair, branch = list(first[:n]), list(range(n)), [-1] * n, [0] * n
+    preds, targets, owners = [], [], []
+    for i, x in enumerate(pairs):
+        rest = x.prompt_ids[n:]
+        ids += rest
+        positions += range(n, len(x.prompt_ids))
+        owner_pair += [i] * len(rest)
+        branch += [0] * len(rest)
+        prompt_last = len(ids) - 1
+        for b, response in ((1, x.chosen_ids), (2, x.rejected_ids)):
+            start = len(ids)
+            for t, token in enumerate(response):
+                preds.append((0, prompt_last if t == 0 else start + t - 1))
+                targets.append(token)
+                owners.append(i if b == 1 else B + i)
+            ids += response
+            positions += range(len(x.prompt_ids), len(x.prompt_ids) + len(response))
+            owner_pair += [i] * len(response)
+            branch += [b] * len(response)
+    width = len(ids)
+    pair_of, branch_of = torch.tensor(owner_pair), torch.tensor(branch)
+    same = (pair_of[:, None] == pair_of[None, :]) & ((branch_of[None, :] == 0) | (branch_of[None, :] == branch_of[:, None]))
+    allowed = ((pair_of[None, :] == -1) | same) & torch.ones(width, width, dtype=torch.bool).tril()
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, width), dtype=torch.long),
+            "position_ids": torch.tensor([positions]), "block_mask": allowed[None, None],
+            "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),
+            "targets": torch.tensor(targets, dtype=torch.long), "target_owner": torch.tensor(owners, dtype=torch.long)}

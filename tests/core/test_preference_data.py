@@ -631,3 +631,54 @@ def test_collate_pairs_shared_prompt_layout_by_hand():
     assert wide["input_ids"].shape == (2, 7) and wide["attention_mask"].sum() == 13
     with pytest.raises(ValueError, match="pack_to"):
         collate_pairs(pairs, pad, share_prompt=True)
+
+
+# ---------------------------------------------------------------------------
+# dpo.share_prefix: one row per micro-batch, the system prompt once, each prompt once per pair
+# ---------------------------------------------------------------------------
+
+
+def _system_pairs(tok):
+    system = [{"role": "system", "content": "You are a careful assistant who answers briefly."}]
+    rows = [{"prompt": system + _user("What is 2+2?"), "chosen": _asst("4"), "rejected": _asst("It is five.")},
+            {"prompt": system + _user("Name a quick animal."), "chosen": _asst("A fox, quick and brown."),
+             "rejected": _asst("snail")},
+            {"prompt": system + _user("hi"), "chosen": _asst("hello there"), "rejected": _asst("go away")}]
+    return load_pairs([_row(r) for r in rows], tok, _cfg(max_length=256), None, DataReport("t"))
+
+
+def test_shared_pairs_row_equals_padded_rows(tiny_tok, tiny_path_model):
+    from alignment.stages.dpo import pair_logps
+
+    pairs = _system_pairs(tiny_tok)
+    shared = collate_pairs(pairs, tiny_tok.pad_token_id, "shared")
+    padded = collate_pairs(pairs, tiny_tok.pad_token_id)
+    assert shared["input_ids"].shape[0] == 1
+    assert shared["sequence_tokens"] == padded["sequence_tokens"] == int(padded["attention_mask"].sum())
+    assert int(shared["attention_mask"].sum()) < 0.6 * shared["sequence_tokens"]
+    with torch.no_grad():
+        got, want = pair_logps(tiny_path_model, shared), pair_logps(tiny_path_model, padded)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert got[2].tolist() == [float(len(p.chosen_ids)) for p in pairs]
+
+    # control: a mask that lets the rejected response see the chosen one changes the rejected log-probs
+    leaky = dict(shared, block_mask=torch.ones_like(shared["block_mask"]).tril())
+    with torch.no_grad():
+        assert (pair_logps(tiny_path_model, leaky)[1] - want[1]).abs().max() > 1e-3
+
+
+def test_shared_pairs_row_gradients_equal_padded_rows(tiny_tok):
+    from alignment.stages.dpo import pair_logps
+
+    pairs = _system_pairs(tiny_tok)
+    m = load_model(resolve_model_path("tiny-llama"))
+    params = [p for p in m.parameters() if p.requires_grad]
+    grads = []
+    for layout in ("shared", None):
+        m.zero_grad()
+        pc, pr, _, _ = pair_logps(m, collate_pairs(pairs, tiny_tok.pad_token_id, layout))
+        (pc.sum() - 0.5 * pr.sum()).backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
