@@ -269,7 +269,8 @@ def make_loss_fn(cfg: DPOConfig, reference: Reference):
             "logp_rejected": pr.detach().sum().item(),
             "len_chosen": lc.sum().item(),
             "len_rejected": lr.sum().item(),
-            "tokens": float(batch["sequence_tokens"]),  # the pairs' sequences, the same in every layout
+            # the pairs' sequences, the same in every layout
+            "tokens": float(batch.get("sequence_tokens", batch["attention_mask"].sum())),
             "tokens_computed": float(batch["attention_mask"].sum()),
         }
 
