@@ -414,14 +414,30 @@ def shared_prefix_length(items: list) -> int:
     return p
 
 
-def collate_shared_prefix(items: list, pad_id: int, min_prefix: int = 8):
-    """One row [prefix | rest 1 | ... | rest n] when the examples share a prefix of at least `min_prefix`
-    tokens (a chat template's system prompt), else `collate`.
+def rows_under(lengths: list[int], prefix: int, cap: int) -> list[list[int]]:
+    """Consecutive items (their lengths after a shared prefix) grouped into rows of at most `cap` tokens with
+    the prefix in front of each row (an item longer than that gets a row of its own): attention over a shared
+    row is quadratic in its width, so long items are not all laid into one."""
+    rows: list[list[int]] = [[]]
+    used = prefix
+    for i, n in enumerate(lengths):
+        if rows[-1] and used + n > cap:
+            rows.append([])
+            used = prefix
+        rows[-1].append(i)
+        used += n
+    return rows
 
-    Each rest sees the prefix and its own earlier tokens only (block_mask with parts) and its positions
+
+def collate_shared_prefix(items: list, pad_id: int, min_prefix: int = 8, row_tokens: int = 512):
+    """Rows [prefix | rest i | rest i+1 | ...] of at most `row_tokens` tokens when the examples share a prefix
+    of at least `min_prefix` tokens (a chat template's system prompt), else `collate`.
+
+    Each rest sees its row's prefix and its own earlier tokens only (block_mask with parts) and its positions
     continue from the prefix's end, so every target's log-prob is the one it has in its own padded row,
-    while the prefix runs once instead of n times (SmolLM2's default system prompt is 24 of the built-in
-    task's 54 tokens a demonstration). `example_tokens` counts the tokens of the examples as given.
+    while the prefix runs once a row instead of once an example (SmolLM2's default system prompt is 24 of the
+    built-in task's 54 tokens a demonstration). Targets come in the order of the padded batch.
+    `example_tokens` counts the tokens of the examples as given.
     """
     import torch
 
@@ -430,18 +446,30 @@ def collate_shared_prefix(items: list, pad_id: int, min_prefix: int = 8):
         batch = collate(items, pad_id)
         batch["example_tokens"] = batch["attention_mask"].sum()
         return batch
-    ids, labels, positions, parts = list(items[0].input_ids[:p]), [IGNORE] * p, list(range(p)), [0] * p
-    for k, it in enumerate(items):
-        rest = len(it.input_ids) - p
-        ids += it.input_ids[p:]
-        labels += it.labels[p:]
-        positions += range(p, p + rest)
-        parts += [k + 1] * rest
-    width = len(ids)
-    segment = torch.zeros((1, width), dtype=torch.long)
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "attention_mask": torch.ones((1, width), dtype=torch.long), "position_ids": torch.tensor([positions]),
-            "block_mask": block_mask(segment, torch.tensor([parts])),
+    built = []
+    for row in rows_under([len(it.input_ids) - p for it in items], p, row_tokens):
+        ids, labels, positions, parts = list(items[0].input_ids[:p]), [IGNORE] * p, list(range(p)), [0] * p
+        for k, i in enumerate(row):
+            it = items[i]
+            rest = len(it.input_ids) - p
+            ids += it.input_ids[p:]
+            labels += it.labels[p:]
+            positions += range(p, p + rest)
+            parts += [k + 1] * rest
+        built.append((ids, labels, positions, parts))
+    width = max(len(b[0]) for b in built)
+    shape = (len(built), width)
+    ids_t = torch.full(shape, pad_id, dtype=torch.long)
+    labels_t = torch.full(shape, IGNORE, dtype=torch.long)
+    positions_t = torch.zeros(shape, dtype=torch.long)
+    parts_t = torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    for r, (ids, labels, positions, parts) in enumerate(built):
+        n = len(ids)
+        ids_t[r, :n], labels_t[r, :n] = torch.tensor(ids), torch.tensor(labels)
+        positions_t[r, :n], parts_t[r, :n], segment[r, :n] = torch.tensor(positions), torch.tensor(parts), 0
+    return {"input_ids": ids_t, "labels": labels_t, "attention_mask": (segment >= 0).long(),
+            "position_ids": positions_t, "block_mask": block_mask(segment, parts_t),
             "example_tokens": torch.tensor(sum(len(it.input_ids) for it in items))}
 
 

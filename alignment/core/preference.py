@@ -271,7 +271,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_to: int | str | 
              # Tokens of the 2B sequences, the same in every layout (a shared prompt counts twice).
              "sequence_tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)}
     if pack_to == "shared":
-        return {**_shared_pairs_row(pairs), **extra}
+        return {**_shared_pairs_row(pairs, pad_id), **extra}
     if share_prompt:
         if pack_to is None:
             raise ValueError("share_prompt needs packed rows (pack_to)")
@@ -377,18 +377,21 @@ def _pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int, capacity: int) 
             "block_mask": block_mask(segment, part), "last_position": last}
 
 
-def _shared_pairs_row(pairs: list[TokenizedPair]) -> dict:
-    """One row [common prefix | prompt 1 | chosen 1 | rejected 1 | prompt 2 | ...] for DPO's log-probs.
+def _shared_pairs_row(pairs: list[TokenizedPair], pad_id: int, row_tokens: int = 512) -> dict:
+    """Rows [common prefix | prompt i | chosen i | rejected i | prompt i+1 | ...] of at most `row_tokens`
+    tokens (core.data.rows_under), for DPO's log-probs.
 
-    The common prefix (the tokens every prompt starts with: a chat template's system prompt) runs once for
-    the micro-batch and each prompt once for its pair. A prompt token sees the prefix and its own prompt; a
-    response token also sees its own response's earlier tokens, never the other response or another pair;
-    positions continue as in the pair's own sequences. So each target's log-prob is the one it has in its
-    padded row. Targets are read where they are predicted (`pred_index`, as core.modeling reads grouped
-    rollouts): a response's first token from its prompt's last token. `target_owner` names each target's
-    sequence (chosen i -> i, rejected i -> B + i).
+    The common prefix (the tokens every prompt of the micro-batch starts with: a chat template's system
+    prompt) runs once a row and each prompt once for its pair. A prompt token sees the prefix and its own
+    prompt; a response token also sees its own response's earlier tokens, never the other response or another
+    pair; positions continue as in the pair's own sequences. So each target's log-prob is the one it has in
+    its padded row. Targets are read where they are predicted (`pred_index` (row, position), as
+    core.modeling reads grouped rollouts): a response's first token from its prompt's last token.
+    `target_owner` names each target's sequence (chosen i -> i, rejected i -> B + i).
     """
     import torch
+
+    from alignment.core.data import rows_under
 
     B = len(pairs)
     first = pairs[0].prompt_ids
@@ -396,30 +399,45 @@ def _shared_pairs_row(pairs: list[TokenizedPair]) -> dict:
     n = 0
     while n < p and all(x.prompt_ids[n] == first[n] for x in pairs):
         n += 1
-    ids, positions, owner_pair, branch = list(first[:n]), list(range(n)), [-1] * n, [0] * n
-    preds, targets, owners = [], [], []
-    for i, x in enumerate(pairs):
-        rest = x.prompt_ids[n:]
-        ids += rest
-        positions += range(n, len(x.prompt_ids))
-        owner_pair += [i] * len(rest)
-        branch += [0] * len(rest)
-        prompt_last = len(ids) - 1
-        for b, response in ((1, x.chosen_ids), (2, x.rejected_ids)):
-            start = len(ids)
-            for t, token in enumerate(response):
-                preds.append((0, prompt_last if t == 0 else start + t - 1))
-                targets.append(token)
-                owners.append(i if b == 1 else B + i)
-            ids += response
-            positions += range(len(x.prompt_ids), len(x.prompt_ids) + len(response))
-            owner_pair += [i] * len(response)
-            branch += [b] * len(response)
-    width = len(ids)
-    pair_of, branch_of = torch.tensor(owner_pair), torch.tensor(branch)
-    same = (pair_of[:, None] == pair_of[None, :]) & ((branch_of[None, :] == 0) | (branch_of[None, :] == branch_of[:, None]))
-    allowed = ((pair_of[None, :] == -1) | same) & torch.ones(width, width, dtype=torch.bool).tril()
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, width), dtype=torch.long),
-            "position_ids": torch.tensor([positions]), "block_mask": allowed[None, None],
+    sizes = [len(x.prompt_ids) - n + len(x.chosen_ids) + len(x.rejected_ids) for x in pairs]
+    preds, targets, owners, built = [], [], [], []
+    for r, row in enumerate(rows_under(sizes, n, row_tokens)):
+        ids, positions, owner_pair, branch = list(first[:n]), list(range(n)), [-1] * n, [0] * n
+        for i in row:
+            x = pairs[i]
+            rest = x.prompt_ids[n:]
+            ids += rest
+            positions += range(n, len(x.prompt_ids))
+            owner_pair += [i] * len(rest)
+            branch += [0] * len(rest)
+            prompt_last = len(ids) - 1
+            for b, response in ((1, x.chosen_ids), (2, x.rejected_ids)):
+                start = len(ids)
+                for t, token in enumerate(response):
+                    preds.append((r, prompt_last if t == 0 else start + t - 1))
+                    targets.append(token)
+                    owners.append(i if b == 1 else B + i)
+                ids += response
+                positions += range(len(x.prompt_ids), len(x.prompt_ids) + len(response))
+                owner_pair += [i] * len(response)
+                branch += [b] * len(response)
+        built.append((ids, positions, owner_pair, branch))
+    width = max(len(b[0]) for b in built)
+    R = len(built)
+    ids_t = torch.full((R, width), pad_id, dtype=torch.long)
+    positions_t = torch.zeros((R, width), dtype=torch.long)
+    pair_of = torch.full((R, width), -2, dtype=torch.long)  # -2 padding, -1 the shared prefix
+    branch_of = torch.zeros((R, width), dtype=torch.long)
+    for r, (ids, positions, owner_pair, branch) in enumerate(built):
+        m = len(ids)
+        ids_t[r, :m], positions_t[r, :m] = torch.tensor(ids), torch.tensor(positions)
+        pair_of[r, :m], branch_of[r, :m] = torch.tensor(owner_pair), torch.tensor(branch)
+    q_pair, k_pair = pair_of[:, :, None], pair_of[:, None, :]
+    same = (q_pair == k_pair) & ((branch_of[:, None, :] == 0) | (branch_of[:, None, :] == branch_of[:, :, None]))
+    allowed = ((k_pair == -1) | same) & (q_pair != -2) & (k_pair != -2)
+    allowed &= torch.ones(width, width, dtype=torch.bool).tril()[None]
+    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding sees itself (a softmax over nothing is NaN)
+    return {"input_ids": ids_t, "attention_mask": (pair_of != -2).long(), "position_ids": positions_t,
+            "block_mask": allowed[:, None],
             "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),
             "targets": torch.tensor(targets, dtype=torch.long), "target_owner": torch.tensor(owners, dtype=torch.long)}

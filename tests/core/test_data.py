@@ -669,3 +669,12 @@ def test_inconsistent_template_error_names_the_turn(tiny_tok):
     with pytest.raises(DataError, match=r"sft.jsonl:9: .*\(turn 1\)") as err:
         sft_example(row, tok, "auto", True)
     assert "{i}" not in str(err.value)
+
+
+def test_rows_under_keeps_order_and_cap():
+    from alignment.core.data import rows_under
+
+    assert rows_under([5, 5, 5], 2, 100) == [[0, 1, 2]]
+    assert rows_under([5, 5, 5], 2, 12) == [[0, 1], [2]]
+    assert rows_under([50, 5, 5], 2, 12) == [[0], [1, 2]]  # too long for any row: a row of its own
+    assert rows_under([5, 5], 2, 1) == [[0], [1]]

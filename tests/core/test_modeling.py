@@ -297,14 +297,19 @@ def system_examples(tok):
     return out
 
 
-def test_shared_prefix_row_equals_padded_batch(model, tok, system_examples):
+@pytest.mark.parametrize("row_tokens", [512, 1], ids=["one-row", "a-row-each"])
+def test_shared_prefix_row_equals_padded_batch(model, tok, system_examples, row_tokens):
     from alignment.core.data import collate_shared_prefix, shared_prefix_length
 
     pad = tok.pad_token_id
     p = shared_prefix_length(system_examples)
     assert p >= 8 and all(e.labels[p] == IGNORE for e in system_examples)
-    shared = collate_shared_prefix(system_examples, pad)
-    assert shared["input_ids"].shape == (1, p + sum(len(e.input_ids) - p for e in system_examples))
+    shared = collate_shared_prefix(system_examples, pad, row_tokens=row_tokens)
+    if row_tokens == 512:
+        assert shared["input_ids"].shape == (1, p + sum(len(e.input_ids) - p for e in system_examples))
+    else:  # each example in a row of its own, padded: the layout of the plain batch, through the block mask
+        assert shared["input_ids"].shape[0] == 3 and int(shared["attention_mask"].sum()) == sum(
+            len(e.input_ids) for e in system_examples)
     assert int(shared["example_tokens"]) == sum(len(e.input_ids) for e in system_examples)
     padded = collate(system_examples, pad)
     with torch.no_grad():
@@ -314,6 +319,8 @@ def test_shared_prefix_row_equals_padded_batch(model, tok, system_examples):
     assert logp.numel() == expected.numel() == sum(e.num_trainable for e in system_examples)
     torch.testing.assert_close(logp, expected, atol=ATOL, rtol=0)
 
+    if row_tokens != 512:
+        return
     # control: without the parts, later examples see earlier ones and the values move
     leaky = dict(shared, block_mask=shared["block_mask"].clone())
     leaky["block_mask"][:] = torch.ones_like(leaky["block_mask"]).tril()

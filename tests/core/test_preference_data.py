@@ -647,15 +647,18 @@ def _system_pairs(tok):
     return load_pairs([_row(r) for r in rows], tok, _cfg(max_length=256), None, DataReport("t"))
 
 
-def test_shared_pairs_row_equals_padded_rows(tiny_tok, tiny_path_model):
+@pytest.mark.parametrize("row_tokens, rows", [(512, 1), (1, 3)], ids=["one-row", "a-row-per-pair"])
+def test_shared_pairs_row_equals_padded_rows(tiny_tok, tiny_path_model, row_tokens, rows):
+    from alignment.core.preference import _shared_pairs_row
     from alignment.stages.dpo import pair_logps
 
     pairs = _system_pairs(tiny_tok)
-    shared = collate_pairs(pairs, tiny_tok.pad_token_id, "shared")
     padded = collate_pairs(pairs, tiny_tok.pad_token_id)
-    assert shared["input_ids"].shape[0] == 1
+    shared = {**collate_pairs(pairs, tiny_tok.pad_token_id, "shared"),
+              **_shared_pairs_row(pairs, tiny_tok.pad_token_id, row_tokens)}
+    assert shared["input_ids"].shape[0] == rows
     assert shared["sequence_tokens"] == padded["sequence_tokens"] == int(padded["attention_mask"].sum())
-    assert int(shared["attention_mask"].sum()) < 0.6 * shared["sequence_tokens"]
+    assert int(shared["attention_mask"].sum()) < (0.6 if rows == 1 else 0.8) * shared["sequence_tokens"]
     with torch.no_grad():
         got, want = pair_logps(tiny_path_model, shared), pair_logps(tiny_path_model, padded)
     for a, b in zip(got, want):
