@@ -365,6 +365,22 @@ def block_mask(segment, part=None):
     return (allowed | torch.eye(width, dtype=torch.bool, device=segment.device)[None])[:, None]
 
 
+def branch_mask(owner, branch):
+    """Attention allowed [R, 1, W, W] in rows of shared-prefix layouts: owner[r, t] is -1 on the prefix that
+    every item of the row shares, the item's index on its own tokens, -2 on padding; branch[r, t] is 0 on
+    an item's prompt and 1, 2, ... on its responses. A token sees, causally, the prefix, its own item's
+    prompt and its own response; padding sees itself (a softmax over nothing would be NaN)."""
+    import torch
+
+    width = owner.shape[1]
+    q_owner, k_owner = owner[:, :, None], owner[:, None, :]
+    same = (q_owner == k_owner) & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
+    allowed = ((k_owner == -1) | same) & (q_owner != -2) & (k_owner != -2)
+    allowed &= torch.ones(width, width, dtype=torch.bool, device=owner.device).tril()[None]
+    allowed |= torch.eye(width, dtype=torch.bool, device=owner.device)[None]
+    return allowed[:, None]
+
+
 def collate(items: list, pad_id: int):
     """Right-pad a micro-batch. Packed rows get position ids and a block-diagonal causal mask.
 

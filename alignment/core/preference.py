@@ -391,7 +391,7 @@ def _shared_pairs_row(pairs: list[TokenizedPair], pad_id: int, row_tokens: int =
     """
     import torch
 
-    from alignment.core.data import rows_under
+    from alignment.core.data import branch_mask, rows_under
 
     B = len(pairs)
     first = pairs[0].prompt_ids
@@ -432,12 +432,7 @@ def _shared_pairs_row(pairs: list[TokenizedPair], pad_id: int, row_tokens: int =
         m = len(ids)
         ids_t[r, :m], positions_t[r, :m] = torch.tensor(ids), torch.tensor(positions)
         pair_of[r, :m], branch_of[r, :m] = torch.tensor(owner_pair), torch.tensor(branch)
-    q_pair, k_pair = pair_of[:, :, None], pair_of[:, None, :]
-    same = (q_pair == k_pair) & ((branch_of[:, None, :] == 0) | (branch_of[:, None, :] == branch_of[:, :, None]))
-    allowed = ((k_pair == -1) | same) & (q_pair != -2) & (k_pair != -2)
-    allowed &= torch.ones(width, width, dtype=torch.bool).tril()[None]
-    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding sees itself (a softmax over nothing is NaN)
     return {"input_ids": ids_t, "attention_mask": (pair_of != -2).long(), "position_ids": positions_t,
-            "block_mask": allowed[:, None],
+            "block_mask": branch_mask(pair_of, branch_of),
             "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),
             "targets": torch.tensor(targets, dtype=torch.long), "target_owner": torch.tensor(owners, dtype=torch.long)}

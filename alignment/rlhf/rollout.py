@@ -247,53 +247,71 @@ def predicting_positions(response_start: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def group_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], group_size: int, pad_id: int,
-                device=None) -> dict[str, torch.Tensor]:
+                device=None, row_tokens: int = 512) -> dict[str, torch.Tensor]:
     """Episodes laid out with each group's prompt once (a group = group_size adjacent episodes sharing a
-    prompt): one row per group, [prompt | response 1 | ... | response K]. A response token sees the prompt
-    and its own response's earlier tokens, never another response, and its position continues from the
-    prompt's end (core.data.block_mask), so its hidden state is the one it has alone in `episode_batch`
-    while the prompt runs once instead of K times. Targets are read where they are predicted: response
-    token t of episode e at `pred_index` (the prompt's last token for t = 0), written back to [B, T] at
-    `target_slot`. Also `response_mask` [B, T], as `episode_batch` gives."""
-    from alignment.core.data import block_mask
+    prompt), and the prompts' common prefix (a chat template's system prompt) once a row: rows of at most
+    `row_tokens` tokens [prefix | prompt g | response 1 | ... | response K | prompt g+1 | ...]
+    (core.data.rows_under). A prompt token sees the prefix and its own prompt; a response token also its own
+    response's earlier tokens, never another response or group; its position continues from its prompt's end.
+    So its hidden state is the one it has alone in `episode_batch`. Targets are read where they are predicted:
+    response token t of episode e at `pred_index` (row, position; the prompt's last token for t = 0), written
+    back to [B, T] at `target_slot`. Also `response_mask` [B, T], as `episode_batch` gives."""
+    from alignment.core.data import branch_mask, rows_under
 
     B = len(prompt_ids)
     if B % group_size:
         raise ValueError(f"{B} episodes do not split into groups of {group_size}")
-    T = max(1, max(len(r) for r in response_ids))
-    rows, positions, parts, preds, targets, slots = [], [], [], [], [], []
-    for g in range(B // group_size):
+    G = B // group_size
+    for g in range(G):
         first = g * group_size
-        prompt = prompt_ids[first]
-        if any(prompt_ids[first + k] != prompt for k in range(group_size)):
+        if any(prompt_ids[first + k] != prompt_ids[first] for k in range(group_size)):
             raise ValueError(f"group {g}: its episodes do not share one prompt")
-        row, pos, part = list(prompt), list(range(len(prompt))), [0] * len(prompt)
-        for k in range(group_size):
-            e, response = first + k, response_ids[first + k]
-            start = len(row)
-            for t_, token in enumerate(response):
-                preds.append((g, len(prompt) - 1 if t_ == 0 else start + t_ - 1))
-                targets.append(token)
-                slots.append((e, t_))
-            row += response
-            pos += list(range(len(prompt), len(prompt) + len(response)))
-            part += [k + 1] * len(response)
-        rows.append(row), positions.append(pos), parts.append(part)
-    width = max(len(r) for r in rows)
-    R = len(rows)
+    prompts = [prompt_ids[g * group_size] for g in range(G)]
+    head = prompts[0]
+    limit = min(len(p) for p in prompts) - 1  # each group keeps a prompt token of its own
+    n = 0
+    while n < limit and all(p[n] == head[n] for p in prompts):
+        n += 1
+    sizes = [len(prompts[g]) - n + sum(len(response_ids[g * group_size + k]) for k in range(group_size))
+             for g in range(G)]
+    T = max(1, max(len(r) for r in response_ids))
+    preds, targets, slots, built = [], [], [], []
+    for r, row_groups in enumerate(rows_under(sizes, n, row_tokens)):
+        row, pos, owner, branch = list(head[:n]), list(range(n)), [-1] * n, [0] * n
+        for g in row_groups:
+            prompt = prompts[g]
+            row += prompt[n:]
+            pos += range(n, len(prompt))
+            owner += [g] * (len(prompt) - n)
+            branch += [0] * (len(prompt) - n)
+            prompt_last = len(row) - 1
+            for k in range(group_size):
+                e, response = g * group_size + k, response_ids[g * group_size + k]
+                start = len(row)
+                for t_, token in enumerate(response):
+                    preds.append((r, prompt_last if t_ == 0 else start + t_ - 1))
+                    targets.append(token)
+                    slots.append((e, t_))
+                row += response
+                pos += range(len(prompt), len(prompt) + len(response))
+                owner += [g] * len(response)
+                branch += [k + 1] * len(response)
+        built.append((row, pos, owner, branch))
+    width = max(len(b[0]) for b in built)
+    R = len(built)
     ids = torch.full((R, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, width), dtype=torch.long)
-    segment = torch.full((R, width), -1, dtype=torch.long)
-    part_ids = torch.zeros((R, width), dtype=torch.long)
-    for r, (row, pos, part) in enumerate(zip(rows, positions, parts)):
-        n = len(row)
-        ids[r, :n], position_ids[r, :n] = torch.tensor(row), torch.tensor(pos)
-        segment[r, :n], part_ids[r, :n] = 0, torch.tensor(part)
+    group_of = torch.full((R, width), -2, dtype=torch.long)  # -2 padding, -1 the shared prefix
+    branch_of = torch.zeros((R, width), dtype=torch.long)
+    for r, (row, pos, owner, branch) in enumerate(built):
+        m = len(row)
+        ids[r, :m], position_ids[r, :m] = torch.tensor(row), torch.tensor(pos)
+        group_of[r, :m], branch_of[r, :m] = torch.tensor(owner), torch.tensor(branch)
     response_mask = torch.zeros((B, T), dtype=torch.float32)
     for e, response in enumerate(response_ids):
         response_mask[e, : len(response)] = 1
-    batch = {"input_ids": ids, "attention_mask": (segment >= 0).long(), "position_ids": position_ids,
-             "block_mask": block_mask(segment, part_ids), "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),
+    batch = {"input_ids": ids, "attention_mask": (group_of != -2).long(), "position_ids": position_ids,
+             "block_mask": branch_mask(group_of, branch_of), "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),
              "targets": torch.tensor(targets, dtype=torch.long), "target_slot": torch.tensor(slots, dtype=torch.long).view(-1, 2),
              "response_mask": response_mask}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

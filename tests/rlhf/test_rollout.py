@@ -217,9 +217,11 @@ def test_a_group_shares_its_prefill_and_samples_as_if_alone(model, tok, prompt_i
     assert together.response_ids == alone
 
 
-def test_packed_groups_give_the_log_probs_values_and_gradients_of_separate_episodes(model, tok, prompt_ids):
-    """[prompt | r1 | r2 | r3] per group, each response seeing the prompt and itself: the same log-probs,
-    critic values and gradients as the episodes laid out one per row (fp32)."""
+@pytest.mark.parametrize("row_tokens, rows", [(512, 1), (1, 2)], ids=["groups-in-one-row", "a-row-per-group"])
+def test_packed_groups_give_the_log_probs_values_and_gradients_of_separate_episodes(model, tok, prompt_ids,
+                                                                                    row_tokens, rows):
+    """[prefix | prompt 1 | r1 | r2 | r3 | prompt 2 | ...], each response seeing the prefix, its prompt and
+    itself: the same log-probs, critic values and gradients as the episodes laid out one per row (fp32)."""
     from alignment.core.models import load_model
     from alignment.rlhf.rollout import group_batch
     from reward.model import token_values
@@ -227,9 +229,10 @@ def test_packed_groups_give_the_log_probs_values_and_gradients_of_separate_episo
     grouped = [p for p in prompt_ids[:2] for _ in range(3)]
     out = sample_batch(model, grouped, list(range(10, 16)), **_options(tok))
     separate = episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)
-    packed = group_batch(out.prompt_ids, out.response_ids, 3, tok.pad_token_id)
+    packed = group_batch(out.prompt_ids, out.response_ids, 3, tok.pad_token_id, row_tokens=row_tokens)
     assert torch.equal(packed["response_mask"], separate["response_mask"])
-    assert packed["input_ids"].shape[0] == 2 and packed["input_ids"].numel() < separate["input_ids"].numel()
+    assert packed["input_ids"].shape[0] == rows
+    assert packed["attention_mask"].sum() < separate["attention_mask"].sum()
     results = []
     for batch in (separate, packed):
         model.zero_grad()
