@@ -11,6 +11,7 @@ reports the mean gold reward (alignment.evaluate.task.score) and the exact-answe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -104,21 +105,71 @@ def gold_score_of_model(engine, model, tokenizer, prompts_source: str, num_promp
 SAMPLES_KEPT = 16
 
 
+def gold_cache_key(model_dir: str, revision: str | None, tokenizer_path: str | None, cfg, world_size: int) -> str | None:
+    """What a gold score depends on: the model's files (a hub id pinned to its cached commit), the tokenizer's,
+    the prompt file's bytes, the decode settings, how the prompts are split into batches (world size, batch
+    size: left padding moves greedy numerics) and torch's version. None when the model cannot be pinned."""
+    import hashlib
+
+    from alignment.core.data import resolve_source
+    from alignment.core.fingerprint import file_fingerprint, model_fingerprint
+
+    weights = model_fingerprint(model_dir, revision)
+    if weights is None:
+        return None
+    tokenizer = model_fingerprint(tokenizer_path) if tokenizer_path else ""
+    try:
+        prompts = file_fingerprint(resolve_source(cfg.prompts))
+    except (OSError, ValueError):  # a hub dataset: not pinned
+        return None
+    parts = [weights, tokenizer or "", prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size, world_size,
+             torch.__version__]
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def _read_gold_cache(path: Path | None) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+
+
 def gold_eval(engine, model_dir: str, cfg, model_cfg=None, base: bool = False,
               samples_to: str | Path | None = None) -> dict:
     """Gold score of `model_dir` as a stage's gold_eval section says, printed with two examples.
 
     `model_cfg` (the recipe's model section) gives trust_remote_code; for the `base` model also its
     revision and tokenizer (an export carries its own). `samples_to`: a JSONL file that gets the first
-    SAMPLES_KEPT of the main rank's (prompt, response, score), for the report's side-by-side samples."""
+    SAMPLES_KEPT of the main rank's (prompt, response, score), for the report's side-by-side samples.
+
+    A LoRA export with `merged/` is scored through it: the plain model the next stage of a pipeline starts
+    from. Scores are cached (ALIGN_CACHE/gold, keyed by gold_cache_key): a stage's "before" is then its
+    parent's "after", not a second generation over the same prompts with the same weights. Every rank must
+    hold the entry for a hit, else every rank generates (the score is a collective)."""
+    from alignment.core.models import cache_dir
+
+    if (Path(model_dir) / "merged" / "config.json").is_file():
+        model_dir = str(Path(model_dir) / "merged")
     remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
     revision = getattr(model_cfg, "revision", None) if base else None
     tokenizer_path = getattr(model_cfg, "tokenizer", None) if base else None
-    result = gold_score(engine, model_dir, cfg.prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size,
-                        trust_remote_code=remote_code, revision=revision, tokenizer_path=tokenizer_path)
-    samples = result.pop("_samples")
+    key = gold_cache_key(model_dir, revision, tokenizer_path, cfg, engine.dist.world_size)
+    path = cache_dir() / "gold" / f"{key}.json" if key else None
+    cached = _read_gold_cache(path)
+    hits = engine.dist.reduce_sums({"hit": 1.0 if cached is not None else 0.0})["hit"]
+    if cached is not None and hits == engine.dist.world_size:
+        result, samples, note = cached["result"], cached["samples"], " (cached: same weights, prompts and decoding)"
+    else:
+        result = gold_score(engine, model_dir, cfg.prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size,
+                            trust_remote_code=remote_code, revision=revision, tokenizer_path=tokenizer_path)
+        samples, note = result.pop("_samples"), ""
+        if path is not None and engine.dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"model": model_dir, "result": result, "samples": samples[:SAMPLES_KEPT]}))
+            tmp.replace(path)
     if engine.dist.is_main:
-        print(f"gold score of {Path(model_dir).name}: {result['gold/score']:.3f} (exact {result['gold/exact']:.3f})")
+        print(f"gold score of {Path(model_dir).name}: {result['gold/score']:.3f} (exact {result['gold/exact']:.3f}){note}")
         for sample in samples[:2]:
             print(f"  Q: {sample['prompt']!r}\n  A: {sample['response']!r}")
         if samples_to is not None:
