@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m alignment.quickstart
+	$(PY) -m alignment.quickstart $(ARGS)
 
 # Two workers, a file each (module fixtures stay in one process); one thread per worker (tests/conftest.py).
 TEST_WORKERS ?= 2

@@ -23,7 +23,8 @@ def main() -> int:
     align = [sys.executable, "-m", "alignment.cli"]
     started = time.time()
     run(align + ["data", "runs/quickstart/data"])
-    run(align + ["pipeline", "configs/smollm2/pipeline.yaml", "--set", "output_dir=runs/quickstart"])
+    # Extra arguments go to the pipeline (`make quickstart ARGS="--set seed=1"`).
+    run(align + ["pipeline", "configs/smollm2/pipeline.yaml", "--set", "output_dir=runs/quickstart", *sys.argv[1:]])
     print(f"\nquickstart finished in {(time.time() - started) / 60:.1f} min; outputs in runs/quickstart/: "
           "summary.json (gold score after each stage, RM accuracy), report.html (open it in a browser), "
           "pipeline.json (every stage's held-out metrics and minutes)")
