@@ -155,37 +155,54 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], *, max_ne
     return Rollout([list(p) for p in prompt_ids], responses, ended, out_logps)
 
 
+COMPACT_SHARE = 0.25  # drop finished rows from the decode batch once they are this share of it
+
+
 def _decode_loop(model, ids, mask, positions, generators, group, stops, finished, max_new_tokens, pad_id,
                  temperature, top_k, top_p, device):
-    """sample_batch's prefill and decoding: (tokens, log-probs), a [B] tensor per decoded position."""
+    """sample_batch's prefill and decoding: (tokens, log-probs), a [B] tensor per decoded position.
+
+    Rows that have stopped leave the batch (their KV cache too) once they are COMPACT_SHARE of it: a rollout's
+    answers mostly stop after a few tokens while a few run to max_new_tokens, and every decode step costs
+    the rows it carries. A row keeps its own generator, so what it samples does not depend on which rows
+    still share its batch (the logits of a row do not depend on the others either: tested)."""
     tokens, logps = [], []
     step = _decoder_step(model)
     logits, cache = step(ids, mask, positions, None)
     if group > 1:  # every sample of a prompt continues from its one prefill
         logits, mask, positions = (x.repeat_interleave(group, dim=0) for x in (logits, mask, positions))
         cache.batch_repeat_interleave(group)
-    for _ in range(max_new_tokens):
+    B = logits.shape[0]
+    rows = torch.arange(B, device=device)  # the original row of each row in the batch
+    for t in range(max_new_tokens):
         scores = logits.float()
         if temperature > 0:
             scores = filter_logits(scores / temperature, top_k, top_p)
             # Gumbel-max: argmax(log p + G) = argmax(scores + G) (log p is scores less a per-row constant) is
             # a draw from p; each episode's noise from its own generator. G = -log(-log U), in place.
-            gumbel = torch.stack([torch.rand(scores.shape[-1], generator=g, device=device) for g in generators])
+            gumbel = torch.stack([torch.rand(scores.shape[-1], generator=generators[int(r)], device=device)
+                                  for r in rows])
             gumbel = gumbel.clamp_(min=1e-20).log_().neg_().log_().neg_()
             next_token = gumbel.add_(scores).argmax(dim=-1)
         else:
             next_token = scores.argmax(dim=-1)
         # log p(token) = score - logsumexp(scores), without a [B, V] log_softmax
         chosen = scores.gather(1, next_token[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)
-        live = ~finished
-        tokens.append(torch.where(live, next_token, torch.full_like(next_token, pad_id)))
-        logps.append(chosen)
-        finished = finished | (live & torch.isin(next_token, stops))
-        if finished.all():
+        live = ~finished[rows]
+        current = torch.where(live, next_token, torch.full_like(next_token, pad_id))
+        tokens.append(torch.full((B,), pad_id, dtype=next_token.dtype, device=device).index_put((rows,), current))
+        logps.append(torch.zeros(B, dtype=chosen.dtype, device=device).index_put((rows,), chosen))
+        finished[rows] = finished[rows] | (live & torch.isin(next_token, stops))
+        if finished.all() or t == max_new_tokens - 1:  # nothing left to decode: no step for logits unused
             break
-        mask = torch.cat([mask, live.long()[:, None]], dim=1)  # a finished row's padding is never attended
+        done = finished[rows]
+        if float(done.float().mean()) >= COMPACT_SHARE:
+            keep = (~done).nonzero(as_tuple=True)[0]
+            cache.batch_select_indices(keep)
+            rows, mask, positions, current, done = rows[keep], mask[keep], positions[keep], current[keep], done[keep]
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # a finished row's padding is never attended
         positions = positions[:, -1:] + 1
-        logits, cache = step(tokens[-1][:, None], mask, positions, cache)
+        logits, cache = step(current[:, None], mask, positions, cache)
     return tokens, logps
 
 

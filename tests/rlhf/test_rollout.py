@@ -77,15 +77,25 @@ class ForcedStops(torch.nn.Module):
 
 
 class ForcingHead(torch.nn.Module):
+    """Rows that stopped leave the decode batch (rollout.COMPACT_SHARE): when the batch shrinks, the head drops
+    the rows it made stop, in order, as the decode loop does, to keep forcing the right original row."""
+
     def __init__(self, inner, eos: int, stop_at: list):
         super().__init__()
         self.inner, self.eos, self.stop_at, self.calls = inner, eos, stop_at, 0
+        self.active = list(range(len(stop_at)))
+        self.shapes = []
 
     def forward(self, hidden):
         self.calls += 1  # the first call gives the first generated token
+        if hidden.shape[0] != len(self.active):
+            self.active = [r for r in self.active if not (self.stop_at[r] is not None and self.stop_at[r] < self.calls)]
+        assert hidden.shape[0] == len(self.active)
+        self.shapes.append(hidden.shape[0])
         logits = self.inner(hidden).clone()
-        for row, at in enumerate(self.stop_at):
-            logits[row, self.eos] = 1e4 if at is not None and self.calls == at else -1e4
+        for i, row in enumerate(self.active):
+            at = self.stop_at[row]
+            logits[i, self.eos] = 1e4 if at is not None and self.calls == at else -1e4
         return logits
 
 
@@ -95,6 +105,7 @@ def test_each_sequence_stops_at_its_own_stop_token_and_truncation_is_flagged(mod
     out = sample_batch(forced, prompt_ids, [1, 2, 3], **_options(tok, max_new_tokens=8))
     assert [len(r) for r in out.response_ids] == [2, 6, 8]
     assert out.ended == [True, True, False]
+    assert forced.head.shapes == [3, 3, 2, 2, 2, 2, 1, 1]  # stopped rows left the decode batch
     assert out.response_ids[0][-1] == eos and out.response_ids[1][-1] == eos
     assert eos not in out.response_ids[2], "a truncated response keeps its last token (no EOS put in its place)"
     batch = episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)
