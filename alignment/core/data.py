@@ -381,6 +381,24 @@ def branch_mask(owner, branch):
     return allowed[:, None]
 
 
+def branch_rows(built: list[tuple[list, list, list, list]], pad_id: int):
+    """Rows of a shared-prefix layout as tensors: each built row is (token ids, positions, owner, branch) as
+    branch_mask reads them; returns (input_ids, position_ids, owner, branch) [R, W], right-padded (owner -2)."""
+    import torch
+
+    width = max(len(b[0]) for b in built)
+    shape = (len(built), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    owner = torch.full(shape, -2, dtype=torch.long)
+    branch = torch.zeros(shape, dtype=torch.long)
+    for r, (row, pos, own, br) in enumerate(built):
+        n = len(row)
+        ids[r, :n], positions[r, :n] = torch.tensor(row), torch.tensor(pos)
+        owner[r, :n], branch[r, :n] = torch.tensor(own), torch.tensor(br)
+    return ids, positions, owner, branch
+
+
 def collate(items: list, pad_id: int):
     """Right-pad a micro-batch. Packed rows get position ids and a block-diagonal causal mask.
 

@@ -391,7 +391,7 @@ def _shared_pairs_row(pairs: list[TokenizedPair], pad_id: int, row_tokens: int =
     """
     import torch
 
-    from alignment.core.data import branch_mask, rows_under
+    from alignment.core.data import branch_mask, branch_rows, rows_under
 
     B = len(pairs)
     first = pairs[0].prompt_ids
@@ -422,16 +422,7 @@ def _shared_pairs_row(pairs: list[TokenizedPair], pad_id: int, row_tokens: int =
                 owner_pair += [i] * len(response)
                 branch += [b] * len(response)
         built.append((ids, positions, owner_pair, branch))
-    width = max(len(b[0]) for b in built)
-    R = len(built)
-    ids_t = torch.full((R, width), pad_id, dtype=torch.long)
-    positions_t = torch.zeros((R, width), dtype=torch.long)
-    pair_of = torch.full((R, width), -2, dtype=torch.long)  # -2 padding, -1 the shared prefix
-    branch_of = torch.zeros((R, width), dtype=torch.long)
-    for r, (ids, positions, owner_pair, branch) in enumerate(built):
-        m = len(ids)
-        ids_t[r, :m], positions_t[r, :m] = torch.tensor(ids), torch.tensor(positions)
-        pair_of[r, :m], branch_of[r, :m] = torch.tensor(owner_pair), torch.tensor(branch)
+    ids_t, positions_t, pair_of, branch_of = branch_rows(built, pad_id)
     return {"input_ids": ids_t, "attention_mask": (pair_of != -2).long(), "position_ids": positions_t,
             "block_mask": branch_mask(pair_of, branch_of),
             "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),

@@ -273,7 +273,7 @@ def group_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], grou
     So its hidden state is the one it has alone in `episode_batch`. Targets are read where they are predicted:
     response token t of episode e at `pred_index` (row, position; the prompt's last token for t = 0), written
     back to [B, T] at `target_slot`. Also `response_mask` [B, T], as `episode_batch` gives."""
-    from alignment.core.data import branch_mask, rows_under
+    from alignment.core.data import branch_mask, branch_rows, rows_under
 
     B = len(prompt_ids)
     if B % group_size:
@@ -314,16 +314,7 @@ def group_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], grou
                 owner += [g] * len(response)
                 branch += [k + 1] * len(response)
         built.append((row, pos, owner, branch))
-    width = max(len(b[0]) for b in built)
-    R = len(built)
-    ids = torch.full((R, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((R, width), dtype=torch.long)
-    group_of = torch.full((R, width), -2, dtype=torch.long)  # -2 padding, -1 the shared prefix
-    branch_of = torch.zeros((R, width), dtype=torch.long)
-    for r, (row, pos, owner, branch) in enumerate(built):
-        m = len(row)
-        ids[r, :m], position_ids[r, :m] = torch.tensor(row), torch.tensor(pos)
-        group_of[r, :m], branch_of[r, :m] = torch.tensor(owner), torch.tensor(branch)
+    ids, position_ids, group_of, branch_of = branch_rows(built, pad_id)
     response_mask = torch.zeros((B, T), dtype=torch.float32)
     for e, response in enumerate(response_ids):
         response_mask[e, : len(response)] = 1
