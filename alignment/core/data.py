@@ -14,6 +14,8 @@ them, and exactly one BOS is present when the tokenizer uses one.
 
 from __future__ import annotations
 
+import math
+
 import json
 import random
 from collections import Counter
@@ -448,19 +450,34 @@ def shared_prefix_length(items: list) -> int:
     return p
 
 
-def rows_under(lengths: list[int], prefix: int, cap: int) -> list[list[int]]:
-    """Consecutive items (their lengths after a shared prefix) grouped into rows of at most `cap` tokens with
-    the prefix in front of each row (an item longer than that gets a row of its own): attention over a shared
-    row is quadratic in its width, so long items are not all laid into one."""
+def _fill(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive items into rows of at most `budget` (an item longer than that alone in its row)."""
     rows: list[list[int]] = [[]]
-    used = prefix
+    used = 0
     for i, n in enumerate(lengths):
-        if rows[-1] and used + n > cap:
+        if rows[-1] and used + n > budget:
             rows.append([])
-            used = prefix
+            used = 0
         rows[-1].append(i)
         used += n
     return rows
+
+
+def rows_under(lengths: list[int], prefix: int, cap: int) -> list[list[int]]:
+    """Consecutive items (their lengths after a shared prefix) grouped into as few rows as fit `cap` tokens
+    with the prefix in front of each, and balanced: every row is padded to the widest, so 520 tokens under
+    a 512 cap make two rows of about 272, not 512 + 8 padded to 1,024. Attention over a shared row is
+    quadratic in its width, hence the cap; an item longer than it gets a row of its own."""
+    room = max(1, cap - prefix)
+    count = len(_fill(lengths, room))  # filling up to the cap gives the fewest rows
+    low, high = max(1, math.ceil(sum(lengths) / count)), room
+    while low < high:  # the smallest row budget that still needs only `count` rows
+        mid = (low + high) // 2
+        if len(_fill(lengths, mid)) <= count:
+            high = mid
+        else:
+            low = mid + 1
+    return _fill(lengths, low)
 
 
 def collate_shared_prefix(items: list, pad_id: int, min_prefix: int = 8, row_tokens: int = 512):

@@ -678,3 +678,7 @@ def test_rows_under_keeps_order_and_cap():
     assert rows_under([5, 5, 5], 2, 12) == [[0, 1], [2]]
     assert rows_under([50, 5, 5], 2, 12) == [[0], [1, 2]]  # too long for any row: a row of its own
     assert rows_under([5, 5], 2, 1) == [[0], [1]]
+    # just over the cap: two balanced rows, not a full one and a nearly empty one padded to its width
+    rows = rows_under([30] * 17, 24, 512)
+    assert [len(r) for r in rows] == [9, 8] and sum(rows, []) == list(range(17))
+    assert rows_under([30] * 16, 24, 512) == [list(range(16))]
