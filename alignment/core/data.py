@@ -484,7 +484,7 @@ def collate_shared_prefix(items: list, pad_id: int, min_prefix: int = 8, row_tok
     """Rows [prefix | rest i | rest i+1 | ...] of at most `row_tokens` tokens when the examples share a prefix
     of at least `min_prefix` tokens (a chat template's system prompt), else `collate`.
 
-    Each rest sees its row's prefix and its own earlier tokens only (block_mask with parts) and its positions
+    Each rest sees its row's prefix and its own earlier tokens only (branch_mask) and its positions
     continue from the prefix's end, so every target's log-prob is the one it has in its own padded row,
     while the prefix runs once a row instead of once an example (SmolLM2's default system prompt is 24 of the
     built-in task's 54 tokens a demonstration). Targets come in the order of the padded batch.
@@ -497,30 +497,24 @@ def collate_shared_prefix(items: list, pad_id: int, min_prefix: int = 8, row_tok
         batch = collate(items, pad_id)
         batch["example_tokens"] = batch["attention_mask"].sum()
         return batch
-    built = []
+    built, labels = [], []
     for row in rows_under([len(it.input_ids) - p for it in items], p, row_tokens):
-        ids, labels, positions, parts = list(items[0].input_ids[:p]), [IGNORE] * p, list(range(p)), [0] * p
-        for k, i in enumerate(row):
+        ids, row_labels, positions, owner = list(items[0].input_ids[:p]), [IGNORE] * p, list(range(p)), [-1] * p
+        for i in row:
             it = items[i]
             rest = len(it.input_ids) - p
             ids += it.input_ids[p:]
-            labels += it.labels[p:]
+            row_labels += it.labels[p:]
             positions += range(p, p + rest)
-            parts += [k + 1] * rest
-        built.append((ids, labels, positions, parts))
-    width = max(len(b[0]) for b in built)
-    shape = (len(built), width)
-    ids_t = torch.full(shape, pad_id, dtype=torch.long)
-    labels_t = torch.full(shape, IGNORE, dtype=torch.long)
-    positions_t = torch.zeros(shape, dtype=torch.long)
-    parts_t = torch.zeros(shape, dtype=torch.long)
-    segment = torch.full(shape, -1, dtype=torch.long)
-    for r, (ids, labels, positions, parts) in enumerate(built):
-        n = len(ids)
-        ids_t[r, :n], labels_t[r, :n] = torch.tensor(ids), torch.tensor(labels)
-        positions_t[r, :n], parts_t[r, :n], segment[r, :n] = torch.tensor(positions), torch.tensor(parts), 0
-    return {"input_ids": ids_t, "labels": labels_t, "attention_mask": (segment >= 0).long(),
-            "position_ids": positions_t, "block_mask": block_mask(segment, parts_t),
+            owner += [i] * rest
+        built.append((ids, positions, owner, [0] * len(ids)))
+        labels.append(row_labels)
+    ids_t, positions_t, owner_t, branch_t = branch_rows(built, pad_id)
+    labels_t = torch.full(ids_t.shape, IGNORE, dtype=torch.long)
+    for r, row_labels in enumerate(labels):
+        labels_t[r, : len(row_labels)] = torch.tensor(row_labels)
+    return {"input_ids": ids_t, "labels": labels_t, "attention_mask": (owner_t != -2).long(),
+            "position_ids": positions_t, "block_mask": branch_mask(owner_t, branch_t),
             "example_tokens": torch.tensor(sum(len(it.input_ids) for it in items))}
 
 

@@ -191,7 +191,7 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     A sequence is a row, or for packed batches a segment named by batch["sequence_index"].
     """
-    if "target_owner" in batch:  # one shared row (core.preference._shared_pairs_row)
+    if "target_owner" in batch:  # shared-prefix rows (core.preference._shared_pairs_row)
         logp = call(model, _predicted_logprobs, batch)[0]
         owner, n = batch["target_owner"], batch["num_sequences"]
         total = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, owner, logp)

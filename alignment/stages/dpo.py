@@ -56,7 +56,7 @@ class DPOConfig:
     max_prompt_length: Optional[int] = None
     """Prompt tokens kept (from the end) when a pair is too long; None = half of data.max_length."""
     share_prefix: bool = False
-    """One row per micro-batch: the prompts' common prefix (a chat template's system prompt) runs once and each
+    """Rows of up to 512 tokens: the prompts' common prefix (a chat template's system prompt) runs once a row and each
     pair's prompt once for both responses (core.preference._shared_pairs_row); same log-probs as padded rows,
     a third of the tokens on the built-in task. Needs eager or sdpa attention; not with data.packing."""
     disable_dropout: bool = True

@@ -39,8 +39,8 @@ class SFTConfig:
     assistant_only_loss: bool = True
     """Loss on assistant/completion tokens only; `text` rows train on every token."""
     share_prefix: bool = False
-    """Compute the tokens every example of a micro-batch starts with (a chat template's system prompt) once:
-    the micro-batch becomes one row with a block mask (core.data.collate_shared_prefix). Same loss and
+    """Compute the tokens every example of a micro-batch starts with (a chat template's system prompt) once a row:
+    the micro-batch becomes rows of up to 512 tokens with a block mask (core.data.collate_shared_prefix). Same loss and
     gradients; fewer tokens through the model. Needs eager or sdpa attention (a 4D mask)."""
     gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
 
