@@ -143,6 +143,15 @@ def test_adaptive_kl_controller_by_hand():
     assert down.value == pytest.approx(0.1 * 0.998, rel=1e-12)
 
 
+def test_kl_controller_reach_is_the_most_beta_can_grow():
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    assert ctl.reach(32, 30) == pytest.approx(1.00064 ** 30, rel=1e-12)  # about 1.019: a nominal target
+    for _ in range(30):
+        ctl.update(1e6, 32)  # the error clipped at +0.2 every time: the fastest growth there is
+    assert ctl.value == pytest.approx(0.1 * ctl.reach(32, 30), rel=1e-12)
+    assert KLController(0.1, target=6.0, horizon=96).reach(32, 30) == pytest.approx((1 + 0.2 / 3) ** 30, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # Policy and value losses (Schulman et al. 2017 eq. 7; DAPO clip-higher; dual clip)
 # ---------------------------------------------------------------------------

@@ -162,6 +162,8 @@ def test_reinforce_pp_kl_in_the_reward_and_tempered_sampling(tmp_path):
     assert first["check/rollout_logprob_max_diff"] < 1e-4
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
     assert "sampling at temperature 0.7" in result.output and "warning: sampling" not in result.output
+    # 2 iterations against the default horizon of 10000 episodes: the target cannot bind, and the run says so
+    assert "warning: ppo.kl_target 0.01: over 2 iterations" in result.output, result.output[-3000:]
 
 
 def test_informative_groups_keeps_groups_with_a_spread_first_in_order():
