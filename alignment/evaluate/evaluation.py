@@ -138,12 +138,17 @@ def evaluate_policy(args) -> dict:
     prompt_ids = [text.prompt_ids(tokenizer, p) for p in prompts]
     result: dict = {"policy": str(args.policy), "prompts": str(args.prompts), "num_prompts": len(rows)}
 
+    def phase(what: str) -> None:  # a long evaluation (1,024 prompts: ten minutes on 2 CPU cores) says where it is
+        print(f"eval [{time.time() - started:5.0f} s] {what}", flush=True)
+
     # 1. Greedy responses.
+    phase(f"greedy responses of the policy to {len(rows)} prompts")
     responses = generate_ids(policy, tokenizer, prompts, args.max_new_tokens, args.batch_size, device)
     reference = ref_tok = ref_responses = None
     if args.reference:
         reference, ref_tok = _load_policy(args.reference, args.trust_remote_code)
         _same_vocabulary(ref_tok, tokenizer, f"--reference {args.reference}")
+        phase(f"greedy responses of the reference to {len(rows)} prompts")
         ref_responses = generate_ids(reference, ref_tok, prompts, args.max_new_tokens, args.batch_size, device)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     texts = [decode(r) for r in responses]
@@ -170,6 +175,7 @@ def evaluate_policy(args) -> dict:
                     for p, o in zip(prompts, outs)]
             return scorer.score_batched(seqs, args.batch_size)
 
+        phase("reward-model scores")
         rm_scores = rm_score(texts)
         result["rm/score"], result["rm/score_se"] = mean_and_se(rm_scores)
         if ref_texts:
@@ -184,6 +190,7 @@ def evaluate_policy(args) -> dict:
 
     # 4. KL(policy || reference) on responses sampled from the policy.
     if reference is not None:
+        phase("KL to the reference: sampled responses of the policy, scored by both")
         torch.manual_seed(args.seed)
         sampled = generate_ids(policy, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
                                temperature=1.0)
@@ -200,6 +207,7 @@ def evaluate_policy(args) -> dict:
 
     # 6. Forgetting: per-token NLL on general text, policy against its base.
     paragraphs = general_paragraphs(args.forgetting_text)
+    phase(f"forgetting check: NLL on {len(paragraphs)} paragraphs of general text")
     result["forgetting/nll_policy"] = text_nll(policy, tokenizer, paragraphs)
     base_path = args.base or args.reference
     if base_path:
