@@ -14,9 +14,8 @@ them, and exactly one BOS is present when the tokenizer uses one.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field

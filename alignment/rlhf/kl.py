@@ -51,7 +51,7 @@ class KLController:
         self.value *= 1.0 + error * episodes / self.horizon
 
     def reach(self, episodes: int, updates: int) -> float:
-        """The most beta can grow over `updates` updates of `episodes` each (its floor is the inverse, about):
+        """The most beta can grow over `updates` updates of `episodes` each (and about the most it can shrink):
         (1 + 0.2 n / horizon)^updates. With TRL's horizon of 10000 and a few dozen episodes an iteration,
         a run of 30 iterations can move beta by 2%: the target is then nominal."""
         return (1.0 + 0.2 * episodes / self.horizon) ** updates

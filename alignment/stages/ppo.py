@@ -482,9 +482,10 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         critic = engine.prepare(critic, iterations * updates_per_iteration, learning_rate=cfg.critic_learning_rate)
     models = {"policy": actor, **({"critic": critic} if critic is not None else {})}
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    if cfg.kl_target is not None and kl_ctl.reach(episodes, iterations) < 2.0:
+    reach = kl_ctl.reach(episodes, iterations)
+    if cfg.kl_target is not None and reach < 2.0:
         print_main(dist.is_main, f"warning: ppo.kl_target {cfg.kl_target}: over {iterations} iterations of {episodes} "
-                   f"episodes the controller can move ppo.kl_coef by at most x{kl_ctl.reach(episodes, iterations):.3g} "
+                   f"episodes the controller can move ppo.kl_coef by at most x{reach:.3g} "
                    f"(ppo.kl_horizon {cfg.kl_horizon} episodes); lower ppo.kl_horizon (e.g. "
                    f"{max(1, episodes * iterations // 10)}) for the target to bind")
     start = loop.resume(run, checkpoint, models)
