@@ -81,7 +81,8 @@ def real_slurm(tmp_path):
             started = subprocess.run([f"/usr/sbin/{daemon}", "-c"], env=env, capture_output=True, text=True, timeout=60)
             assert started.returncode == 0, f"{daemon}: {started.stderr}"
             pid_file = root / f"{daemon}.pid"
-            _wait(f"{daemon}'s pid file", pid_file.exists, 30)
+            # the daemon creates its pid file before it writes the pid: wait for the number, not the file
+            _wait(f"{daemon}'s pid file", lambda: pid_file.exists() and pid_file.read_text().split(), 30)
             pids.append(int(pid_file.read_text().split()[0]))
         _wait("the node", lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True,
                                                  text=True).stdout.strip() == "idle")
