@@ -10,6 +10,10 @@ Steps:
   1. Read prompt rows (`prompt` as a string or message list; built-in prompt rows also
      carry a `gold` spec for the verifier).
   2. Sample `samples` responses per prompt from the policy (temperature sampling, seeded).
+     A sample that max_new_tokens cut before its stop token is written as truncated
+     (`chosen_truncated` / `rejected_truncated`): the preference loaders then train on it
+     without the end-of-turn the policy never produced, so DPO sees the sequence the policy
+     sampled (FAILURES row 11: a rollout and training that disagree on the sequence).
   3. Score every response with the judge: the built-in task's verifier (`gold`) or a
      reward model directory exported by `align rm`.
   4. Keep the best and the worst response of each prompt as (chosen, rejected) when their
@@ -48,6 +52,10 @@ class PairsReport:
     pairs: int = 0
     dropped_all_tied: int = 0
     """Prompts whose samples all tie (--chosen reference: whose samples are all right)."""
+    truncated_samples: int = 0
+    """Samples max_new_tokens cut before their stop token."""
+    truncated_in_pairs: int = 0
+    """Chosen or rejected responses written as truncated."""
     judge_agrees_with_gold: int = 0
     judged_against_gold: int = 0
     mean_sample_score: float = 0.0
@@ -57,7 +65,8 @@ class PairsReport:
         text = (f"pairs: {self.prompts} prompts x {self.samples // max(self.prompts, 1)} samples -> "
                 f"{self.pairs} pairs written, {self.dropped_all_tied} prompts dropped "
                 f"(all samples tied; with --chosen reference: all right); "
-                f"mean sample score {self.mean_sample_score:.3f}")
+                f"{self.truncated_samples} samples cut by max_new_tokens ({self.truncated_in_pairs} in pairs, "
+                f"trained without an end of turn); mean sample score {self.mean_sample_score:.3f}")
         if self.judged_against_gold:
             text += (f"; judge agrees with gold on {self.judge_agrees_with_gold}/{self.judged_against_gold} "
                      "pairs gold can order")
@@ -74,18 +83,29 @@ def _prompt_messages(row) -> list[dict]:
     raise DataError(f"{row.origin}: field 'prompt' must be a string or a list of messages")
 
 
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    truncated: bool
+    """max_new_tokens ended it before its stop token."""
+
+
 def sample_responses(model, tokenizer, prompts: list[list[dict]], samples: int, temperature: float,
                      max_new_tokens: int, batch_size: int, seed: int,
-                     device: torch.device = torch.device("cpu")) -> list[list[str]]:
+                     device: torch.device = torch.device("cpu")) -> list[list[Sample]]:
     """`samples` sampled completions per chat prompt; shape [len(prompts)][samples]."""
-    from alignment.evaluate.gold import generate
+    from alignment.core.text import stop_token_ids
+    from alignment.evaluate.gold import generate_ids
 
     if temperature <= 0:
         raise ValueError("on-policy pairs need sampling: temperature must be above 0")
     torch.manual_seed(seed)
-    flat = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device,
-                    samples=samples, temperature=temperature)
-    return [[text.strip() for text in flat[i : i + samples]] for i in range(0, len(flat), samples)]
+    rows = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, device,
+                        samples=samples, temperature=temperature)
+    stops = set(stop_token_ids(tokenizer))
+    flat = [Sample(tokenizer.decode(row, skip_special_tokens=True).strip(), truncated=not (row and row[-1] in stops))
+            for row in rows]
+    return [flat[i : i + samples] for i in range(0, len(flat), samples)]
 
 
 def best_and_worst(scores: list[float], min_gap: float) -> tuple[int, int] | None:
@@ -137,13 +157,13 @@ def make_pairs(args) -> PairsReport:
     # Step 3. Judge every response.
     clock = time.time()
     if args.judge == GOLD_JUDGE:
-        scores = [[task.score(gold, r) for r in group] for gold, group in zip(golds, responses)]
+        scores = [[task.score(gold, r.text) for r in group] for gold, group in zip(golds, responses)]
     else:
         from reward.model import RewardScorer
         from reward.score import sequence_ids
 
         scorer = RewardScorer(args.judge, trust_remote_code=args.trust_remote_code)
-        flat = [sequence_ids(scorer.tokenizer, p, r, args.max_length or scorer.max_length, scorer.max_prompt_length)
+        flat = [sequence_ids(scorer.tokenizer, p, r.text, args.max_length or scorer.max_length, scorer.max_prompt_length)
                 for p, group in zip(prompts, responses) for r in group]
         values = scorer.score_batched(flat, args.batch_size)
         scores = [values[i : i + args.samples] for i in range(0, len(values), args.samples)]
@@ -156,13 +176,14 @@ def make_pairs(args) -> PairsReport:
     for row, prompt, gold, group, group_scores in zip(rows, prompts, golds, responses, scores):
         report.prompts += 1
         report.samples += len(group)
+        report.truncated_samples += sum(r.truncated for r in group)
         report.mean_sample_score += sum(group_scores)
         if by_reference:
             worst = min(range(len(group)), key=lambda i: (group_scores[i], i))
             if group_scores[worst] >= task.FULL_CREDIT:
                 report.dropped_all_tied += 1  # every sample right: nothing to reject
                 continue
-            chosen, score_chosen = task.reference_answer(gold), task.FULL_CREDIT
+            chosen, score_chosen = Sample(task.reference_answer(gold), truncated=False), task.FULL_CREDIT
         else:
             picked = best_and_worst(group_scores, args.min_gap)
             if picked is None:
@@ -170,15 +191,18 @@ def make_pairs(args) -> PairsReport:
                 continue
             best, worst = picked
             chosen, score_chosen = group[best], group_scores[best]
+        rejected = group[worst]
         record = {"prompt": prompt,
-                  "chosen": [{"role": "assistant", "content": chosen}],
-                  "rejected": [{"role": "assistant", "content": group[worst]}],
+                  "chosen": [{"role": "assistant", "content": chosen.text}],
+                  "rejected": [{"role": "assistant", "content": rejected.text}],
+                  "chosen_truncated": chosen.truncated, "rejected_truncated": rejected.truncated,
                   "score_chosen": score_chosen, "score_rejected": group_scores[worst],
                   "source": row.origin}
+        report.truncated_in_pairs += chosen.truncated + rejected.truncated
         if "id" in row.data:
             record["id"] = row.data["id"]
         if gold and args.judge != GOLD_JUDGE:
-            gold_best, gold_worst = task.score(gold, group[best]), task.score(gold, group[worst])
+            gold_best, gold_worst = task.score(gold, group[best].text), task.score(gold, group[worst].text)
             if gold_best != gold_worst:
                 report.judged_against_gold += 1
                 report.judge_agrees_with_gold += gold_best > gold_worst

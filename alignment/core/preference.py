@@ -1,7 +1,9 @@
 """Preference pairs: reading every common shape, checking, and tokenizing (shared by RM and DPO).
 
 Shapes (detected, or named with `data.format`):
-- ``explicit``: ``prompt`` / ``chosen`` / ``rejected`` as strings or message lists.
+- ``explicit``: ``prompt`` / ``chosen`` / ``rejected`` as strings or message lists; optional
+  ``chosen_truncated`` / ``rejected_truncated`` (true: a sample cut by a token limit, as `align pairs`
+  writes them) train that response as sampled, without the end-of-turn token it never produced.
 - ``implicit``: ``chosen`` and ``rejected`` as full message lists; the shared prefix
   up to the final assistant turn is the prompt.
 - ``hh``: raw Anthropic hh-rlhf transcripts (``\\n\\nHuman: ...\\n\\nAssistant: ...``)
@@ -34,6 +36,9 @@ class PreferencePair:
     rejected: Any
     origin: str
     margin: float | None = None
+    chosen_truncated: bool = False
+    """A sampled response that max_new_tokens cut: trained as sampled, without an end of turn."""
+    rejected_truncated: bool = False
 
 
 class PairRejected(Exception):
@@ -159,7 +164,13 @@ def to_pair(row: Row, shape: str = "auto") -> PreferencePair:
         raise PairRejected("empty response")
     if chosen == rejected:
         raise PairRejected("chosen identical to rejected")
-    return PreferencePair(prompt, chosen, rejected, origin, margin)
+    flags = {}
+    for name in ("chosen_truncated", "rejected_truncated"):
+        value = data.get(name, False)
+        if not isinstance(value, bool):
+            raise DataError(f"{origin}: field {name!r} must be true or false, got {value!r}")
+        flags[name] = value
+    return PreferencePair(prompt, chosen, rejected, origin, margin, **flags)
 
 
 def _text(response: Any) -> str:
@@ -188,7 +199,8 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
     """Shared prompt ids + each response's ids (alignment.core.text), fitted to max_length.
 
     A policy (DPO) reads a response up to its end-of-turn token; a reward model reads the
-    standard rendering, so its responses carry the template's suffix too. Truncation
+    standard rendering, so its responses carry the template's suffix too; a response marked truncated
+    (a sample cut by its token limit) ends where the sample ended, for both. Truncation
     (text.fit): the prompt keeps its last `max_prompt_length` tokens (default half of
     max_length) only when prompt + longer response would not fit; each response is then cut
     to the room left. A response cut to nothing rejects the pair (FAILURES rows 13, 14).
@@ -201,7 +213,9 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
     assert chosen.prompt_ids == rejected.prompt_ids  # the same prompt text, tokenized alone
     if chosen.resplit or rejected.resplit:
         report.notes["response re-tokenized at the prompt boundary"] += 1
-    responses = [e.response_ids + (e.suffix_ids if reward_model else []) for e in (chosen, rejected)]
+    responses = [_as_sampled(e, tokenizer, pair.origin) if cut
+                 else e.response_ids + (e.suffix_ids if reward_model else [])
+                 for e, cut in ((chosen, pair.chosen_truncated), (rejected, pair.rejected_truncated))]
     prompt_ids, (chosen_ids, rejected_ids), cut = text.fit(chosen.prompt_ids, responses, max_length,
                                                            max_prompt_length, tokenizer.bos_token_id)
     report.truncated += cut
@@ -210,6 +224,16 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
     if chosen_ids == rejected_ids:
         raise PairRejected("chosen identical to rejected after truncation")
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.origin, pair.margin)
+
+
+def _as_sampled(encoded: text.Encoded, tokenizer, origin: str) -> list[int]:
+    """A truncated sample's response ids: its end-of-turn token removed (the policy never produced it), and no
+    template suffix after it, for a policy and a reward model alike."""
+    ids = encoded.response_ids
+    if not ids or ids[-1] not in text.stop_token_ids(tokenizer):
+        raise DataError(f"{origin}: this tokenizer's rendering of the response does not end with a stop token, "
+                        "so a truncated response cannot be told from a finished one")
+    return ids[:-1]
 
 
 def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | None, report: DataReport,

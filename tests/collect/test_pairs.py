@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 
 import pytest
 import torch
 
 from alignment.evaluate import task
 from alignment.core.config import DataConfig
-from alignment.core.data import DataError, DataReport, read_rows
+from alignment.core.data import DataError, DataReport, Row, read_rows
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
-from alignment.collect.pairs import best_and_worst, make_pairs
-from alignment.core.preference import load_pairs
+from alignment.collect.pairs import Sample, best_and_worst, make_pairs, sample_responses
+from alignment.core.preference import PairRejected, load_pairs, to_pair, tokenize_pair
 from reward.model import ensure_distinct_pad
 
 
@@ -53,9 +54,25 @@ def tiny_judge(tmp_path_factory):
     return out
 
 
-def test_pairs_with_reward_model_judge(tmp_path, tiny_judge):
+@pytest.fixture(scope="module")
+def stopping_policy(tmp_path_factory):
+    """The tiny random Llama with a larger EOS row in its (tied) output layer: within 6 new tokens some samples
+    stop and some are cut by max_new_tokens."""
+    path = resolve_model_path("tiny-llama")
+    tok = load_tokenizer(path)
+    model = load_model(path).eval()
+    with torch.no_grad():
+        row = model.get_output_embeddings().weight[tok.eos_token_id]
+        row.copy_(torch.randn(row.shape, generator=torch.Generator().manual_seed(0)) * 0.6)
+    out = tmp_path_factory.mktemp("policy") / "stopping"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_pairs_with_reward_model_judge(tmp_path, tiny_judge, stopping_policy):
     out = tmp_path / "pairs.jsonl"
-    report = make_pairs(_args(judge=str(tiny_judge), out=str(out)))
+    report = make_pairs(_args(model=str(stopping_policy), judge=str(tiny_judge), out=str(out)))
     assert (report.prompts, report.samples, report.dropped_all_tied) == (6, 18, 0)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == report.pairs == 6
@@ -76,9 +93,29 @@ def test_pairs_with_reward_model_judge(tmp_path, tiny_judge):
     pairs = load_pairs(read_rows(str(out)), tok, DataConfig(train=str(out), max_length=128), None, data_report)
     assert data_report.rows_read == 6 and len(pairs) + sum(data_report.dropped.values()) == 6
 
-    # Same seed, same pairs.
+    # A sample cut by max_new_tokens is written as truncated, and the loaders train it as sampled: no end of
+    # turn the policy never produced (FAILURES row 11). Finished samples end with it. The same seed draws the
+    # same samples again.
+    policy = load_model(str(stopping_policy)).eval()
+    rows = read_rows("builtin:prompts_eval")
+    prompts = [row.data["prompt"] for row in random.Random(0).sample(rows, len(rows))[:6]]  # make_pairs' draw
+    samples = sample_responses(policy, load_tokenizer(str(stopping_policy)), prompts, 3, 1.0, 6, 4, 0)
+    flags = {s.text: s.truncated for group in samples for s in group}
+    assert report.truncated_samples == sum(s.truncated for group in samples for s in group)
+    assert 0 < report.truncated_samples < report.samples, "a mix of finished and cut samples"
+    written = [(r[side][0]["content"], r[f"{side}_truncated"]) for r in records for side in ("chosen", "rejected")]
+    assert all(flags[content] == truncated for content, truncated in written)
+    assert report.truncated_in_pairs == sum(truncated for _, truncated in written) > 0
+    for record in records:
+        try:
+            pair = tokenize_pair(to_pair(Row(record, "pairs.jsonl")), tok, 128, None, DataReport("t"))
+        except PairRejected:
+            continue
+        for side, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            assert (ids[-1] == tok.eos_token_id) != record[f"{side}_truncated"], (side, record)
+
     again = tmp_path / "again.jsonl"
-    make_pairs(_args(judge=str(tiny_judge), out=str(again)))
+    make_pairs(_args(model=str(stopping_policy), judge=str(tiny_judge), out=str(again)))
     assert again.read_text() == out.read_text()
 
 
@@ -112,7 +149,8 @@ def test_reference_chosen_pairs_the_right_answer_with_the_worst_wrong_sample(tmp
     first = next(iter(answers))
 
     def fake_samples(model, tokenizer, prompts, samples, *args):
-        return [[answers[p[-1]["content"]] if p[-1]["content"] == first else "no idea"] * samples for p in prompts]
+        return [[Sample(answers[p[-1]["content"]] if p[-1]["content"] == first else "no idea", truncated=False)]
+                * samples for p in prompts]
 
     monkeypatch.setattr(pairs_module, "sample_responses", fake_samples)
     monkeypatch.setattr(pairs_module.random, "Random", lambda seed: type("R", (), {"sample": lambda self, r, n: r})())

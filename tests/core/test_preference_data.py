@@ -194,6 +194,7 @@ MALFORMED = [
     ({"prompt": "q", "response_a": "x", "response_b": "y"}, "label"),
     ({"prompt": "q", "response_a": 1, "response_b": "y", "label": 0}, "response_a"),
     ({"question": "q", "answer": "a"}, "fields"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_truncated": "yes"}, "chosen_truncated"),
 ]
 
 
@@ -343,6 +344,27 @@ def test_smollm2_template_single_bos_single_eos_failures_12(smol_tok):
         assert "How do I boil an egg?" not in tok.decode(response)
         assert start not in response or tok.decode(response).count("<|im_start|>") == 0
     assert tok.decode(tp.prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_a_truncated_sample_trains_as_sampled_without_an_end_of_turn(smol_tok):
+    # `align pairs` marks a sample that max_new_tokens cut (FAILURES row 11): the policy never produced the
+    # end-of-turn token, so neither DPO (policy ids) nor a reward model (the standard rendering) may see one.
+    eos = smol_tok.eos_token_id
+    for reward_model in (False, True):
+        finished = tokenize_pair(to_pair(_row(CHAT_ROW)), smol_tok, 512, None, DataReport("t"), reward_model)
+        cut = tokenize_pair(to_pair(_row(dict(CHAT_ROW, chosen_truncated=True))), smol_tok, 512, None,
+                            DataReport("t"), reward_model)
+        assert cut.prompt_ids == finished.prompt_ids and cut.rejected_ids == finished.rejected_ids
+        assert finished.chosen_ids[: len(cut.chosen_ids) + 1][-1] == eos
+        assert cut.chosen_ids == finished.chosen_ids[: len(cut.chosen_ids)] and eos not in cut.chosen_ids
+        assert smol_tok.decode(cut.chosen_ids) == "Put it in boiling water for eight minutes."
+    both = to_pair(_row(dict(CHAT_ROW, chosen_truncated=True, rejected_truncated=True)))
+    assert (both.chosen_truncated, both.rejected_truncated) == (True, True)
+    assert to_pair(_row(CHAT_ROW)).chosen_truncated is False
+    # Raw text (no template): the EOS the loader appends is what a truncated sample lacks.
+    raw = _tokenized(smol_tok, {"prompt": "Q: 2+2?\nA:", "chosen": " 4 and then", "rejected": " 5",
+                                "chosen_truncated": True})
+    assert eos not in raw.chosen_ids and raw.rejected_ids[-1] == eos
 
 
 def test_smollm2_plain_text_pair_single_eos(smol_tok):
