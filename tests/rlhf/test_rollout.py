@@ -112,6 +112,21 @@ def test_each_sequence_stops_at_its_own_stop_token_and_truncation_is_flagged(mod
     assert batch["response_mask"].tolist() == [[1] * 2 + [0] * 6, [1] * 6 + [0] * 2, [1] * 8]
 
 
+def test_truncation_is_the_same_in_both_generation_paths(model, tok, prompt_ids):
+    """FAILURES row 11: the rollout (sample_batch) and transformers' generate (gold.generate_ids: `align pairs`,
+    `align eval`, gold scores) cut at max_new_tokens alike: the same tokens, none replaced by EOS, flagged as not
+    ended, and the rollout's log-probs are those of the tokens in the sequence."""
+    from alignment.evaluate.gold import generate_ids
+
+    stops = set(text.stop_token_ids(tok))
+    ours = sample_batch(model, prompt_ids, [0, 0, 0], temperature=0.0, **_options(tok, max_new_tokens=4))
+    theirs = generate_ids(model, tok, PROMPTS, max_new_tokens=4, batch_size=3, device=torch.device("cpu"))
+    assert ours.response_ids == theirs
+    assert ours.ended == [False] * 3 and all(len(r) == 4 and r[-1] not in stops for r in theirs), \
+        "every response is cut by max_new_tokens, its last token kept"
+    _assert_rollout_logprobs_are_the_training_passs(model, tok, ours)
+
+
 def _assert_rollout_logprobs_are_the_training_passs(model, tok, out):
     """The log-prob the rollout recorded for every sampled token equals the training pass's (to 1e-4), and the
     training pass reads 0 off the response."""

@@ -230,3 +230,32 @@ def test_grpo_with_reference_guidance(tmp_path):
 
     with pytest.raises(Exception, match="use it with advantage grpo or rloo"):
         load_recipe(REPO / "configs" / "tiny" / "ppo.yaml", "ppo", ["ppo.guidance=reference"])
+
+
+@pytest.mark.timeout(30)
+def test_rollout_prompts_are_epochs_without_repeats_and_do_not_depend_on_resume_or_world_size():
+    """FAILURES row 17: a resumed RL job replayed prompts (the dataloader position was not restored), and a new
+    world size broke the consumed-sample arithmetic. Here iteration k's prompts are a function of (k, seed) alone,
+    the epochs are permutations, and the ranks' slices of a rollout (and their episodes' seeds) are the same
+    episodes at any world size."""
+    from alignment.stages.ppo import episode_seed, rollout_prompts
+
+    num_prompts, per_rollout, seed = 10, 4, 3
+    uninterrupted = [rollout_prompts(num_prompts, per_rollout, k, seed) for k in range(1, 11)]  # 4 epochs
+    flat = [i for ids in uninterrupted for i in ids]
+    epochs = [flat[e * num_prompts : (e + 1) * num_prompts] for e in range(4)]
+    assert all(sorted(epoch) == list(range(num_prompts)) for epoch in epochs), "no prompt repeats within an epoch"
+    assert len({tuple(epoch) for epoch in epochs}) == 4, "each epoch is shuffled anew"
+    # A run resumed at iteration 4 (in any order, nothing carried over) draws what the uninterrupted one drew.
+    assert [rollout_prompts(num_prompts, per_rollout, k, seed) for k in (6, 4, 5)] == \
+        [uninterrupted[5], uninterrupted[3], uninterrupted[4]]
+    assert rollout_prompts(num_prompts, per_rollout, 1, seed + 1) != uninterrupted[0]
+
+    def episodes(world_size: int, iteration: int, samples: int = 2) -> list[tuple[int, int]]:
+        indices = rollout_prompts(num_prompts, per_rollout, iteration, seed)
+        per_rank = per_rollout // world_size
+        return sorted((i, episode_seed(seed, iteration, i, k)) for rank in range(world_size)
+                      for i in indices[rank * per_rank : (rank + 1) * per_rank] for k in range(samples))
+
+    for iteration in (1, 3, 7):
+        assert episodes(1, iteration) == episodes(2, iteration) == episodes(4, iteration)
