@@ -46,7 +46,7 @@ from alignment.evaluate.gold import gold_eval, gold_score_of_model
 from alignment.rlhf import advantages as adv
 from alignment.rlhf.kl import KLController, kl_estimate
 from alignment.rlhf.ppo_losses import aggregate, normaliser_unit, policy_loss, value_loss
-from alignment.rlhf.rewards import token_rewards
+from alignment.rlhf.rewards import kl_shaped_rewards
 from alignment.rlhf.rollout import KVCacheSampler, Rollout, episode_batch, group_batch, is_tempered, is_untruncated
 from reward.model import DEFAULT_MAX_LENGTH, ensure_distinct_pad, sequence_rewards, token_values
 
@@ -593,11 +593,9 @@ def run(recipe: PPORecipe, resume: bool = False) -> dict:
         # Step 4. KL-shaped rewards.
         T = mask.shape[1]
         old_lp, ref_lp, vals = (buffer[k][:, :T] for k in ("old_logp", "ref_logp", "values"))
-        kl = kl_estimate(old_lp, ref_lp, kl_name) * mask
-        seq_kl = kl.sum(dim=1)
         beta = kl_ctl.value
         in_reward = kl_in == "reward"
-        rewards = token_rewards(buffer["scores"], mask, kl if in_reward else None, beta)
+        rewards, seq_kl = kl_shaped_rewards(buffer["scores"], old_lp, ref_lp, mask, kl_name, beta, in_reward)
 
         # Step 5. Advantages and returns.
         returns = None

@@ -21,7 +21,7 @@ from alignment.rlhf.advantages import (
 )
 from alignment.rlhf.kl import KLController, kl_estimate
 from alignment.rlhf.ppo_losses import aggregate, entropy_from_logits, normaliser_unit, policy_loss, value_loss
-from alignment.rlhf.rewards import last_index, token_rewards
+from alignment.rlhf.rewards import kl_shaped_rewards, last_index, token_rewards
 
 D = torch.float64
 
@@ -129,6 +129,26 @@ def test_k3_is_nonnegative_and_zero_at_the_reference():
     r = torch.linspace(-30, 30, 601, dtype=D)
     assert (kl_estimate(r, torch.zeros_like(r), "k3") >= 0).all()
     assert kl_estimate(t([-1.3]), t([-1.3]), "k3").item() == 0.0
+
+
+def test_the_logged_kl_is_the_kl_the_reward_pays():
+    # FAILURES row 26: the sequence KL (logged as objective/kl, fed to the controller) and the per-token KL in the
+    # reward come from one estimate. Log-ratios [0.5, -0.5, pad] and [0.2, pad, pad], k1, beta 0.1.
+    logp, ref = t([[-1.0, -2.0, -7.0], [-0.3, -5.0, -5.0]]), t([[-1.5, -1.5, 0.0], [-0.5, 0.0, 0.0]])
+    mask, scores = t([[1, 1, 0], [1, 0, 0]]), t([1.0, -1.0])
+    rewards, seq_kl = kl_shaped_rewards(scores, logp, ref, mask, "k1", 0.1, in_reward=True)
+    torch.testing.assert_close(seq_kl, t([0.0, 0.2]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(rewards, t([[-0.05, 1.05, 0.0], [-1.02, 0.0, 0.0]]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(-(rewards.sum(dim=1) - scores) / 0.1, seq_kl, atol=1e-12, rtol=0)
+    for estimator in ("k2", "k3"):
+        rewards, seq_kl = kl_shaped_rewards(scores, logp, ref, mask, estimator, 0.1, in_reward=True)
+        torch.testing.assert_close(seq_kl, (kl_estimate(logp, ref, estimator) * mask).sum(dim=1))
+        torch.testing.assert_close(-(rewards.sum(dim=1) - scores) / 0.1, seq_kl, atol=1e-12, rtol=0)
+        assert (seq_kl > 0).all()
+    # The KL in the loss instead: the rewards are the scores alone, the logged KL is unchanged.
+    rewards, kl_in_loss = kl_shaped_rewards(scores, logp, ref, mask, "k3", 0.1, in_reward=False)
+    torch.testing.assert_close(rewards.sum(dim=1), scores)
+    torch.testing.assert_close(kl_in_loss, seq_kl)
 
 
 def test_adaptive_kl_controller_by_hand():
