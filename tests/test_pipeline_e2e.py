@@ -107,6 +107,19 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
     assert dpo_recipe["data"]["train"] == str(pairs_file)
     assert dpo_recipe["model"]["name_or_path"].startswith(str(out / "sft" / "final"))
 
+    # FAILURES row 16: every stage saved the tokenizer SFT trained with: byte-identical chat templates, the same
+    # ids for one rendered conversation, the same stop tokens for generation as for training's responses.
+    from alignment.core import text
+    from alignment.core.models import load_tokenizer
+
+    conversation = [{"role": "user", "content": "What is 7 + 5?"}, {"role": "assistant", "content": "12"}]
+    saved = {stage: load_tokenizer(str(out / stage / "final")) for stage in ("sft", "rm", "dpo", "ppo")}
+    for stage, tok in saved.items():
+        assert tok.chat_template == saved["sft"].chat_template, stage
+        assert tok.apply_chat_template(conversation) == saved["sft"].apply_chat_template(conversation), stage
+        assert text.stop_token_ids(tok) == text.stop_token_ids(saved["sft"]), stage
+        assert text.encode(tok, conversation[:1], "12").response_ids[-1] in text.stop_token_ids(tok), stage
+
     # 3. Nothing changed: nothing runs. 4. Only DPO's inputs changed: only DPO runs, from scratch.
     again = pipeline(out, resume=True).check()
     assert again.output.count("finished with the same inputs, skipped") == 5

@@ -233,6 +233,44 @@ def test_wandb_failure_never_loses_metrics(tmp_path, monkeypatch):
     assert sum("wandb.log failed" in m for m in messages) == 1, "reported once"
 
 
+FAILING_WANDB = """
+import json, os
+class _Run:
+    calls = 0
+    def log(self, data, step):
+        _Run.calls += 1
+        with open(os.environ["FAKE_WANDB_CALLS"], "a") as f:
+            f.write(json.dumps(step) + "\\n")
+        if _Run.calls == 3:
+            raise ConnectionError("wandb.ai unreachable (fake)")
+    def finish(self):
+        pass
+def init(**kwargs):
+    return _Run()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_tracker_that_fails_mid_run_never_stops_training(tmp_path):
+    # FAILURES row 27a, end to end: wandb (a stand-in package first on PYTHONPATH) raises ConnectionError at its
+    # third log call; the run still reaches max_steps, checkpoints, exports, and says what happened.
+    import os
+
+    package = tmp_path / "site" / "wandb"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAILING_WANDB)
+    calls = tmp_path / "wandb-calls.txt"
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_WANDB_CALLS": str(calls), "WANDB_MODE": "offline"}
+    result = run_sft(out, "logging.wandb=offline", "train.save_interval=2", steps=4, env=env).check()
+    assert "wandb.log failed at step" in result.output and "ConnectionError" in result.output
+    assert len(calls.read_text().split()) == 3, "wandb was called until it failed, then switched off"
+    assert sorted(step_metrics(out)) == [1, 2, 3, 4], "every step still in metrics.jsonl"
+    assert (out / "final" / "model.safetensors").is_file()
+    assert any(p.name.endswith("00000002") for p in (out / "checkpoints").iterdir())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_checkpoints_at_the_step_boundary_and_resume_is_exact(tmp_path, uninterrupted):
