@@ -145,6 +145,51 @@ def test_kill_and_resume_is_exact(tmp_path, uninterrupted):
     # the LR schedule really moves over the resumed steps (warmup then cosine), so equal LRs mean restored state
     assert len({round(a[s]["train/lr"], 12) for s in range(4, 9)}) == 5
     assert_same_weights(load_safetensors_dir(uninterrupted / "final"), load_safetensors_dir(out / "final"))
+    # FAILURES row 18 beyond the LR: the checkpoint both runs wrote at step 6 holds the same optimizer state
+    # (Adam's step count and moments), scheduler state, engine counters and RNG state.
+    assert_same_checkpoint_state(uninterrupted / "checkpoints" / "step-00000006", out / "checkpoints" / "step-00000006")
+
+
+def assert_same_checkpoint_state(a, b) -> None:
+    from safetensors.torch import load_file
+
+    assert json.loads((a / "rng_rank00000.json").read_text()) == json.loads((b / "rng_rank00000.json").read_text())
+    assert torch.equal(load_file(str(a / "rng_rank00000.safetensors"))["torch"],
+                       load_file(str(b / "rng_rank00000.safetensors"))["torch"])
+    optim = sorted(p.relative_to(a) for p in a.rglob("*optim_states.pt"))
+    assert optim and optim == sorted(p.relative_to(b) for p in b.rglob("*optim_states.pt"))
+    for name in optim:
+        state_a, state_b = (torch.load(root / name, map_location="cpu", weights_only=False) for root in (a, b))
+        steps = _assert_same_tree(state_a["optimizer_state_dict"], state_b["optimizer_state_dict"], str(name))
+        assert steps and set(steps) == {6}, f"Adam's step count after 6 steps: {steps}"
+    for name in sorted(p.relative_to(a) for p in a.rglob("*model_states.pt")):
+        state_a, state_b = (torch.load(root / name, map_location="cpu", weights_only=False) for root in (a, b))
+        for key in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps"):
+            _assert_same_tree(state_a.get(key), state_b.get(key), f"{name}:{key}")
+        assert state_a["global_steps"] == 6
+
+
+def _assert_same_tree(x, y, where: str, steps: list | None = None) -> list:
+    """x == y, tensors exactly; returns every optimizer 'step' value found."""
+    steps = [] if steps is None else steps
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and x.keys() == y.keys(), where
+        for key in x:
+            if key == "step":
+                steps.append(int(x[key]))
+            _assert_same_tree(x[key], y[key], f"{where}.{key}", steps)
+    elif isinstance(x, (list, tuple)):
+        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            _assert_same_tree(u, v, f"{where}[{i}]", steps)
+    elif isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and torch.equal(x, y), where
+    elif hasattr(x, "__dict__") and not isinstance(x, type):  # e.g. DeepSpeed's loss scaler, which has no __eq__
+        assert type(x) is type(y), where
+        _assert_same_tree(vars(x), vars(y), where, steps)
+    else:
+        assert x == y, f"{where}: {x!r} != {y!r}"
+    return steps
 
 
 @pytest.mark.slow
