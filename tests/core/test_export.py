@@ -164,16 +164,19 @@ def test_zero3_lora_adapter_is_whole(tmp_path, base_dir):
 # ---------------------------------------------------------------------------
 
 
-def test_zero3_lora_modules_to_save(tmp_path, base_dir):
-    """modules_to_save=[lm_head] on tiny-llama, whose lm_head is tied to embed_tokens.
+@pytest.mark.parametrize("modules", [["lm_head"], ["embed_tokens", "lm_head"]], ids=["head", "embeddings-and-head"])
+def test_zero3_lora_modules_to_save(tmp_path, base_dir, modules):
+    """modules_to_save on tiny-llama, whose lm_head is tied to embed_tokens (FAILURES row 3: peft#2450 saved the
+    embeddings' copies as size-0 tensors under ZeRO-3 and the merge failed).
 
-    peft saves a full trainable copy of the head; it must be whole (vocab, hidden), trained, and the
-    merged model's logits must equal the adapter model's (the copy must survive the tied config).
+    peft saves a full trainable copy of each module; it must be whole (vocab, hidden), trained, and the
+    merged model's logits must equal the adapter model's (the copies must survive the tied config).
     """
     from peft import PeftModel
 
     out = tmp_path / "lora-mts"
-    run_sft(out, *Z3, "lora.enabled=true", "lora.r=8", "lora.modules_to_save=[lm_head]", steps=2, nproc=2).check()
+    run_sft(out, *Z3, "lora.enabled=true", "lora.r=8", f"lora.modules_to_save=[{','.join(modules)}]", steps=2,
+            nproc=2).check()
     final = out / "final"
     adapter = load_safetensors_dir(final, "adapter_model.safetensors")
     base = strict_load(base_dir)
@@ -181,8 +184,9 @@ def test_zero3_lora_modules_to_save(tmp_path, base_dir):
     copies = {k: v for k, v in adapter.items() if "lora_" not in k}
     assert copies, f"no modules_to_save copy in the adapter: {sorted(adapter)}"
     vocab, hidden = base.config.vocab_size, base.config.hidden_size
+    assert {m for m in modules if any(m in key for key in copies)} == set(modules), sorted(copies)
     for key, tensor in copies.items():
-        assert "lm_head" in key, key
+        assert any(m in key for m in modules), key
         assert tuple(tensor.shape) == (vocab, hidden), f"{key}: {tuple(tensor.shape)}"
         assert not torch.equal(tensor, base.lm_head.weight.detach()), f"{key} did not train"
 

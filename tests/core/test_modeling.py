@@ -3,6 +3,8 @@ equivalence, agreement with a full-logits reference, and invariance to padding."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,3 +360,109 @@ def test_shared_prefix_never_holds_a_target():
     # below min_prefix: the plain padded batch, with the example token count
     batch = collate_shared_prefix([a, b], 0)
     assert batch["input_ids"].shape == (2, 6) and int(batch["example_tokens"]) == 12
+
+
+# ---------------------------------------------------------------------------
+# extra memory of the log-prob path with a large vocabulary (FAILURES row 27b, CPU part)
+# ---------------------------------------------------------------------------
+
+
+class _LiveTensorBytes:
+    """Peak bytes of tensor storage that ops allocate inside the block and that are still alive.
+
+    A TorchDispatchMode sees every aten op (below autograd) and its outputs. An output whose storage is none of
+    the op's inputs' (not a view, not in-place) is a new allocation: its bytes are added, and a finalizer on its
+    UntypedStorage subtracts them when the storage is freed (torch keeps a storage's Python object alive exactly
+    as long as the C++ storage, so the finalizer runs at the real free, Python or C++ reference alike). The peak
+    is read after every op, so an op's inputs and output are counted together (e.g. bf16 logits and their fp32
+    copy during .float()). Kernel-internal scratch is not seen (oneDNN's matmul workspace here: ~150 KB).
+    Unlike process RSS this ignores allocator caching; CPU torch has no memory_allocated() counter.
+    """
+
+    def __init__(self):
+        self.live = self.peak = 0
+        self.owned: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.owned.discard(key)
+        self.live -= nbytes
+
+    def __enter__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs))
+                          if isinstance(x, torch.Tensor)}
+                for x in tree_leaves(out):
+                    if not isinstance(x, torch.Tensor):
+                        continue
+                    storage = x.untyped_storage()
+                    key, nbytes = storage.data_ptr(), storage.nbytes()
+                    if nbytes and key not in inputs and key not in tracker.owned:
+                        tracker.owned.add(key)
+                        tracker.live += nbytes
+                        weakref.finalize(storage, tracker._free, key, nbytes)
+                tracker.peak = max(tracker.peak, tracker.live)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+class _BigVocabLM(torch.nn.Module):
+    """What modeling needs of a causal LM (get_decoder, get_output_embeddings), with a bf16 [V, H] output head."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden, dtype=torch.bfloat16)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.bfloat16)
+        torch.nn.init.normal_(self.lm_head.weight, std=0.4)  # logits of std ~3, as a trained LM's
+
+    def get_decoder(self):
+        embed = self.embed
+
+        def decoder(input_ids, use_cache=False, **_):
+            return SimpleNamespace(last_hidden_state=embed(input_ids))
+
+        return decoder
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def test_large_vocab_logprobs_extra_memory_stays_within_one_chunk_of_fp32_logits():
+    """V = 32768, T = 4096, B = 1, bf16 head: target_logprobs never holds more than the fp32 logits and
+    log-softmax of one LOGIT_CHUNK (8 bytes x chunk x V, whatever T), so at most 1.5x one bf16 [B, T, V] logits
+    tensor (the row's bound; 1.0x here), and its log-probs equal the upcast-full-logits reference. The naive
+    path, measured the same way, needs 4x (fp32 logits + their fp32 log-softmax), which is what OOMs."""
+    V, H, T = 32768, 64, 4096
+    torch.manual_seed(0)
+    model = _BigVocabLM(V, H).eval()
+    ids = torch.randint(0, V, (1, T))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    full_bf16 = T * V * 2  # one bf16 [1, T, V] logits tensor: 256 MiB
+    chunk = min(modeling.LOGIT_CHUNK, T - 1)  # target positions per chunk: 1024, four chunks here
+
+    with torch.no_grad(), _LiveTensorBytes() as ours:
+        logp, where = target_logprobs(model, batch)
+    with torch.no_grad(), _LiveTensorBytes() as naive:
+        logits = model.lm_head(model.embed(ids)).float()  # the full [B, T, V] upcast the row warns about
+        ref = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[0, :, 0]
+        del logits
+
+    assert where.tolist() == [[0, t] for t in range(1, T)]
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)  # same bf16 logits, fp32 log-softmax either way
+    assert ours.peak <= 8 * chunk * V * 1.02 + (1 << 20), ours.peak / (8 * chunk * V)
+    assert ours.peak <= 1.5 * full_bf16, ours.peak / full_bf16
+    assert naive.peak >= 3.5 * full_bf16, naive.peak / full_bf16  # control: the method sees the failure

@@ -253,3 +253,53 @@ def test_score_goes_to_the_last_response_token_never_to_padding():
     rewards = token_rewards(t([1.0, 2.0]), t([[1, 1, 0, 0], [1, 1, 1, 1]]), t([[0.1, 0.2, 9, 9], [0.1] * 4]), 0.5)
     torch.testing.assert_close(rewards, t([[-0.05, 0.9, 0, 0], [-0.05, -0.05, -0.05, 1.95]]), atol=1e-12, rtol=0)
     assert last_index(t([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])).tolist() == [2, 0, 0]
+
+
+# ---------------------------------------------------------------------------
+# What stands at padding never reaches the losses (FAILURES row 24)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_values_and_logprobs_at_padding_change_neither_ppo_loss_nor_gradient(mode):
+    """value_loss + aggregate and policy_loss + aggregate: any values / old values / returns, log-probs / old
+    log-probs / advantages at PAD positions give the same losses and gradients, and a gradient of exactly 0 at
+    PAD (tests/rlhf/test_rollout.py changes the pad *tokens*; this changes each loss input on its own)."""
+    # [a, b, c, PAD, PAD] (no EOS) and [a, EOS, PAD, PAD, PAD] (verl#3805: the first row's padding counted)
+    mask = t([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    pad = mask == 0
+    count = mask.sum() if normaliser_unit(mode) == "tokens" else t(2.0)
+    l13, l05 = math.log(1.3), math.log(0.5)
+    clean = {  # response tokens as in test_value_loss_by_hand / test_policy_loss_by_hand, 0 at PAD
+        "values": t([[1.5, 1.1, 0.0, 0, 0], [2.0, 1.0, 0, 0, 0]]),
+        "old_values": t([[1.0, 1.0, 0.0, 0, 0], [2.0, 1.0, 0, 0, 0]]),
+        "returns": t([[2.0, 2.0, 1.0, 0, 0], [1.0, 1.0, 0, 0, 0]]),
+        "logp": t([[l13, l13, l05, 0, 0], [0.0, 0.0, 0, 0, 0]]),
+        "old_logp": t([[0.0, 0.0, 0.0, 0, 0], [0.0, 0.0, 0, 0, 0]]),
+        "advantages": t([[2.0, -1.0, -1.0, 0, 0], [1.0, -2.0, 0, 0, 0]]),
+    }
+    gen = torch.Generator().manual_seed(0)
+    noisy = {k: torch.where(pad, 40 * torch.randn(v.shape, generator=gen, dtype=D), v) for k, v in clean.items()}
+    noisy["logp"][pad], noisy["old_logp"][pad] = 3.0, -3.0  # ratio e^6 at PAD: clipped or not, never counted
+
+    def losses_and_grads(x):
+        values, logp = x["values"].clone().requires_grad_(), x["logp"].clone().requires_grad_()
+        vf, _ = value_loss(values, x["old_values"], x["returns"], 0.2)
+        pg, _ = policy_loss(logp, x["old_logp"], x["advantages"], 0.2, 0.2, dual_clip=3.0)
+        vf_loss = aggregate(vf, mask, mode, max_len=5) / count
+        pg_loss = aggregate(pg, mask, mode, max_len=5) / count
+        (vf_loss + pg_loss).backward()
+        return vf_loss.detach(), pg_loss.detach(), values.grad, logp.grad
+
+    vf0, pg0, dv0, dl0 = losses_and_grads(clean)
+    vf1, pg1, dv1, dl1 = losses_and_grads(noisy)
+    assert vf1.item() == vf0.item() and pg1.item() == pg0.item()
+    torch.testing.assert_close(dv1, dv0, atol=0, rtol=0)
+    torch.testing.assert_close(dl1, dl0, atol=0, rtol=0)
+    assert (dv1[pad] == 0).all() and (dl1[pad] == 0).all()
+    if mode == "token_mean":
+        # value: 0.32 + 0.405 + 0.5 (row 1), 0.5 + 0 (row 2) = 1.725 over 5 tokens; policy: -2.4 + 1.3 + 0.8, -1 + 2
+        assert vf0.item() == pytest.approx(1.725 / 5, abs=1e-12) and pg0.item() == pytest.approx(0.7 / 5, abs=1e-12)
+        # d/dV = V - R, 0 where the clipped branch wins (1.5); d/dlogp = -A ratio, 0 where clipped (1.3 with A 2, 0.5)
+        torch.testing.assert_close(dv0, t([[0, -0.9, -1.0, 0, 0], [1.0, 0, 0, 0, 0]]) / 5, atol=1e-12, rtol=0)
+        torch.testing.assert_close(dl0, t([[0, 1.3, 0, 0, 0], [-1.0, 2.0, 0, 0, 0]]) / 5, atol=1e-12, rtol=0)

@@ -516,3 +516,67 @@ def test_evaluate_builds_no_graph(tiny_path, tok, pairs):
         rc, rr = reference.logps(policy, batch)
     expected = ((pc - rc) > (pr - rr)).double().mean().item()
     assert out["eval/rewards/accuracies"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_precomputed_eval_reference_stays_the_initial_model_after_5_adam_steps(tiny_path, tok, pairs):
+    """FAILURES row 22 (trl#1107): with dpo.reference=precomputed, after 5 real Adam steps on the policy the
+    eval split's reference log-probs are still a fresh forward of the frozen initial model, and evaluate()'s
+    reward accuracy is scored against them (a "reference" recomputed from the trained policy gives rewards 0,
+    accuracy 0)."""
+    from alignment.stages.dpo import evaluate
+
+    frozen = load_model(tiny_path).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    policy = copy.deepcopy(frozen).train()  # starts as the reference: the stage's own set-up
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    pad = tok.pad_token_id
+    eval_pairs = [pairs[2], pairs[0], pairs[1]]  # another order than train: reading the train table gives wrong rows
+    dist = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"), gather_objects=lambda local: [local],
+                           reduce_sums=lambda sums: dict(sums))
+    engine = SimpleNamespace(layout=SimpleNamespace(micro_batch_size=2), dist=dist)
+    with torch.no_grad():
+        table = {"train": compute_reference_table(engine, frozen, pairs, pad, "train"),
+                 "eval": compute_reference_table(engine, frozen, eval_pairs, pad, "eval")}
+    initial_table = {k: v.clone() for k, v in table.items()}
+
+    used = []  # (split, chosen, rejected) for every reference lookup
+
+    class Recorded(Reference):
+        def logps(self, policy, batch):
+            rc, rr = super().logps(policy, batch)
+            used.append((batch["split"], rc, rr))
+            return rc, rr
+
+    loss_fn = make_loss_fn(DPOConfig(loss="sigmoid", beta=0.1), Recorded("precomputed", table=table))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    batch = dict(pair_batch(pairs, [0, 1, 2], pad, "cpu", "train"), rpo_scale=1.0)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss_sum, _ = loss_fn(policy, batch)
+        loss_sum.backward()
+        optimizer.step()
+        losses.append(float(loss_sum.detach()) / 3)
+    assert losses[0] == pytest.approx(LN2, abs=1e-4)  # step 1: policy == reference
+    assert losses[-1] < losses[0] - 1e-3, losses  # the steps really trained the policy
+
+    used.clear()
+    out = evaluate(engine, policy, eval_pairs, pad, loss_fn)
+    assert [split for split, _, _ in used] == ["eval", "eval"]  # 3 pairs in micro-batches of 2
+    rc_used = torch.cat([rc for _, rc, _ in used])
+    rr_used = torch.cat([rr for _, _, rr in used])
+    everything = pair_batch(eval_pairs, [0, 1, 2], pad, "cpu", "eval")
+    with torch.no_grad():
+        frc, frr, _, _ = pair_logps(frozen, everything)  # a fresh forward of the initial model
+        pc, pr, _, _ = pair_logps(policy, everything)
+    assert all(torch.equal(table[k], initial_table[k]) for k in table)  # training never wrote to the cache
+    torch.testing.assert_close(rc_used, frc, atol=1e-4, rtol=1e-6)  # micro-batches of 2 + 1: other padding
+    torch.testing.assert_close(rr_used, frr, atol=1e-4, rtol=1e-6)
+    assert (pc - frc).abs().max() > 1e-2  # the policy has moved away from the reference it is scored against
+    expected = ((pc - frc) > (pr - frr)).double().mean().item()
+    assert expected > 0  # against the trained policy itself it would be 0
+    assert out["eval/rewards/accuracies"] == pytest.approx(expected, abs=1e-12)
+    margins = 0.1 * ((pc - frc) - (pr - frr))
+    assert out["eval/rewards/margins"] == pytest.approx(margins.mean().item(), abs=1e-5)
