@@ -110,6 +110,7 @@ def setup_run(recipe: RecipeBase, stage: str, resume: bool) -> tuple[Run, Path |
         checkpoint = found[-1] if found else None
         if checkpoint is None:
             print_main(engine.dist.is_main, f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; starting fresh")
+    check_resume_world_size(checkpoint, engine.dist.world_size, recipe.deepspeed.zero_stage)
     resume_step = ckpt.read_state(checkpoint)["step"] if checkpoint else None
     info = run_info(recipe.seed, engine.dist.world_size, stage)
     info["batch"] = engine.layout.__dict__
@@ -282,6 +283,20 @@ def check_resume(checkpoint: Path | None, order: dict) -> None:
     raise ResumeMismatch(f"--resume: the data order changed since {checkpoint} was written, so the remaining "
                          f"steps would not continue that run; changed: {'; '.join(changes)}. Resume with the "
                          "recipe it was written with, or start a new output_dir.")
+
+
+def check_resume_world_size(checkpoint: Path | None, world_size: int, zero_stage: int) -> None:
+    """Refuse, before any model loads, to resume a ZeRO 1-3 checkpoint with another number of ranks: each rank's
+    file holds its own partition of the optimizer state, and DeepSpeed cannot re-partition it on load (it fails
+    deep inside load_checkpoint). The data position itself does not depend on the world size (data_order)."""
+    if checkpoint is None or zero_stage < 1:
+        return
+    saved = ckpt.read_state(checkpoint).get("world_size")
+    if saved is not None and saved != world_size:
+        raise ResumeMismatch(f"--resume: {checkpoint} was written by {saved} rank(s) and this run has {world_size}; "
+                             f"under ZeRO stage {zero_stage} each rank's file holds its own partition of the optimizer "
+                             f"state, which DeepSpeed cannot re-partition. Resume with {saved} rank(s) (--nproc "
+                             f"{saved}, or nodes x GPUs = {saved}), or start a new output_dir from an exported model.")
 
 
 def save_checkpoint(run: Run, models: dict, step: int, epoch_hint: int, order: dict, extra: dict | None = None) -> None:

@@ -150,6 +150,33 @@ def test_kill_and_resume_is_exact(tmp_path, uninterrupted):
     assert_same_checkpoint_state(uninterrupted / "checkpoints" / "step-00000006", out / "checkpoints" / "step-00000006")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_at_double_the_world_size(tmp_path):
+    """FAILURES row 17: a job resumed with another number of ranks must train on the examples the uninterrupted
+    run would have. Under ZeRO-0 (the optimizer state whole on every rank) 1 rank, killed at step 5, resumes at
+    2 ranks from step 3 and gives the same examples, LRs and losses at every step. Under ZeRO 1-3 (each rank
+    holds its own optimizer partition, which DeepSpeed cannot re-partition) the resume is refused up front."""
+    zero0 = (*RESUME_SETS, "deepspeed.zero_stage=0")
+    uninterrupted, out = tmp_path / "A", tmp_path / "B"
+    run_sft(uninterrupted, *zero0, steps=8).check()
+    crashed = run_sft(out, *zero0, steps=8, env={"ALIGN_DEBUG_FAIL_AT_STEP": "5"})
+    assert crashed.returncode != 0 and "injected failure at step 5" in crashed.output
+    resumed = run_sft(out, *zero0, steps=8, nproc=2, resume=True).check()
+    assert "resuming from" in resumed.output and "step-00000003" in resumed.output
+    a, b = step_metrics(uninterrupted), step_metrics(out)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert b[step]["train/targets"] == a[step]["train/targets"], step  # the same examples at each step
+        assert b[step]["train/lr"] == pytest.approx(a[step]["train/lr"], rel=1e-12), step
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6), step
+
+    refused = run_sft(out, *RESUME_SETS, "deepspeed.zero_stage=2", steps=10, resume=True)
+    assert refused.returncode == 2, refused.output[-2000:]
+    assert "step-00000006 was written by 2 rank(s) and this run has 1" in refused.output
+    assert "DeepSpeed cannot re-partition" in refused.output and "Traceback" not in refused.output
+
+
 def assert_same_checkpoint_state(a, b) -> None:
     from safetensors.torch import load_file
 
