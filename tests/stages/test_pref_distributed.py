@@ -76,3 +76,28 @@ def test_zero3_reward_head_and_frozen_reference(tmp_path, align_cache):
         assert facts["ref_optimizer"] in ("NoneType", "DeepSpeedZeRoOffload")
         assert facts["ref_optimizer_state"] == 0 and not facts["ref_has_fp32_master"]
         assert facts["ref_partitioned"] and facts["ref_local_numel"] < facts["ref_full_numel"]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_frozen_reference_below_zero3_holds_only_its_weights(zero_stage):
+    """FAILURES row 23 below ZeRO-3 (trl#959 wrapped the reference with the training config and OOMed on its
+    optimizer state): prepare_frozen returns the plain module in the run's precision, nothing requires grad,
+    no optimizer, and its memory is its weights (bf16: 2 bytes a parameter), no fp32 master copy or gradients."""
+    from alignment.core.config import DeepSpeedConfig, TrainConfig
+    from alignment.core.engine import Engine
+    from alignment.core.models import load_model, resolve_model_path
+
+    engine = Engine(TrainConfig(global_batch_size=2, micro_batch_size=2, precision="bf16"),
+                    DeepSpeedConfig(zero_stage=zero_stage), seed=0)
+    try:
+        model = load_model(resolve_model_path("tiny-llama"))
+        count = sum(p.numel() for p in model.parameters())
+        reference = engine.prepare_frozen(model)
+        assert reference is model and not hasattr(reference, "optimizer"), type(reference)
+        assert not any(p.requires_grad for p in reference.parameters())
+        assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+        held = sum(t.numel() * t.element_size() for t in [*reference.parameters(), *reference.buffers()])
+        assert held <= 1.1 * 2 * count, (held, count)
+        assert all(p.grad is None for p in reference.parameters())
+    finally:
+        engine.close()
