@@ -154,6 +154,7 @@ def test_zero3_lora_adapter_is_whole(tmp_path, base_dir):
 
     merged = strict_load(final / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    _assert_tied(final / "merged", merged)  # row 4 through the LoRA merge path: tiny-llama stays tied
     adapted = PeftModel.from_pretrained(strict_load(base_dir), final).eval()
     torch.testing.assert_close(logits_of(merged, final), logits_of(adapted, final), rtol=0, atol=1e-4)
     assert not torch.allclose(logits_of(merged, final), logits_of(base, final), atol=1e-4), "merged == base"
@@ -277,4 +278,16 @@ def test_export_dtype_fp32_writes_the_fp32_master_weights(zero, nproc, tmp_path,
     assert not torch.equal(weight, base[name].float()), "trained"
     # bf16 weights widened to fp32 would all be bf16 values; fp32 masters moved by lr 1e-5 are not
     assert (weight.to(torch.bfloat16).float() != weight).float().mean() > 0.5
-    assert strict_load(final).dtype == torch.float32
+    model = strict_load(final)
+    assert model.dtype == torch.float32
+    _assert_tied(final, model)  # row 4 through the fp32-master path
+
+
+def _assert_tied(final, model) -> None:
+    """A tied model's export (FAILURES row 4): still tied in its config, the head and the embeddings one tensor
+    after a strict reload, and equal where the head was also saved under its own name."""
+    assert json.loads((final / "config.json").read_text()).get("tie_word_embeddings", True) is True
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tensors = load_safetensors_dir(final)
+    if "lm_head.weight" in tensors:
+        assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
