@@ -202,7 +202,7 @@ def make_pairs(args) -> PairsReport:
         if "id" in row.data:
             record["id"] = row.data["id"]
         if gold and args.judge != GOLD_JUDGE:
-            gold_best, gold_worst = task.score(gold, group[best].text), task.score(gold, group[worst].text)
+            gold_best, gold_worst = task.score(gold, chosen.text), task.score(gold, rejected.text)
             if gold_best != gold_worst:
                 report.judged_against_gold += 1
                 report.judge_agrees_with_gold += gold_best > gold_worst
