@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--temperature", type=float, default=1.0)
     pairs.add_argument("--max-new-tokens", type=int, default=32)
     pairs.add_argument("--min-gap", type=float, default=1e-6, help="smallest best-worst score gap kept as a pair")
+    pairs.add_argument("--missing-eos-penalty", type=float, default=None,
+                       help="subtract this from the judge's score of a sample max_new_tokens cut "
+                       "(as ppo.missing_eos_penalty)")
     pairs.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     pairs.add_argument("--max-length", type=int, default=None,
                        help="tokens a reward-model judge reads (default: its training data.max_length, else 512)")

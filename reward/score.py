@@ -16,21 +16,22 @@ from alignment.core.data import DataError, Row, check_messages, read_rows
 from alignment.core.preference import PairRejected, to_pair
 
 
-def sequence_ids(tokenizer, prompt, response, max_length: int, max_prompt_length: int | None = None) -> list[int]:
+def sequence_ids(tokenizer, prompt, response, max_length: int, max_prompt_length: int | None = None,
+                 ended: bool = True) -> list[int]:
     """What the reward model reads for prompt + response: the standard rendering (alignment.core.text),
-    fitted to max_length the way training fits it."""
-    return scored_sequence(tokenizer, prompt, response, max_length, max_prompt_length)[0]
+    fitted to max_length the way training fits it; a response a token limit cut (ended=False) as produced."""
+    return scored_sequence(tokenizer, prompt, response, max_length, max_prompt_length, ended)[0]
 
 
 def scored_sequence(tokenizer, prompt, response, max_length: int,
-                    max_prompt_length: int | None = None) -> tuple[list[int], bool]:
+                    max_prompt_length: int | None = None, ended: bool = True) -> tuple[list[int], bool]:
     """(ids, truncated) for prompt + response; a string prompt with message responses becomes a user turn."""
     if isinstance(prompt, str) and not isinstance(response, str):
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and isinstance(response, str):
         response = [{"role": "assistant", "content": response}]
     try:
-        return text.reward_ids(tokenizer, prompt, response, max_length, max_prompt_length)
+        return text.reward_ids(tokenizer, prompt, response, max_length, max_prompt_length, ended)
     except text.TemplateError as exc:
         raise DataError(str(exc)) from None
 

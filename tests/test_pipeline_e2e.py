@@ -100,7 +100,8 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
 
     scorer = RewardScorer(out / "rm" / "final")
     for record in records[:4]:
-        ids = sequence_ids(scorer.tokenizer, record["prompt"], record["chosen"], scorer.max_length)
+        ids = sequence_ids(scorer.tokenizer, record["prompt"], record["chosen"], scorer.max_length,
+                           ended=not record["chosen_truncated"])
         assert scorer.score_ids([ids]).item() == pytest.approx(record["score_chosen"], abs=1e-4)
     # ... and DPO trained on them, starting from the SFT export.
     dpo_recipe = yaml.safe_load((out / "dpo" / "recipe.yaml").read_text())

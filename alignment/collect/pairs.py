@@ -15,7 +15,9 @@ Steps:
      without the end-of-turn the policy never produced, so DPO sees the sequence the policy
      sampled (FAILURES row 11: a rollout and training that disagree on the sequence).
   3. Score every response with the judge: the built-in task's verifier (`gold`) or a
-     reward model directory exported by `align rm`.
+     reward model directory exported by `align rm` (which reads a truncated sample as
+     produced, without an end of turn); `--missing-eos-penalty` lowers a truncated
+     sample's score, as `ppo.missing_eos_penalty` does in online RL.
   4. Keep the best and the worst response of each prompt as (chosen, rejected) when their
      scores differ by at least `min_gap`; prompts whose samples all tie are counted and
      dropped, never written. With `--chosen reference` (prompts with gold specs) the chosen
@@ -163,10 +165,16 @@ def make_pairs(args) -> PairsReport:
         from reward.score import sequence_ids
 
         scorer = RewardScorer(args.judge, trust_remote_code=args.trust_remote_code)
-        flat = [sequence_ids(scorer.tokenizer, p, r.text, args.max_length or scorer.max_length, scorer.max_prompt_length)
+        # a truncated sample is read as produced, without an end of turn (as `align ppo` reads it)
+        flat = [sequence_ids(scorer.tokenizer, p, r.text, args.max_length or scorer.max_length,
+                             scorer.max_prompt_length, ended=not r.truncated)
                 for p, group in zip(prompts, responses) for r in group]
         values = scorer.score_batched(flat, args.batch_size)
         scores = [values[i : i + args.samples] for i in range(0, len(values), args.samples)]
+    penalty = getattr(args, "missing_eos_penalty", None)
+    if penalty is not None:
+        scores = [[s - penalty * r.truncated for s, r in zip(group_scores, group)]
+                  for group_scores, group in zip(scores, responses)]
     report.seconds["judging"] = time.time() - clock
 
     # Step 4 and 5. Best vs worst per prompt, written in the explicit preference shape.

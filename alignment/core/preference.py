@@ -213,9 +213,12 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
     assert chosen.prompt_ids == rejected.prompt_ids  # the same prompt text, tokenized alone
     if chosen.resplit or rejected.resplit:
         report.notes["response re-tokenized at the prompt boundary"] += 1
-    responses = [_as_sampled(e, tokenizer, pair.origin) if cut
-                 else e.response_ids + (e.suffix_ids if reward_model else [])
-                 for e, cut in ((chosen, pair.chosen_truncated), (rejected, pair.rejected_truncated))]
+    try:  # a truncated sample as it was sampled, for a policy and a reward model alike
+        responses = [text.unfinished_response_ids(tokenizer, e) if cut
+                     else e.response_ids + (e.suffix_ids if reward_model else [])
+                     for e, cut in ((chosen, pair.chosen_truncated), (rejected, pair.rejected_truncated))]
+    except text.TemplateError as exc:
+        raise DataError(f"{pair.origin}: {exc}") from None
     prompt_ids, (chosen_ids, rejected_ids), cut = text.fit(chosen.prompt_ids, responses, max_length,
                                                            max_prompt_length, tokenizer.bos_token_id)
     report.truncated += cut
@@ -224,16 +227,6 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
     if chosen_ids == rejected_ids:
         raise PairRejected("chosen identical to rejected after truncation")
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.origin, pair.margin)
-
-
-def _as_sampled(encoded: text.Encoded, tokenizer, origin: str) -> list[int]:
-    """A truncated sample's response ids: its end-of-turn token removed (the policy never produced it), and no
-    template suffix after it, for a policy and a reward model alike."""
-    ids = encoded.response_ids
-    if not ids or ids[-1] not in text.stop_token_ids(tokenizer):
-        raise DataError(f"{origin}: this tokenizer's rendering of the response does not end with a stop token, "
-                        "so a truncated response cannot be told from a finished one")
-    return ids[:-1]
 
 
 def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | None, report: DataReport,

@@ -220,12 +220,22 @@ def fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prom
     return prompt, [r[:room] for r in responses], True
 
 
+def unfinished_response_ids(tokenizer, enc: Encoded) -> list[int]:
+    """A response that a token limit cut, as the policy produced it: the rendering's end-of-turn token removed,
+    and no template suffix after it (a truncated answer is not made to look finished)."""
+    if not enc.response_ids or enc.response_ids[-1] not in stop_token_ids(tokenizer):
+        raise TemplateError("this tokenizer's rendering of a response does not end with a stop token, so a "
+                            "truncated response cannot be told from a finished one")
+    return enc.response_ids[:-1]
+
+
 def reward_ids(tokenizer, prompt: Prompt, response: Any, max_length: int,
-               max_prompt_length: int | None = None) -> tuple[list[int], bool]:
-    """What a reward model reads for (prompt, response): the standard rendering, fitted; and whether it was cut."""
+               max_prompt_length: int | None = None, ended: bool = True) -> tuple[list[int], bool]:
+    """What a reward model reads for (prompt, response): the standard rendering, fitted; and whether it was cut.
+    A response that did not end (a token limit cut it) is read as produced (unfinished_response_ids)."""
     enc = encode(tokenizer, prompt, response)
-    head, (tail,), cut = fit(enc.prompt_ids, [enc.response_ids + enc.suffix_ids], max_length, max_prompt_length,
-                             tokenizer.bos_token_id)
+    response_ids = enc.response_ids + enc.suffix_ids if ended else unfinished_response_ids(tokenizer, enc)
+    head, (tail,), cut = fit(enc.prompt_ids, [response_ids], max_length, max_prompt_length, tokenizer.bos_token_id)
     return head + tail, cut
 
 

@@ -113,6 +113,16 @@ def test_pairs_with_reward_model_judge(tmp_path, tiny_judge, stopping_policy):
             continue
         for side, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
             assert (ids[-1] == tok.eos_token_id) != record[f"{side}_truncated"], (side, record)
+    # The judge read each sample as the RM stage and `align ppo` read it: a truncated one without an end of turn.
+    from reward.model import RewardScorer
+    from reward.score import sequence_ids
+
+    scorer = RewardScorer(tiny_judge)
+    for record in records:
+        for side in ("chosen", "rejected"):
+            ids = sequence_ids(scorer.tokenizer, record["prompt"], record[side], 256,
+                               ended=not record[f"{side}_truncated"])
+            assert scorer.score_ids([ids]).item() == pytest.approx(record[f"score_{side}"], abs=1e-4), side
 
     again = tmp_path / "again.jsonl"
     make_pairs(_args(model=str(stopping_policy), judge=str(tiny_judge), out=str(again)))
@@ -159,3 +169,25 @@ def test_reference_chosen_pairs_the_right_answer_with_the_worst_wrong_sample(tmp
 
     with pytest.raises(DataError, match="--judge gold"):
         make_pairs(_args(out=str(tmp_path / "x.jsonl"), chosen="reference", judge="some/rm"))
+
+
+def test_missing_eos_penalty_ranks_a_truncated_answer_below_a_finished_one(tmp_path, monkeypatch):
+    # As ppo.missing_eos_penalty: the right answer cut by max_new_tokens scores 1 - 1.5 and is rejected against a
+    # finished wrong answer (0); without the penalty it is chosen.
+    from alignment.collect import pairs as pairs_module
+
+    row = read_rows("builtin:prompts_eval")[0]
+    answer = task.render_answer(row.data["gold"]["expected"], row.data["gold"]["format"])
+    monkeypatch.setattr(pairs_module, "sample_responses",
+                        lambda *a: [[Sample(answer, truncated=True), Sample("no idea", truncated=False)]])
+    monkeypatch.setattr(pairs_module.random, "Random", lambda seed: type("R", (), {"sample": lambda self, r, n: r})())
+    plain = make_pairs(_args(out=str(tmp_path / "plain.jsonl"), num_prompts=1, samples=2))
+    penalised = make_pairs(_args(out=str(tmp_path / "penalised.jsonl"), num_prompts=1, samples=2,
+                                 missing_eos_penalty=1.5))
+    assert plain.pairs == penalised.pairs == 1 and plain.truncated_samples == 1
+    first = json.loads((tmp_path / "plain.jsonl").read_text())
+    second = json.loads((tmp_path / "penalised.jsonl").read_text())
+    assert (first["chosen"][0]["content"], first["chosen_truncated"], first["score_chosen"]) == (answer, True, 1.0)
+    assert (second["chosen"][0]["content"], second["score_chosen"]) == ("no idea", 0.0)
+    assert (second["rejected"][0]["content"], second["rejected_truncated"]) == (answer, True)
+    assert second["score_rejected"] == pytest.approx(-0.5)
