@@ -259,3 +259,30 @@ def test_rollout_prompts_are_epochs_without_repeats_and_do_not_depend_on_resume_
 
     for iteration in (1, 3, 7):
         assert episodes(1, iteration) == episodes(2, iteration) == episodes(4, iteration)
+
+
+@pytest.mark.timeout(60)
+def test_a_reward_model_with_another_tokenizer_reads_a_truncated_answer_as_produced():
+    """RewardModelSource.sequence when the RM's tokenizer is not the policy's: the answer is decoded and rendered
+    for the RM, with the end of turn and the template's suffix when it ended, without them when a token limit
+    cut it: what `align pairs`' judge (reward.score.sequence_ids) and the RM's training on truncated pairs read."""
+    from types import SimpleNamespace
+
+    from alignment.core import text
+    from alignment.core.models import load_tokenizer, resolve_model_path
+    from alignment.stages.ppo import RewardModelSource
+    from reward.score import sequence_ids
+
+    policy_tok, rm_tok = (load_tokenizer(resolve_model_path(name)) for name in ("tiny-llama", "smollm2-135m"))
+    source = SimpleNamespace(same_ids=False, policy_tokenizer=policy_tok, tokenizer=rm_tok, max_length=256,
+                             max_prompt_length=None)
+    prompt = [{"role": "user", "content": "What is 7 + 5?"}]
+    answer = policy_tok("12 is the answer", add_special_tokens=False).input_ids
+    finished = RewardModelSource.sequence(source, prompt, [], answer + [policy_tok.eos_token_id], True)
+    cut = RewardModelSource.sequence(source, prompt, [], answer, False)
+    response = policy_tok.decode(answer, skip_special_tokens=True)
+    assert finished == sequence_ids(rm_tok, prompt, response, 256)
+    assert cut == sequence_ids(rm_tok, prompt, response, 256, ended=False)
+    end_of_turn = text.stop_token_ids(rm_tok)
+    assert finished[: len(cut)] == cut and finished[len(cut)] in end_of_turn
+    assert rm_tok.decode(cut).endswith("12 is the answer")
