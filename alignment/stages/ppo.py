@@ -286,9 +286,12 @@ class RewardModelSource:
             p_ids, r_ids = prompt_ids, response_ids + suffix
         else:
             response = self.policy_tokenizer.decode(response_ids, skip_special_tokens=True)
-            enc = text.encode(self.tokenizer, prompt, response)
-            p_ids = enc.prompt_ids
-            r_ids = enc.response_ids + enc.suffix_ids if ended else text.unfinished_response_ids(self.tokenizer, enc)
+            if ended:
+                enc = text.encode(self.tokenizer, prompt, response)
+                p_ids, r_ids = enc.prompt_ids, enc.response_ids + enc.suffix_ids
+            else:
+                p_ids = text.prompt_ids(self.tokenizer, prompt)
+                r_ids = self.tokenizer(response, add_special_tokens=False).input_ids
         head, (tail,), _ = text.fit(p_ids, [r_ids], self.max_length, self.max_prompt_length, self.tokenizer.bos_token_id)
         return head + tail
 

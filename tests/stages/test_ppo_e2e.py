@@ -265,7 +265,9 @@ def test_rollout_prompts_are_epochs_without_repeats_and_do_not_depend_on_resume_
 def test_a_reward_model_with_another_tokenizer_reads_a_truncated_answer_as_produced():
     """RewardModelSource.sequence when the RM's tokenizer is not the policy's: the answer is decoded and rendered
     for the RM, with the end of turn and the template's suffix when it ended, without them when a token limit
-    cut it: what `align pairs`' judge (reward.score.sequence_ids) and the RM's training on truncated pairs read."""
+    cut it: here the same ids as `align pairs`' judge (reward.score.sequence_ids) and the RM's training on
+    truncated pairs read. (The stage tokenizes a cut answer's text alone, which needs no stop token at the end
+    of the RM's rendering; text.unfinished_response_ids does, and refuses a template without one.)"""
     from types import SimpleNamespace
 
     from alignment.core import text
