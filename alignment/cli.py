@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
 import traceback
+
+# Only light modules here: the host allocator settings must be applied before torch loads (alignment.core.allocator),
+# so each command's module is imported when that command runs.
+from alignment import stages
+from alignment.collect.label import add_parser as add_label_parser
+from alignment.core import allocator
+from alignment.errors import UserError
 
 STAGES = {
     "sft": "supervised fine-tuning on demonstrations (chat, prompt/completion or text)",
@@ -123,8 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--nproc", type=int, default=None, help="ranks of the job (default 1)")
     est.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     est.add_argument("--json", default=None, help="also write the estimate as JSON here")
-    from alignment.collect.label import add_parser as add_label_parser
-
     add_label_parser(sub)
     data = sub.add_parser("data", help="write the built-in task's data files, or check a data file",
                           description="align data OUT_DIR writes the built-in task's data files (SFT, preferences, "
@@ -145,11 +151,11 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     The launcher watches its children: when one exits non-zero it terminates the
     others and exits with that code, so a failing rank never leaves the job hanging.
     """
-    from alignment.core.distributed import free_port
-
     import signal
 
     import psutil
+
+    from alignment.core.distributed import free_port
 
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--node_rank=0",
@@ -187,13 +193,9 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 
 
 def stage_module(name: str):
-    """The module that runs `align NAME` and registers its recipe; None for a stage not built yet."""
-    from alignment import stages
-
+    """The module that runs `align NAME` (a training stage, or the pipeline); None for another command."""
     if name == "pipeline":
-        from alignment import pipeline
-
-        return pipeline
+        return importlib.import_module("alignment.pipeline")
     return stages.load(name) if name in stages.MODULES else None
 
 
@@ -215,9 +217,6 @@ def lost_peer(message: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from alignment import stages
-    from alignment.core import allocator
-
     allocator.cap_onednn_cache()  # before torch loads (see the module)
     if args.command not in (*stages.MODULES, "pipeline"):
         allocator.tune_host_allocator(args.command)  # stages choose theirs once the recipe is read, below
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.target) != 1:
             print("error: align data OUT_DIR (or: align data check FILE)", file=sys.stderr)
             return 2
-        from alignment.evaluate import task
+        from alignment.builtin import task
 
         paths = task.write_task_data(args.target[0], seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
         for name, path in paths.items():
@@ -261,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(code)  # as for stages: skip teardown, gloo threads can abort it
         return code
     if args.command == "estimate":
-        from alignment.cluster.estimate import main as estimate_main, stage_of_recipe
+        from alignment.cluster.estimate import main as estimate_main
+        from alignment.cluster.estimate import stage_of_recipe
 
         args.stage = args.stage or stage_of_recipe(args.recipe)
         if args.stage is None:
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return pairs_main(args)
 
-    from alignment.core.config import RecipeError, load_recipe
+    from alignment.core.config import RecipeError
+    from alignment.core.recipes import load_recipe
 
     module = stage_module(args.command)
     if module is None:
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"dry_run": args.dry_run} if args.command == "pipeline" else {}
     try:
         module.run(recipe, resume=args.resume, **extra)
-    except RecipeError as exc:  # the recipe no longer fits the run it resumes, or a stage's own check
+    except UserError as exc:  # bad data or recipe, a missing model, a reward model without what is asked of it
         sys.stderr.write(f"[rank {rank}] error: {exc}\n")
         sys.stderr.flush()
         os._exit(2)

@@ -15,85 +15,16 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from dataclasses import dataclass
 from pathlib import Path
 
-from alignment.core.config import register_stage
-
-
-@dataclass
-class PipelineStage:
-    recipe: str = "???"
-    """Path of the stage's own recipe."""
-    overrides: list[str] = field(default_factory=list)
-    """Dotted overrides for that recipe, as with --set."""
-    enabled: bool = True
-
-
-@dataclass
-class PairsStage:
-    """On-policy pairs from the SFT policy (`align pairs`), used as DPO's training data."""
-    enabled: bool = False
-    prompts: str = "builtin:prompts_train"
-    judge: str = "gold"
-    """'gold' (the built-in task's verifier) or 'rm' (this pipeline's reward model)."""
-    chosen: Literal["best", "reference"] = "best"
-    """'best': the best sample against the worst; 'reference': the verifier's reference answer against
-    the worst sample when it is wrong (SPIN-style; needs judge 'gold')."""
-    num_prompts: int = 256
-    samples: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 24
-    rounds: int = 1
-    """Online (iterative) DPO: each round samples pairs from the policy the previous round trained and runs
-    DPO from it, so the reference (the round's starting policy) moves with it. Rounds before the last go
-    to pairs-round<k>/ and dpo-round<k>/; the last is pairs/ and dpo/."""
-
-
-@dataclass
-class RLStage(PipelineStage):
-    """Online RL (`align ppo`: PPO, GRPO, ...) from the pipeline's DPO or SFT policy."""
-    recipe: str = "configs/smollm2/grpo.yaml"
-    enabled: bool = False
-    start_from: Literal["dpo", "sft"] = "dpo"
-    reward: Optional[Literal["gold", "rm", "gold+rm"]] = None
-    """The reward: the built-in verifier, this pipeline's reward model (normalised with its statistics), or
-    both; None keeps the stage recipe's ppo.rewards."""
-
-
-@dataclass
-class PipelineRecipe:
-    output_dir: str = "???"
-    seed: int = 0
-    nproc: int = 1
-    """Local ranks for every stage."""
-    sft: PipelineStage = field(default_factory=PipelineStage)
-    rm: PipelineStage = field(default_factory=PipelineStage)
-    pairs: PairsStage = field(default_factory=PairsStage)
-    dpo: PipelineStage = field(default_factory=PipelineStage)
-    ppo: RLStage = field(default_factory=RLStage)
-
-    def validate(self) -> None:
-        if self.pairs.enabled and self.pairs.judge not in ("gold", "rm"):
-            raise ValueError(f"pairs.judge must be 'gold' or 'rm', got {self.pairs.judge!r}")
-        if self.pairs.enabled and self.pairs.judge == "rm" and not self.rm.enabled:
-            raise ValueError("pairs.judge 'rm' needs the rm stage enabled")
-        if self.pairs.enabled and not (self.sft.enabled and self.dpo.enabled):
-            raise ValueError("the pairs stage samples from the SFT policy for DPO: enable sft and dpo")
-        if self.pairs.enabled and self.pairs.chosen == "reference" and self.pairs.judge != "gold":
-            raise ValueError("pairs.chosen 'reference' ranks the samples with the verifier: set pairs.judge 'gold'")
-        if self.pairs.enabled and self.pairs.samples < (2 if self.pairs.chosen == "best" else 1):
-            raise ValueError("pairs.samples must be at least 2 (1 with pairs.chosen 'reference')")
-        if self.pairs.rounds < 1 or (self.pairs.rounds > 1 and not self.pairs.enabled):
-            raise ValueError("pairs.rounds must be >= 1, and more than one round needs pairs.enabled")
-        if self.ppo.enabled and self.ppo.reward in ("rm", "gold+rm") and not self.rm.enabled:
-            raise ValueError(f"ppo.reward {self.ppo.reward!r} needs the rm stage enabled")
-        if self.ppo.enabled and not (self.sft.enabled or self.dpo.enabled):
-            raise ValueError("the ppo stage starts from the SFT or the DPO policy: enable one of them")
-
-
-register_stage("pipeline", PipelineRecipe)
+from alignment.core import manifest
+from alignment.core.config import RecipeError
+from alignment.core.fingerprint import file_fingerprint, model_fingerprint
+from alignment.core.models import load_tokenizer, resolve_model_path
+from alignment.core.recipes import PipelineRecipe, load_recipe
+from alignment.data.sources import resolve_source
+from alignment.evaluate.report import write_report
 
 
 @dataclass
@@ -114,8 +45,6 @@ def _policy_dir(stage_dir: Path, stage_recipe) -> Path:
 def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
     """Every enabled stage with its command and overrides, each training stage's recipe loaded with the
     same checks `align STAGE` runs: a mistake in the last stage stops the pipeline before the first trains."""
-    from alignment import stages
-    from alignment.core.config import load_recipe
 
     out = Path(recipe.output_dir)
     planned: list[PlannedStage] = []
@@ -154,7 +83,6 @@ def plan(recipe: PipelineRecipe) -> list[PlannedStage]:
                 rm = f"{{source: {_policy_dir(out / 'rm', recipes['rm'])}, normalize: true}}" if "rm" in recipes else ""
                 sources = {"gold": ["{source: gold}"], "rm": [rm], "gold+rm": ["{source: gold}", rm]}[stage.reward]
                 overrides.append(f"ppo.rewards=[{', '.join(sources)}]")
-        stages.load(name)  # registers the stage's recipe and checks
         stage_recipe = recipes[name] = load_recipe(stage.recipe, name, overrides)
         command = [name, stage.recipe, "--nproc", str(recipe.nproc)] + [x for o in overrides for x in ("--set", o)]
         planned.append(PlannedStage(label, stage_dir, command, stage_recipe))
@@ -176,8 +104,6 @@ def check_tokenizers(recipe: PipelineRecipe, planned: list[PlannedStage]) -> Non
     """The stages that start from a model of their own (not an earlier stage's export) must share one
     tokenizer: a reward model that renders conversations another way than the policy scores another text.
     Raises before anything trains."""
-    from alignment.core.config import RecipeError
-    from alignment.core.models import load_tokenizer, resolve_model_path
 
     out = Path(recipe.output_dir).resolve()
     seen: dict[str, tuple[str, dict]] = {}
@@ -205,8 +131,6 @@ def check_tokenizers(recipe: PipelineRecipe, planned: list[PlannedStage]) -> Non
 
 
 def _pairs_inputs(step: PlannedStage) -> dict:
-    from alignment.core.data import resolve_source
-    from alignment.core.fingerprint import file_fingerprint, model_fingerprint
 
     args = dict(zip(step.command[1::2], step.command[2::2]))
     judge = args["--judge"]
@@ -219,7 +143,6 @@ def _pairs_inputs(step: PlannedStage) -> dict:
 
 def _decide(step: PlannedStage, inputs: dict, resume: bool) -> str:
     """'skip', 'resume' or 'run' for a stage, from what its manifest says; clears stale checkpoints."""
-    from alignment.core import manifest
 
     before = manifest.read(step.directory)
     if before is None:
@@ -253,7 +176,6 @@ def _last_metrics(stage_dir: Path) -> dict:
 
 
 def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> dict:
-    from alignment.core import manifest
 
     planned = plan(recipe)  # step 0: every stage's recipe checked before anything trains
     check_tokenizers(recipe, planned)
@@ -294,7 +216,6 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
     (out / "pipeline.json").write_text(json.dumps(summary, indent=2))
     scores = scores_summary(summary["stages"])
     (out / "summary.json").write_text(json.dumps(scores, indent=2))
-    from alignment.evaluate.report import write_report
 
     training = {s.name: s.directory for s in planned if s.command[0] != "pairs"}
     report = write_report(out, training, scores, title=f"align pipeline: {out}")

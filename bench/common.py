@@ -45,7 +45,7 @@ def default_precision() -> str:
     """Both sides' precision unless --precision says otherwise: bf16 where this machine runs bf16 matmuls fast,
     else fp32 (recipes' train.precision auto; on a CPU without oneDNN bf16 kernels bf16 is ~45x slower)."""
     setup_path()
-    from alignment.core.distributed import resolve_precision
+    from alignment.core.precision import resolve_precision
 
     return resolve_precision("auto")[0]
 
@@ -233,7 +233,7 @@ def make_step_clock():
 
     A step runs from the previous step's `on_step_end` (or `on_train_begin`) to its own
     `on_step_end`, so it includes fetching/collating the batch and the trainer's logging,
-    like our loop's StepTimer.
+    like our loop's Clock.
     """
     from transformers import TrainerCallback
 

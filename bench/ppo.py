@@ -123,7 +123,7 @@ def trl_grpo_worker(spec: dict) -> None:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from alignment.core.data import read_rows
+    from alignment.data.sources import read_rows
     from alignment.evaluate import rewards
 
     rows = [r.data for r in read_rows(PROMPTS)[: spec["prompts"] * spec["iterations"]]]
@@ -289,8 +289,8 @@ def trl_ppo_worker(spec: dict) -> None:
 
 
 def part_ppo(args, workdir: Path) -> str:
-    from alignment.core import text
-    from alignment.core.data import read_rows
+    from alignment.data import text
+    from alignment.data.sources import read_rows
     from alignment.core.models import load_tokenizer
 
     reward = make_reward_model(workdir)
@@ -331,9 +331,9 @@ def part_ppo(args, workdir: Path) -> str:
 def rollout_worker(spec: dict) -> None:
     import torch
 
-    from alignment.core import text
+    from alignment.data import text
     from alignment.core.config import DeepSpeedConfig, TrainConfig
-    from alignment.core.data import read_rows
+    from alignment.data.sources import read_rows
     from alignment.core.models import load_model, load_tokenizer
     from alignment.rlhf.rollout import KVCacheSampler
 

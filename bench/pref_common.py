@@ -21,10 +21,10 @@ chosen_ids/rejected_ids; DPOTrainer: prompt_ids/chosen_ids/rejected_ids, the col
 own collator consumes). Tokenization is setup on both sides, outside the timed steps.
 
 Timing. A step's wall time runs from the end of the previous optimizer step to the end
-of this one, on both sides (ours: the stage's own StepTimer, read back from metrics.jsonl
+of this one, on both sides (ours: the stage's own Clock, read back from metrics.jsonl
 as pairs / train/pairs_per_s; TRL: a TrainerCallback, `step_clock`). The first `warmup`
 steps of each side are not timed. Each step's process CPU time (all threads, user +
-system) is recorded over the same interval (ours: the StepTimer's laps, seen by running
+system) is recorded over the same interval (ours: the Clock's laps, seen by running
 `alignment.cli.main` in a thin wrapper process, `run_cli_worker`; TRL: the same callback).
 pairs/s over wall time is the result; pairs per CPU-second is printed as a cross-check
 that other jobs on a shared machine distort much less than wall time.
@@ -99,9 +99,12 @@ def build_pairs(s: Settings, reward_model: bool = False) -> PairData:
     """The pairs our stage will train on, and their order, computed with our own loaders (a reward model's
     responses carry the template's suffix: alignment.core.text)."""
     from alignment.core.config import DataConfig
-    from alignment.core.data import DataReport, GlobalBatchSampler, read_rows
+    from alignment.data.report import DataReport
+    from alignment.data.sampler import GlobalBatchSampler
+    from alignment.data.sources import read_rows
     from alignment.core.models import load_tokenizer
-    from alignment.core.preference import collate_pairs, load_pairs
+    from alignment.data.layout import collate_pairs
+    from alignment.data.preference import load_pairs
 
     tokenizer = load_tokenizer(common.smollm2_path())
     rows = read_rows(DATA)
@@ -334,7 +337,7 @@ def side_env(threads: int, extra: dict | None = None) -> dict:
 def run_cli_worker(spec_path: str, install=None) -> None:
     """Worker process for our side: `alignment.cli.main(argv)`, as `python -m alignment.cli ...` runs it.
 
-    The only addition: each lap of the stage's StepTimer (the step wall time it logs) also
+    The only addition: each lap of the stage's Clock (the step wall time it logs) also
     records the process CPU time over the same interval. `install(timing)` may wrap more
     functions to time one-off work into the `timing` dict, written out with the laps.
     """
@@ -343,21 +346,22 @@ def run_cli_worker(spec_path: str, install=None) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     timing: dict = {"wall": [], "cpu": []}
-    original_init, original_lap = loop.StepTimer.__init__, loop.StepTimer.lap
+    original_init, original_lap = loop.Clock.__init__, loop.Clock.lap
 
     def init(self):
         original_init(self)
         self.last_cpu = time.process_time()
 
-    def lap(self):
+    def lap(self, name=None):
         now_cpu = time.process_time()
-        elapsed = original_lap(self)
-        timing["wall"].append(elapsed)
-        timing["cpu"].append(now_cpu - self.last_cpu)
+        elapsed = original_lap(self, name)
+        if name is None:  # an optimizer step's lap (named laps are an RL iteration's phases)
+            timing["wall"].append(elapsed)
+            timing["cpu"].append(now_cpu - self.last_cpu)
         self.last_cpu = now_cpu
         return elapsed
 
-    loop.StepTimer.__init__, loop.StepTimer.lap = init, lap
+    loop.Clock.__init__, loop.Clock.lap = init, lap
     if install is not None:
         install(timing)
     code = cli.main(spec["argv"])
@@ -462,7 +466,7 @@ class CountingCollator:
 
 
 def step_clock():
-    """A TrainerCallback timing every optimizer step (wall and process CPU), like our StepTimer.
+    """A TrainerCallback timing every optimizer step (wall and process CPU), like our Clock.
 
     A step runs from the previous step's `on_step_end` (or `on_train_begin`) to its own
     `on_step_end`, so it includes fetching/collating the batch and the trainer's logging.

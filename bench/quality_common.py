@@ -64,14 +64,14 @@ class Pair:
 
 def held_out_split():
     """(train rows, held-out rows) of the shared file: our loader's seeded split."""
-    from alignment.core.data import read_rows, split_rows
+    from alignment.data.sources import read_rows, split_rows
 
     return split_rows(read_rows(DATA), HELD_FRACTION, SPLIT_SEED)
 
 
 def parse_pairs(rows) -> tuple[list[Pair], Counter]:
     """Rows -> conversational pairs (our hh-rlhf parser), and the count of rows rejected, by reason."""
-    from alignment.core.preference import PairRejected, to_pair
+    from alignment.data.preference import PairRejected, to_pair
 
     pairs, rejected = [], Counter()
     for row in rows:
@@ -87,9 +87,9 @@ def parse_pairs(rows) -> tuple[list[Pair], Counter]:
 def ours_data_report(rows, max_length: int, max_prompt_length: int | None, reward_model: bool) -> dict:
     """What our stage keeps, truncates and drops of `rows` (the loader the stage calls, same settings)."""
     from alignment.core.config import DataConfig
-    from alignment.core.data import DataReport
+    from alignment.data.report import DataReport
     from alignment.core.models import load_tokenizer
-    from alignment.core.preference import load_pairs
+    from alignment.data.preference import load_pairs
 
     report = DataReport("train")
     tokenizer = load_tokenizer(common.smollm2_path())
@@ -183,10 +183,8 @@ def print_data_table(rows: list[tuple[str, dict]]) -> None:
 def score_recipe(stage: str, recipe: str, workdir: Path, max_held_out: int | None, started: float) -> int:
     """Train `align STAGE RECIPE` as the recipe says (output into workdir) and score its export on the held-out
     pairs the plain way; the recipe must hold out this module's rows (data.eval_fraction, seed)."""
-    from alignment.cli import stage_module
-    from alignment.core.config import load_recipe
+    from alignment.core.recipes import load_recipe
 
-    stage_module(stage)
     r = load_recipe(recipe, stage, [])
     train = Path(r.data.train) if Path(r.data.train).is_absolute() else common.REPO / r.data.train
     if (r.data.eval, r.data.eval_fraction, r.seed) != (None, HELD_FRACTION, SPLIT_SEED) or train.resolve() \

@@ -162,7 +162,7 @@ def run_trl(args, s: pc.Settings, data: pc.PairData, workdir: Path, attn: str | 
 
 def shared_prompt_note(s: pc.Settings, data: pc.PairData) -> str:
     """The layout `ours` runs (the header above describes padded and separately packed batches)."""
-    from alignment.core.preference import collate_pairs
+    from alignment.data.layout import collate_pairs
 
     slots = real = 0
     for start in range(0, len(data.order), s.micro_batch):

@@ -88,7 +88,10 @@ def parse_args(argv=None):
 
 def build_data(args, workdir: Path) -> dict:
     from alignment.core.config import DataConfig
-    from alignment.core.data import DataReport, GlobalBatchSampler, build_sft_examples, read_rows
+    from alignment.data.report import DataReport
+    from alignment.data.sampler import GlobalBatchSampler
+    from alignment.data.sft import build_sft_examples
+    from alignment.data.sources import read_rows
     from alignment.core.models import load_tokenizer
 
     class Layout:  # what GlobalBatchSampler reads of a BatchLayout

@@ -8,12 +8,10 @@ scores the same alone, right-padded and left-padded in a batch.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-from alignment.core.modeling import call, model_dtype, unwrap
+from alignment.core.modeling import attention_inputs, call, model_dtype, unwrap
+from alignment.data.layout import predicting_positions
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -49,14 +47,12 @@ def _sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 def token_values(model, batch: dict) -> torch.Tensor:
     """A critic's values over response tokens [B, T]: V(s_t) for the state before response token t, read at
     the position that predicts it (the prompt's last token for t = 0; FAILURES row 25). `batch` as
-    alignment.rlhf.rollout.episode_batch lays it out; 0 off the response."""
+    alignment.data.layout.episode_batch lays it out; 0 off the response."""
     return call(model, _token_values, batch)
 
 
 def _backbone_hidden(model, batch: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] of a scalar-head model's backbone (padded or packed batch)."""
-    from alignment.core.modeling import attention_inputs
-
     hf = unwrap(model)
     backbone = getattr(hf, hf.base_model_prefix)
     out = backbone(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(batch, model_dtype(model)))
@@ -66,13 +62,11 @@ def _backbone_hidden(model, batch: dict) -> torch.Tensor:
 def _token_values(model, batch: dict) -> torch.Tensor:
     hf = unwrap(model)
     hidden = _backbone_hidden(model, batch)
-    if "pred_index" in batch:  # groups packed with their prompt once (alignment.rlhf.rollout.group_batch)
+    if "pred_index" in batch:  # groups packed with their prompt once (alignment.data.layout.group_batch)
         where, slot = batch["pred_index"], batch["target_slot"]
         values = score_head(hf)(hidden[where[:, 0], where[:, 1]].to(model_dtype(model))).squeeze(-1).float()
         dense = torch.zeros(batch["response_mask"].shape, dtype=values.dtype, device=values.device)
         return dense.index_put((slot[:, 0], slot[:, 1]), values)
-    from alignment.rlhf.rollout import predicting_positions
-
     response_mask = batch["response_mask"]
     B, T = response_mask.shape
     where = predicting_positions(batch["response_start"], T).clamp(max=hidden.shape[1] - 1)
@@ -81,7 +75,7 @@ def _token_values(model, batch: dict) -> torch.Tensor:
 
 
 def batch_rewards(model, batch: dict) -> torch.Tensor:
-    """Rewards [S] for a collated batch: padded rows, or packed segments (alignment.core.preference.collate_pairs)."""
+    """Rewards [S] for a collated batch: padded rows, or packed segments (alignment.data.layout.collate_pairs)."""
     if "last_position" not in batch:
         return sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     return call(model, _packed_rewards, batch)
@@ -128,56 +122,3 @@ def ensure_distinct_pad(tokenizer, model) -> None:
             unwrap(model).resize_token_embeddings(len(tokenizer))
     config = unwrap(model).config
     config.pad_token_id = tokenizer.pad_token_id
-
-
-DEFAULT_MAX_LENGTH = 512
-
-
-class RewardScorer:
-    """Score responses with an exported reward model (plain transformers/peft load)."""
-
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = False, *,
-                 trust_remote_code: bool = False, revision: str | None = None):
-        from alignment.core.export import load_exported
-        from alignment.core.models import load_tokenizer
-
-        self.path = Path(path)
-        self.tokenizer = load_tokenizer(str(path), trust_remote_code, revision)
-        self.model = load_exported(str(path), "reward", trust_remote_code=trust_remote_code,
-                                   revision=revision).to(device).eval()
-        self.device = torch.device(device)
-        config = unwrap(self.model).config
-        self.mean = getattr(config, "reward_mean", None)
-        self.std = getattr(config, "reward_std", None)
-        # Score sequences cut the way training cut them (alignment.core.text.fit), when the export says how.
-        self.max_length = getattr(config, "reward_max_length", None) or DEFAULT_MAX_LENGTH
-        self.max_prompt_length = getattr(config, "reward_max_prompt_length", None)
-        if normalize and (self.mean is None or self.std is None):
-            raise ValueError(
-                f"{self.path} stores no reward statistics (config.reward_mean / reward_std); "
-                "normalised rewards need a model exported by `align rm`"
-            )
-        self.normalize = normalize
-
-    def score_batched(self, sequences: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:
-        """Rewards for any number of token sequences, `batch_size` at a time, in input order."""
-        from tqdm.auto import tqdm
-
-        values: list[float] = []
-        for start in tqdm(range(0, len(sequences), batch_size), desc="score", file=sys.stderr, disable=not progress):
-            values += self.score_ids(sequences[start : start + batch_size]).tolist()
-        return values
-
-    @torch.no_grad()
-    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
-        width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-        rewards = sequence_rewards(self.model, ids.to(self.device), mask.to(self.device)).cpu()
-        if self.normalize:
-            rewards = (rewards - self.mean) / max(self.std, 1e-6)
-        return rewards

@@ -11,29 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignment.core import text
-from alignment.core.data import DataError, Row, check_messages, read_rows
-from alignment.core.preference import PairRejected, to_pair
-
-
-def sequence_ids(tokenizer, prompt, response, max_length: int, max_prompt_length: int | None = None,
-                 ended: bool = True) -> list[int]:
-    """What the reward model reads for prompt + response: the standard rendering (alignment.core.text),
-    fitted to max_length the way training fits it; a response a token limit cut (ended=False) as produced."""
-    return scored_sequence(tokenizer, prompt, response, max_length, max_prompt_length, ended)[0]
-
-
-def scored_sequence(tokenizer, prompt, response, max_length: int,
-                    max_prompt_length: int | None = None, ended: bool = True) -> tuple[list[int], bool]:
-    """(ids, truncated) for prompt + response; a string prompt with message responses becomes a user turn."""
-    if isinstance(prompt, str) and not isinstance(response, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and isinstance(response, str):
-        response = [{"role": "assistant", "content": response}]
-    try:
-        return text.reward_ids(tokenizer, prompt, response, max_length, max_prompt_length, ended)
-    except text.TemplateError as exc:
-        raise DataError(str(exc)) from None
+from alignment.data.preference import PairRejected, to_pair
+from alignment.data.shapes import check_messages
+from alignment.data.sources import DataError, Row, read_rows
+from reward.scorer import RewardScorer
 
 
 def _row_items(row: Row) -> list[tuple[str, object, object]]:
@@ -51,8 +32,6 @@ def _row_items(row: Row) -> list[tuple[str, object, object]]:
 
 
 def main(args) -> int:
-    from reward.model import RewardScorer
-
     scorer = RewardScorer(args.model, normalize=args.normalize, trust_remote_code=args.trust_remote_code)
     max_length = args.max_length or scorer.max_length
     rows = read_rows(args.data)
@@ -61,7 +40,7 @@ def main(args) -> int:
         record = {"origin": row.origin}
         try:
             for name, prompt, response in _row_items(row):
-                ids, cut = scored_sequence(scorer.tokenizer, prompt, response, max_length, scorer.max_prompt_length)
+                ids, cut = scorer.read(prompt, response, max_length=max_length)
                 items.append((number, name, ids))
                 if cut:
                     record["truncated"] = True

@@ -14,59 +14,25 @@ rows. The loss of a step is the mean per-pair loss over the whole global batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
 from alignment.core import loop
-from alignment.core.config import RecipeBase, RecipeError, register_stage
-from alignment.core.data import DataReport, GlobalBatchSampler
-from alignment.core.export import export_model
 from alignment.core.fingerprint import sequence_fingerprint
 from alignment.core.models import count_parameters, load_tokenizer, resolve_model_path
-from alignment.core.preference import collate_pairs, load_pairs
+from alignment.core.recipes import RMRecipe
 from alignment.core.tracking import print_main
+from alignment.data.layout import collate_pairs
+from alignment.data.preference import load_pairs
+from alignment.data.report import DataReport
+from alignment.data.sampler import GlobalBatchSampler
+from alignment.data.sources import read_splits
+from alignment.stages import tail
 from reward.losses import reward_loss
 from reward.metrics import reward_report
 from reward.model import batch_rewards, ensure_distinct_pad, score_head
 
 LENGTH_BIAS_WARNING = 0.5
-
-
-@dataclass
-class RMConfig:
-    center_coef: float = 0.0
-    """Weight of the centring penalty (r_chosen + r_rejected)^2; 0 disables it (TRL: center_rewards_coefficient)."""
-    use_margin: bool = True
-    """Subtract a pair's margin (from `margin` or A/B scores) inside the sigmoid when the data has one."""
-    max_prompt_length: Optional[int] = None
-    """Prompt tokens kept (from the end) when a pair is too long; None = half of data.max_length."""
-    trainable_layers: Optional[int] = None
-    """Train only the head, the final norm and the top N decoder layers (None = all; ignored with LoRA)."""
-    head_init_std: Optional[float] = None
-    """Std of the new scalar head's init; None = the model's initializer_range."""
-    disable_dropout: bool = True
-    """Train without dropout (TRL's default), so the model trained is the one evaluated and exported."""
-    share_prompt: bool = True
-    """With data.packing: a pair is one packed segment [prompt | chosen | rejected], its prompt run once
-    (alignment.core.preference.collate_pairs); false packs the two sequences separately. No effect unpacked."""
-
-
-@dataclass
-class RMRecipe(RecipeBase):
-    rm: RMConfig = field(default_factory=RMConfig)
-
-
-def validate_rm(recipe: RMRecipe) -> None:
-    """The rm section's cross-field checks (run by load_recipe)."""
-    if recipe.rm.max_prompt_length is not None and not 0 < recipe.rm.max_prompt_length < recipe.data.max_length:
-        raise RecipeError("rm.max_prompt_length must be between 1 and data.max_length - 1")
-    if recipe.rm.head_init_std is not None and recipe.rm.head_init_std <= 0:
-        raise RecipeError("rm.head_init_std must be > 0")
-
-
-register_stage("rm", RMRecipe, validate_rm)
 
 
 def pair_loss(center_coef: float, use_margin: bool):
@@ -134,19 +100,45 @@ def evaluate(engine, model, pairs: list, pad_id: int, pack_to: int | None = None
     return reward_report(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
 
 
-def run(recipe: RMRecipe, resume: bool = False) -> dict:
-    validate_rm(recipe)
-    # Step 1. Engine, output directory, resolved recipe, metrics logger.
-    run, checkpoint = loop.setup_run(recipe, "rm", resume)
-    engine = run.engine
+def reward_statistics(engine, model, metrics: dict, train_pairs: list, pad_id: int, layout: tuple,
+                      max_length: int, max_prompt_length: int | None) -> dict:
+    """What the export carries besides the weights: the reward's mean and std over held-out responses (else over
+    training responses), and how training cut long rows, so `align score` and the PPO reward cut them the same
+    way."""
+    if "eval/reward_mean" in metrics:
+        stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"],
+                 "reward_stats_source": "held-out responses"}
+    else:
+        sample = evaluate(engine, model, train_pairs[:256], pad_id, *layout)
+        stats = {"reward_mean": sample["eval/reward_mean"], "reward_std": sample["eval/reward_std"],
+                 "reward_stats_source": "training responses (no eval split)"}
+    return {**stats, "reward_max_length": max_length, "reward_max_prompt_length": max_prompt_length}
 
-    # Step 2. Tokenizer (with a pad distinct from EOS) and preference pairs, with the data report.
+
+def load_rm_pairs(recipe: RMRecipe, tokenizer, rows, eval_rows, is_main: bool):
+    """Rows -> pairs as a reward model reads them (the template's suffix after each response), with the report."""
+    reports = [DataReport("train"), DataReport("eval")]
+    cut = recipe.rm.max_prompt_length
+    train_pairs = load_pairs(rows, tokenizer, recipe.data, cut, reports[0], reward_model=True)
+    eval_pairs = load_pairs(eval_rows, tokenizer, recipe.data, cut, reports[1], reward_model=True) if eval_rows else []
+    for report in reports:
+        if report.rows_read:
+            print_main(is_main, report.format())
+    return train_pairs, eval_pairs, reports
+
+
+def run(recipe: RMRecipe, resume: bool = False) -> dict:
+    # Step 1. Engine, output directory, resolved recipe, metrics logger.
+    job, checkpoint = loop.setup_run(recipe, "rm", resume)
+    engine = job.engine
+
+    # Step 2. Tokenizer (with a pad distinct from EOS, set in step 3) and the rows.
     model_path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
     d = recipe.data
-    rows, eval_rows = loop.read_splits(recipe)
+    rows, eval_rows = read_splits(d, recipe.seed)
 
-    # Step 3. Model: backbone + scalar head (sharded under ZeRO-3 as it loads), LoRA or partial freeze.
+    # Step 3. Model: backbone + scalar head (sharded under ZeRO-3 as it loads), LoRA or partial freeze; pairs.
     def before_adapters(model):
         ensure_distinct_pad(tokenizer, model)
         if recipe.rm.head_init_std is not None:
@@ -157,13 +149,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters,
                                       longest_row=2 * d.max_length if share_prompt else d.max_length,
                                       disable_dropout=recipe.rm.disable_dropout, block_masked=share_prompt)
-    reports = [DataReport("train"), DataReport("eval")]
-    train_pairs = load_pairs(rows, tokenizer, d, recipe.rm.max_prompt_length, reports[0], reward_model=True)
-    eval_pairs = (load_pairs(eval_rows, tokenizer, d, recipe.rm.max_prompt_length, reports[1], reward_model=True)
-                  if eval_rows else [])
-    for report in reports:
-        if report.rows_read:
-            print_main(engine.dist.is_main, report.format())
+    train_pairs, eval_pairs, reports = load_rm_pairs(recipe, tokenizer, rows, eval_rows, engine.dist.is_main)
     if not recipe.lora.enabled and recipe.rm.trainable_layers is not None:
         freeze_lower_layers(model, recipe.rm.trainable_layers)
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
@@ -178,64 +164,48 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     model = engine.prepare(model, steps)
 
     # Step 4. Resume.
-    start = loop.resume(run, checkpoint, {"reward": model})
+    start = loop.resume(job, checkpoint, {"reward": model})
 
     # Step 5. Train.
     pad_id = tokenizer.pad_token_id
-    pack_to = d.max_length if d.packing else None  # padding-free pair batches
-    layout = (pack_to, share_prompt)
+    layout = (d.max_length if d.packing else None, share_prompt)  # padding-free pair batches
     loss_fn = pair_loss(recipe.rm.center_coef, recipe.rm.use_margin)
-    progress = loop.make_progress(run, steps, start, "rm")
-    timer = loop.StepTimer()
+    progress = loop.make_progress(job, steps, start, "rm")
+    clock = loop.Clock()
     metrics: dict = {}
     if eval_pairs and start == 0 and recipe.train.eval_before_training:
-        run.logger.log(evaluate(engine, model, eval_pairs, pad_id, *layout), step=0)
+        job.logger.log(evaluate(engine, model, eval_pairs, pad_id, *layout), step=0)
     model.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.dist.rank)
         micro = [loop.to_device(collate_pairs([train_pairs[i] for i in idx], pad_id, *layout), engine.dist.device)
                  for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
         sums = loop.accumulated_step(engine, model, micro, lambda b: float(b["margin"].numel()), loss_fn, step)
-        elapsed = timer.lap()
-        metrics = {
-            "loss": sums["loss"] / sums["count"],
-            "rewards/accuracies": sums["correct"] / sums["count"],
-            "rewards/margins": sums["margin"] / sums["count"],
-            "train/lr": sums["lr"],
-            "train/grad_norm": engine.grad_norm(model),
-            "train/pairs_per_s": sums["pairs"] / max(elapsed, 1e-9),
-            "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
-            "train/epoch": (step - 1) / sampler.steps_per_epoch,
-        }
+        elapsed = clock.lap()
+        metrics = {"loss": sums["loss"] / sums["count"], "rewards/accuracies": sums["correct"] / sums["count"],
+                   "rewards/margins": sums["margin"] / sums["count"], "train/lr": sums["lr"],
+                   "train/grad_norm": engine.grad_norm(model), "train/pairs_per_s": sums["pairs"] / max(elapsed, 1e-9),
+                   "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
+                   "train/epoch": (step - 1) / sampler.steps_per_epoch}
         if eval_pairs and loop.eval_due(recipe, step, steps):
             metrics.update(evaluate(engine, model, eval_pairs, pad_id, *layout))
             if abs(metrics["eval/length_corr"]) > LENGTH_BIAS_WARNING:
                 print_main(engine.dist.is_main, f"warning: step {step}: reward/length correlation "
                            f"{metrics['eval/length_corr']:.2f} on held-out responses (length bias)")
         if step % recipe.train.log_interval == 0 or step == steps or "eval/accuracy" in metrics:
-            run.logger.log(metrics, step)
+            job.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
-        loop.step_boundary(run, {"reward": model}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
+        loop.step_boundary(job, {"reward": model}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
-    engine.release_optimizer_state(model)  # training is over: export and its reload check run without Adam's moments
 
-    # Step 6. Reward statistics over held-out responses, export with them, reload check.
-    if "eval/reward_mean" in metrics:
-        stats = {"reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"],
-                 "reward_stats_source": "held-out responses"}
-    else:
-        sample = evaluate(engine, model, train_pairs[:256], pad_id, *layout)
-        stats = {"reward_mean": sample["eval/reward_mean"], "reward_std": sample["eval/reward_std"],
-                 "reward_stats_source": "training responses (no eval split)"}
-    # How training cut long rows, so `align score` and the PPO reward cut them the same way.
-    stats.update(reward_max_length=d.max_length, reward_max_prompt_length=recipe.rm.max_prompt_length)
-    final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="reward", base_path=model_path,
-                         lora_cfg=recipe.lora, precision=recipe.train.precision,
-                         model_cfg=recipe.model, extra_config=stats)
-    print_main(engine.dist.is_main, f"exported and verified: {final}")
+    # Step 6. Reward statistics, export with them (reloaded in a fresh process and compared), the manifest.
+    engine.release_optimizer_state(model)  # before the statistics' forward passes too
+    stats = reward_statistics(engine, model, metrics, train_pairs, pad_id, layout, d.max_length,
+                              recipe.rm.max_prompt_length)
     if "eval/accuracy" in metrics:
         print_main(engine.dist.is_main, f"held-out: accuracy {metrics['eval/accuracy']:.3f} on "
                    f"{int(metrics['eval/pairs'])} pairs, margin {metrics['eval/margin']:.3f}, "
                    f"ECE {metrics['eval/ece']:.3f}, length corr {metrics['eval/length_corr']:.2f}")
-    loop.finish(run, {**metrics, **stats})
+    tail.finish(job, model, tokenizer, kind="reward", base_path=model_path, step=steps,
+                metrics={**metrics, **stats}, extra_config=stats)
     return {"metrics": metrics, "data": [r.as_dict() for r in reports], "stats": stats}

@@ -95,8 +95,8 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
     assert len(records) == summary["stages"]["pairs"]["pairs"] > 0
     assert all(r["score_chosen"] > r["score_rejected"] for r in records)
     # ... the very scores that reward model gives them (the judge was the pipeline's RM, not another) ...
-    from reward.model import RewardScorer
-    from reward.score import sequence_ids
+    from reward.scorer import RewardScorer
+    from reward.scorer import sequence_ids
 
     scorer = RewardScorer(out / "rm" / "final")
     for record in records[:4]:
@@ -110,7 +110,7 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
 
     # FAILURES row 16: every stage saved the tokenizer SFT trained with: byte-identical chat templates, the same
     # ids for one rendered conversation, the same stop tokens for generation as for training's responses.
-    from alignment.core import text
+    from alignment.data import text
     from alignment.core.models import load_tokenizer
 
     conversation = [{"role": "user", "content": "What is 7 + 5?"}, {"role": "assistant", "content": "12"}]

@@ -16,9 +16,11 @@ import os
 import platform
 import secrets
 import socket
-import sys
 import time
 from pathlib import Path
+
+from alignment.core.config import DeepSpeedConfig
+from alignment.core.distributed import Distributed
 
 PACKAGES = ("torch", "deepspeed", "transformers", "peft", "trl")
 
@@ -110,8 +112,6 @@ def shared_filesystem(dist_, output_dir: Path) -> dict:
 
 
 def main(args) -> int:
-    from alignment.core.config import DeepSpeedConfig
-    from alignment.core.distributed import Distributed
 
     dist_ = Distributed(DeepSpeedConfig())
     import torch.distributed as tdist

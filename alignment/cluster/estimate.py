@@ -40,6 +40,20 @@ import math
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignment.core.allocator import fixes_mmap_threshold
+from alignment.core.config import RecipeError
+from alignment.core.lean_layers import make_lean
+from alignment.core.modeling import LOGIT_CHUNK
+from alignment.core.models import attention_for, load_tokenizer, resolve_model_path
+from alignment.core.recipes import load_recipe, validate_dpo
+from alignment.data.preference import load_pairs
+from alignment.data.report import DataReport
+from alignment.data.sft import build_sft_examples
+from alignment.data.sources import read_splits
 
 MIB = 2**20
 # Calibrated on this project's CPU runs (SmolLM2-135M LoRA SFT at micro batch 4 and 16, the tiny model), then
@@ -124,7 +138,6 @@ class Shape:
             else:
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         params = sum(p.numel() for p in model.parameters())
-        from alignment.core.lean_layers import make_lean
 
         leanable = make_lean(model)["mlp"] == config.num_hidden_layers
         heads = config.num_attention_heads
@@ -194,8 +207,6 @@ def trainable_role(est: Estimate, role: str, shape: Shape, trainable: int, recip
     formula = f"(1+{BACKWARD_TRANSIENTS})*[{formula}]"
     est.add(role, "activations", per, formula)
     if logits:
-        from alignment.core.modeling import LOGIT_CHUNK
-
         n = min(targets, LOGIT_CHUNK)
         est.add(role, "logits", n * shape.vocab * (12 + b), f"n*V*(12+{b}), n=min(N={targets}, {LOGIT_CHUNK}), "
                 f"V={shape.vocab}")
@@ -221,15 +232,10 @@ def runtime_mib(model_path: str) -> float:
 
 
 def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimate:
-    from alignment.core import loop
-    from alignment.core.data import DataReport
-    from alignment.core.models import load_tokenizer, resolve_model_path
-
     est = Estimate(stage, world_size)
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe.model.tokenizer or path, recipe.model.trust_remote_code)
     micro, d = recipe.train.micro_batch_size, recipe.data
-    from alignment.core.models import attention_for
 
     shared_prompt = stage == "rm" and d.packing and recipe.rm.share_prompt  # reward/train.py's choice
     attention = attention_for(recipe.model.attn_implementation, "cuda" if _on_gpu() else "cpu",
@@ -243,9 +249,7 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
         return shape.params
 
     if stage == "sft":
-        from alignment.core.data import build_sft_examples
-
-        rows, _ = loop.read_splits(recipe)
+        rows, _ = read_splits(d, recipe.seed)
         report = DataReport("train")
         examples = build_sft_examples(rows, tokenizer, d, recipe.sft.assistant_only_loss, report)
         lengths = [len(e.input_ids) for e in examples]
@@ -257,9 +261,7 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
         est.notes.append(f"data: {len(examples)} examples, longest {max(lengths)} tokens; {100 * share:.0f}% of "
                          "tokens carry a loss target")
     elif stage in ("rm", "dpo"):
-        from alignment.core.preference import load_pairs
-
-        rows, _ = loop.read_splits(recipe)
+        rows, _ = read_splits(d, recipe.seed)
         section = recipe.rm if stage == "rm" else recipe.dpo
         pairs = load_pairs(rows, tokenizer, d, section.max_prompt_length, DataReport("train"), stage == "rm")
         seqs = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
@@ -279,7 +281,6 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
             shape = Shape.of(path)
             trainable_role(est, "policy", shape, trainable_of(shape), recipe, tokens, row, sum(responses),
                            shape.layers, attention)
-            from alignment.stages.dpo import validate_dpo
 
             mode = validate_dpo(recipe)
             if mode == "model":
@@ -309,7 +310,6 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
         est.add("rollout", "sampling logits", batch * shape.vocab * 4 * 2, f"{batch} x V x 4 x 2 (logits, probs)")
     else:
         raise ValueError(f"align estimate: no estimate for stage {stage!r}")
-    from alignment.core.allocator import fixes_mmap_threshold
 
     # With the fixed mmap threshold (alignment.core.allocator) the cast's blocks go back to the OS.
     if recipe.train.precision != "fp32" and not fixes_mmap_threshold(stage, recipe):
@@ -325,15 +325,11 @@ def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimat
 
 
 def _on_gpu() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def stage_of_recipe(path: str) -> str | None:
     """`sft.yaml` -> sft, `rm-hh.yaml` -> rm, `grpo.yaml` -> ppo (as the configs/ folders name recipes)."""
-    from pathlib import Path
-
     stem = Path(path).stem
     for candidate in (stem, stem.split("-", 1)[0]):
         candidate = {"grpo": "ppo"}.get(candidate, candidate)
@@ -343,10 +339,6 @@ def stage_of_recipe(path: str) -> str | None:
 
 
 def main(args) -> int:
-    from alignment.cli import stage_module
-    from alignment.core.config import RecipeError, load_recipe
-
-    stage_module(args.stage)  # registers the stage's recipe schema
     try:
         recipe = load_recipe(args.recipe, args.stage, list(args.overrides))
     except RecipeError as exc:

@@ -15,7 +15,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from alignment.core.data import DataError, detect_sft_format, read_rows
+from alignment.data.preference import PairRejected, to_pair
+from alignment.data.shapes import detect_sft_format, detect_shape
+from alignment.data.sources import DataError, read_rows
 
 EXAMPLES = 5
 
@@ -36,7 +38,6 @@ def normalise(text: str) -> str:
 
 def _rows(source: str):
     """(origin, prompt text or None, chosen, rejected, shape, error, rejected_reason) for every row."""
-    from alignment.core.preference import PairRejected, detect_shape, to_pair
 
     for row in read_rows(source, on_bad_row="skip"):
         if row.error:

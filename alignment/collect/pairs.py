@@ -41,8 +41,13 @@ from pathlib import Path
 
 import torch
 
-from alignment.evaluate import task
-from alignment.core.data import DataError, read_rows
+from alignment.builtin import task
+from alignment.core.export import load_exported
+from alignment.core.models import load_tokenizer, resolve_model_path
+from alignment.data.sources import DataError, read_rows
+from alignment.data.text import stop_token_ids
+from alignment.evaluate.gold import generate_ids
+from reward.scorer import RewardScorer, sequence_ids
 
 GOLD_JUDGE = "gold"
 
@@ -96,8 +101,6 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], samples: int, 
                      max_new_tokens: int, batch_size: int, seed: int,
                      device: torch.device = torch.device("cpu")) -> list[list[Sample]]:
     """`samples` sampled completions per chat prompt; shape [len(prompts)][samples]."""
-    from alignment.core.text import stop_token_ids
-    from alignment.evaluate.gold import generate_ids
 
     if temperature <= 0:
         raise ValueError("on-policy pairs need sampling: temperature must be above 0")
@@ -121,8 +124,6 @@ def best_and_worst(scores: list[float], min_gap: float) -> tuple[int, int] | Non
 
 
 def make_pairs(args) -> PairsReport:
-    from alignment.core.export import load_exported
-    from alignment.core.models import load_tokenizer, resolve_model_path
 
     report = PairsReport()
     clock = time.time()
@@ -161,8 +162,6 @@ def make_pairs(args) -> PairsReport:
     if args.judge == GOLD_JUDGE:
         scores = [[task.score(gold, r.text) for r in group] for gold, group in zip(golds, responses)]
     else:
-        from reward.model import RewardScorer
-        from reward.score import sequence_ids
 
         scorer = RewardScorer(args.judge, trust_remote_code=args.trust_remote_code)
         # a truncated sample is read as produced, without an end of turn (as `align ppo` reads it)

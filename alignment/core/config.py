@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +26,11 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
+from alignment.core.precision import resolve_precision
+from alignment.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError):
     """A recipe that cannot be run as written (unknown key, wrong type, contradiction)."""
 
 
@@ -34,7 +40,7 @@ class _RecipeLoader(yaml.SafeLoader):
 
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 
@@ -192,38 +198,6 @@ class RecipeBase:
 
 
 # ---------------------------------------------------------------------------
-# Stage sections
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class GoldEvalConfig:
-    """Generate on held-out built-in task prompts and score them with the task's verifier."""
-
-    prompts: Optional[str] = None
-    """Prompt file with `gold` specs (e.g. `builtin:prompts_eval`); None = skip."""
-    num_prompts: int = 64
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    interval: int = 0
-    """ppo: also score the policy being trained every this many iterations (its training weights, in
-    memory; logged as gold/score at that iteration); 0 = only before and after."""
-
-
-STAGE_RECIPES: dict[str, type] = {}
-STAGE_CHECKS: dict[str, Callable[[Any], Any]] = {}
-
-
-def register_stage(name: str, recipe_cls: type, check: Callable[[Any], Any] | None = None) -> None:
-    """A stage module adds its recipe class here when imported (alignment.stages.load), with the stage's own
-    cross-field checks: load_recipe runs them, so every mistake surfaces before any model loads (the
-    pipeline checks every stage's recipe before the first trains)."""
-    STAGE_RECIPES[name] = recipe_cls
-    if check is not None:
-        STAGE_CHECKS[name] = check
-
-
-# ---------------------------------------------------------------------------
 # Strict loading
 # ---------------------------------------------------------------------------
 
@@ -353,9 +327,11 @@ def apply_overrides(raw: dict, overrides: list[str], cls: type) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None = None) -> Any:
-    """Read, override, type-check and validate a recipe for `stage`."""
-    cls = STAGE_RECIPES[stage]
+def build_recipe(path: str | Path | None, cls: type, overrides: list[str] | None = None,
+                 check: Callable[[Any], Any] | None = None) -> Any:
+    """Read, override, type-check and validate a recipe of schema `cls` (alignment.core.recipes.load_recipe
+    gives each stage's): the shared checks of `validate`, the precision resolved, then `check` (the stage's own
+    cross-field checks) or the schema's own `validate()` (the pipeline)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -378,9 +354,9 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None
     if isinstance(recipe, RecipeBase):
         validate(recipe, source=str(path or "recipe"))
         _resolve_precision(recipe)
-        if stage in STAGE_CHECKS:
+        if check is not None:
             try:
-                STAGE_CHECKS[stage](recipe)
+                check(recipe)
             except RecipeError as exc:
                 raise RecipeError(f"{path or 'recipe'}: {exc}") from None
     elif hasattr(recipe, "validate"):  # recipes of their own shape (the pipeline) check themselves
@@ -395,13 +371,8 @@ _PRECISION_NOTES: set = set()
 
 
 def _resolve_precision(recipe: RecipeBase) -> None:
-    """Replace `train.precision: auto` by what this device runs fast (alignment.core.distributed), once, so
+    """Replace `train.precision: auto` by what this device runs fast (alignment.core.precision), once, so
     everything downstream sees a concrete precision; say so on the first rank."""
-    import os
-    import sys
-
-    from alignment.core.distributed import resolve_precision
-
     recipe.train.precision, note = resolve_precision(recipe.train.precision)
     if note and note not in _PRECISION_NOTES and os.environ.get("RANK", "0") == "0":
         _PRECISION_NOTES.add(note)

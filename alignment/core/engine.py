@@ -29,6 +29,9 @@ import torch._dynamo  # noqa: F401
 
 from alignment.core.config import BatchLayout, DeepSpeedConfig, TrainConfig, batch_layout
 from alignment.core.distributed import Distributed, set_seed
+from alignment.core.modeling import Forwarder, unwrap, user_model
+from alignment.core.models import torch_dtype
+from alignment.core.precision import resolve_precision
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float):
@@ -124,8 +127,6 @@ class Engine:
 
     def __init__(self, train: TrainConfig, ds: DeepSpeedConfig, seed: int):
         if train.precision == "auto":  # a TrainConfig built in code, not through load_recipe
-            from alignment.core.distributed import resolve_precision
-
             train.precision = resolve_precision("auto")[0]
         self.train_cfg = train
         self.ds_cfg = ds
@@ -196,8 +197,6 @@ class Engine:
             optimizer = torch.optim.AdamW(
                 groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused or None
             )
-        from alignment.core.modeling import Forwarder
-
         ds_engine, _, _, _ = deepspeed.initialize(
             model=Forwarder(model),
             model_parameters=groups if optimizer is None else None,
@@ -217,13 +216,9 @@ class Engine:
             import deepspeed
 
             config = inference_deepspeed_config(self.ds_cfg, self.train_cfg.precision, self.on_gpu)
-            from alignment.core.modeling import Forwarder
-
             engine, *_ = deepspeed.initialize(model=Forwarder(model), config=config, dist_init_required=False)
             engine.eval()
             return engine
-        from alignment.core.models import torch_dtype
-
         return model.to(device=self.dist.device, dtype=torch_dtype(self.train_cfg.precision))
 
     # -- training step -------------------------------------------------------
@@ -340,8 +335,6 @@ class Engine:
         for decoding: eval mode, no gradient checkpointing, and under ZeRO-3 every weight gathered once and
         ZeRO's module hooks removed, so decoding runs hook-free instead of all-gathering at every token
         (FAILURES rows 6, 7: slow, and a deadlock when ranks stop at different steps). Restored on exit."""
-        from alignment.core.modeling import unwrap, user_model
-
         model = user_model(prepared)
         hf = unwrap(prepared)
         was_training, checkpointing = model.training, getattr(hf, "is_gradient_checkpointing", False)

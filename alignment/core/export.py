@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignment.core.modeling import call, unwrap, user_model
+from alignment.core.models import torch_dtype
+from alignment.data import text
+
 BASE_CONFIG = "base_model_config.json"  # next to a LoRA adapter: the live base model's config
 FIXED_CONVERSATION = [
     {"role": "user", "content": "What is 12 + 30? Answer with just the number."},
@@ -33,9 +37,7 @@ class ExportMismatch(RuntimeError):
 
 
 def fixed_input(tokenizer) -> dict[str, torch.Tensor]:
-    """The fixed conversation as the one tokenization path renders it (alignment.core.text)."""
-    from alignment.core import text
-
+    """The fixed conversation as the one tokenization path renders it (alignment.data.text)."""
     prompt, response = FIXED_CONVERSATION[:1], FIXED_CONVERSATION[1:]
     ids = torch.tensor([text.encode(tokenizer, prompt, response).reward_ids])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -49,8 +51,6 @@ def model_outputs(model, inputs: dict[str, torch.Tensor], kind: str) -> torch.Te
 @torch.no_grad()
 def live_outputs(engine, model, tokenizer, kind: str) -> torch.Tensor:
     """Output of the live (possibly sharded) model on the fixed input; every rank must call."""
-    from alignment.core.modeling import call
-
     inputs = {k: v.to(engine.dist.device) for k, v in fixed_input(tokenizer).items()}
     was_training = model.training
     model.eval()
@@ -68,8 +68,6 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
     reload; `extra_config` goes into the exported config (a reward model's statistics).
     """
     out_dir = Path(out_dir)
-    from alignment.core.modeling import unwrap, user_model
-
     module = user_model(model)
     revision = getattr(model_cfg, "revision", None)
     remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
@@ -221,8 +219,6 @@ def verify(path: Path, expected: torch.Tensor, kind: str, precision: str, attent
            trust_remote_code: bool = False) -> float:
     """The export's outputs against the live model's, in the precision it trained in: a bf16-trained adapter on
     an fp32 base computes differently in fp32, which is not an export error."""
-    from alignment.core.models import torch_dtype
-
     got = exported_outputs(path, kind, torch_dtype(precision), attention, trust_remote_code)
     return compare(got, expected, precision, "reloaded outputs differ from the live model")
 

@@ -17,11 +17,15 @@ from typing import Any, Callable
 
 import torch
 
-from alignment.core.config import RecipeBase, RecipeError, dump_recipe
 from alignment.core import allocator
 from alignment.core import checkpoint as ckpt
 from alignment.core import manifest
+from alignment.core.config import RecipeBase, RecipeError, dump_recipe
 from alignment.core.engine import Engine
+from alignment.core.lean_layers import make_lean
+from alignment.core.models import apply_lora, attention_for
+from alignment.core.models import disable_dropout as turn_off_dropout
+from alignment.core.models import load_model
 from alignment.core.tracking import MetricsLogger, Progress, print_main, run_info
 
 
@@ -139,31 +143,10 @@ def finish(run: Run, final_metrics: dict) -> None:
     run.engine.close()
 
 
-def read_splits(recipe: RecipeBase) -> tuple[list, list]:
-    """Train and eval rows as the recipe's data section says (file/hub/builtin, split, row caps)."""
-    from alignment.core.data import read_rows, split_rows
-
-    d = recipe.data
-    rows = read_rows(d.train, d.split, d.on_bad_row)
-    eval_rows = read_rows(d.eval, "test" if d.split == "train" else d.split, d.on_bad_row) if d.eval else []
-    if d.eval_fraction > 0:
-        rows, eval_rows = split_rows(rows, d.eval_fraction, recipe.seed)
-    if d.skip_rows and d.skip_rows >= len(rows):
-        from alignment.core.data import DataError
-
-        raise DataError(f"{d.train}: data.skip_rows ({d.skip_rows}) leaves none of its {len(rows)} training rows")
-    rows = rows[d.skip_rows:]
-    rows = rows[: d.max_rows] if d.max_rows is not None else rows
-    eval_rows = eval_rows[: d.max_eval_rows] if d.max_eval_rows is not None else eval_rows
-    return rows, eval_rows
-
-
 def attention_implementation(engine: Engine, recipe: RecipeBase, longest_row: int | None = None,
                              block_masked: bool = False) -> str | None:
     """The attention kernel every model of this run loads with (models.attention_for); rows default to
     data.max_length tokens."""
-    from alignment.core.models import attention_for
-
     return attention_for(recipe.model.attn_implementation, engine.dist.device.type, longest_row or recipe.data.max_length,
                          block_masked)
 
@@ -173,9 +156,6 @@ def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, ki
                          disable_dropout: bool = False, block_masked: bool = False):
     """Load (sharded under ZeRO-3 as it loads), then lean activations, gradient checkpointing, LoRA and
     (when asked) no dropout, as the recipe says."""
-    from alignment.core.models import apply_lora, load_model
-    from alignment.core.models import disable_dropout as turn_off_dropout
-
     attention = attention_implementation(engine, recipe, longest_row, block_masked)
     with engine.model_init():
         model = load_model(model_path, kind, trust_remote_code=recipe.model.trust_remote_code,
@@ -185,8 +165,6 @@ def load_trainable_model(engine: Engine, recipe: RecipeBase, model_path: str, ki
     if before_adapters is not None:
         before_adapters(model)
     if recipe.model.lean_activations:
-        from alignment.core.lean_layers import make_lean
-
         lean = make_lean(model)
         print_main(engine.dist.is_main, f"lean activations: {lean['rmsnorm']} RMSNorm and {lean['mlp']} MLP modules")
     if recipe.model.gradient_checkpointing:
@@ -317,15 +295,19 @@ def resume(run: Run, checkpoint: Path | None, models: dict) -> int:
     return step
 
 
-class StepTimer:
-    """Wall time per optimizer step, for throughput metrics."""
+class Clock:
+    """Wall time between laps: an optimizer step's (`lap()`, for throughput metrics), or the named phases of an
+    RL iteration (`lap("rollout")`, kept in `times`)."""
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
+        self.times: dict[str, float] = {}
 
-    def lap(self) -> float:
+    def lap(self, name: str | None = None) -> float:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
+        if name is not None:
+            self.times[name] = elapsed
         return elapsed
 
 

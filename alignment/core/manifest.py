@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignment.core.fingerprint import file_fingerprint, model_fingerprint
+from alignment.core.models import BUILTIN_MODELS, resolve_model_path
+from alignment.data.sources import resolve_source
+
 MANIFEST = "manifest.json"
 _NOT_INPUTS = ("output_dir", "logging")
 
@@ -34,10 +38,6 @@ def _strings(value: Any, where: str = ""):
 def _fingerprint_of(where: str, value: str, revision: str | None) -> str | None:
     """The fingerprint of the data file or model a recipe string names (built-in names and, for
     model.name_or_path, hub ids at their pinned commit included); None for any other string."""
-    from alignment.core.data import resolve_source
-    from alignment.core.fingerprint import file_fingerprint, model_fingerprint
-    from alignment.core.models import BUILTIN_MODELS, resolve_model_path
-
     if value in BUILTIN_MODELS:
         return model_fingerprint(resolve_model_path(value))
     path = Path(resolve_source(value)).expanduser()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from alignment.core.data import IGNORE
+from alignment.data.layout import IGNORE
 
 LOGIT_CHUNK = 1024  # target positions per output-layer chunk (SmolLM2: 0.2 GB per fp32 copy of its logits)
 
@@ -149,7 +149,7 @@ def _target_logprobs(model, batch: dict, entropy: str | None = None):
 
 def _predicted_logprobs(model, batch: dict, entropy: str | None = None):
     """Log-probs of batch["targets"] [N] read at batch["pred_index"] [N, 2] (row, position), for packed rows
-    whose targets do not sit one position after their predictor (alignment.rlhf.rollout.group_batch)."""
+    whose targets do not sit one position after their predictor (alignment.data.layout.group_batch)."""
     hidden = _last_hidden(model, batch)
     where = batch["pred_index"]
     picked = hidden[where[:, 0], where[:, 1]]
@@ -161,7 +161,7 @@ def response_logprobs(model, batch: dict, entropy: str | None = None):
     """Log-prob of every response token [B, T] (0 off the response), and its entropy [B, T] when asked.
 
     batch: right-padded prompt + response rows with `labels` on the response tokens and
-    `response_start` [B] (each row's prompt length; alignment.rlhf.rollout.episode_batch), or
+    `response_start` [B] (each row's prompt length; alignment.data.layout.episode_batch), or
     groups packed with their prompt once (`pred_index`, `targets`, `target_slot`; group_batch).
     T = the longest response. With batch["logit_temperature"] = T_s, the log-probs of softmax(logits / T_s).
     entropy: None, "value" (for logging: no gradient, nothing kept for backward) or "grad" (an entropy bonus).
@@ -191,7 +191,7 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     A sequence is a row, or for packed batches a segment named by batch["sequence_index"].
     """
-    if "target_owner" in batch:  # shared-prefix rows (core.preference._shared_pairs_row)
+    if "target_owner" in batch:  # shared-prefix rows (alignment.data.layout.shared_pairs_rows)
         logp = call(model, _predicted_logprobs, batch)[0]
         owner, n = batch["target_owner"], batch["num_sequences"]
         total = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, owner, logp)

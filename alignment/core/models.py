@@ -21,6 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from alignment.errors import UserError
+
+
+class ModelError(UserError):
+    """A model that cannot be had: a path that does not exist, a directory that is no model, an unreachable hub,
+    a reward model without what a recipe asks of it."""
+
 
 @dataclass(frozen=True)
 class BuiltinModel:

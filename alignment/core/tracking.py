@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from alignment.core.allocator import host_allocator_state
+
 
 def git_revision(path: str | Path | None = None) -> str:
     here = Path(path or Path(__file__).resolve().parent)
@@ -64,8 +66,6 @@ def _peak_rss_kib() -> float:
 
 def run_info(seed: int, world_size: int, stage: str) -> dict[str, Any]:
     import importlib.metadata as md
-
-    from alignment.core.allocator import host_allocator_state
 
     versions = {}
     for package in ("torch", "transformers", "deepspeed", "peft", "trl", "datasets", "wandb"):

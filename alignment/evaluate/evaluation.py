@@ -28,9 +28,18 @@ from pathlib import Path
 
 import torch
 
-from alignment.core import text
-from alignment.core.data import DataError, read_rows
-from alignment.evaluate import task
+from alignment.builtin import task
+from alignment.core.export import load_exported
+from alignment.core.modeling import target_logprobs
+from alignment.core.models import load_tokenizer, resolve_model_path
+from alignment.data import text
+from alignment.data.layout import IGNORE
+from alignment.data.preference import PairRejected, to_pair
+from alignment.data.sources import DataError, read_rows
+from alignment.evaluate.gold import generate_ids
+from alignment.evaluate.report import write_eval_report
+from reward.metrics import pairwise_accuracy, reward_report
+from reward.scorer import RewardScorer, sequence_ids
 
 SAMPLES_SHOWN = 12
 
@@ -62,8 +71,6 @@ def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[
     """log p(c_t | prefix, c_<t) for each continuation token, one float tensor per row [len(c)]; rows
     right-padded, scored by the training path (alignment.core.modeling.target_logprobs: fp32, output layer
     on the target positions only)."""
-    from alignment.core.data import IGNORE
-    from alignment.core.modeling import target_logprobs
 
     out: list[torch.Tensor] = []
     device = next(model.parameters()).device
@@ -107,8 +114,6 @@ def general_paragraphs(path: str | None) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def _load_policy(path: str, trust_remote_code: bool):
-    from alignment.core.export import load_exported
-    from alignment.core.models import load_tokenizer, resolve_model_path
 
     resolved = resolve_model_path(path)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
@@ -122,7 +127,6 @@ def _same_vocabulary(a, b, what: str) -> None:
 
 
 def evaluate_policy(args) -> dict:
-    from alignment.evaluate.gold import generate_ids
 
     started = time.time()
     torch.manual_seed(args.seed)
@@ -164,12 +168,10 @@ def evaluate_policy(args) -> dict:
         result["gold/n"] = len(gold)
     rm_scores = ref_rm = None
     if args.reward_model:
-        from reward.model import RewardScorer
 
         scorer = RewardScorer(args.reward_model, normalize=args.normalize, trust_remote_code=args.trust_remote_code)
 
         def rm_score(outs: list[str]) -> list[float]:
-            from reward.score import sequence_ids
 
             seqs = [sequence_ids(scorer.tokenizer, p, o, scorer.max_length, scorer.max_prompt_length)
                     for p, o in zip(prompts, outs)]
@@ -246,10 +248,6 @@ def evaluate_policy(args) -> dict:
 # ---------------------------------------------------------------------------
 
 def evaluate_reward_model(args) -> dict:
-    from alignment.core.preference import PairRejected, to_pair
-    from reward.metrics import pairwise_accuracy, reward_report
-    from reward.model import RewardScorer
-    from reward.score import sequence_ids
 
     started = time.time()
     scorer = RewardScorer(args.reward_model, trust_remote_code=args.trust_remote_code)
@@ -304,7 +302,6 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate_policy(args) if args.policy else evaluate_reward_model(args)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    from alignment.evaluate.report import write_eval_report
 
     report = write_eval_report(out, result)
     for key, value in result.items():

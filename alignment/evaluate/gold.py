@@ -1,11 +1,11 @@
 """Generation from chat prompts, and the gold score: answers to held-out built-in task prompts scored
 with the verifier.
 
-Generation starts from the prompt ids of the one tokenization path (alignment.core.text),
+Generation starts from the prompt ids of the one tokenization path (alignment.data.text),
 left-padded, and stops at the template's end-of-turn token, so a response is the very ids
 training puts after its prompt. The gold score runs on a plain transformers model (the
 exported `final/` directory or the base model), sharded across ranks, greedy decoding, and
-reports the mean gold reward (alignment.evaluate.task.score) and the exact-answer rate.
+reports the mean gold reward (alignment.builtin.task.score) and the exact-answer rate.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from pathlib import Path
 
 import torch
 
-from alignment.core import text
-from alignment.evaluate import task
-from alignment.core.data import read_rows
+from alignment.builtin import task
+from alignment.core.export import load_exported
+from alignment.core.fingerprint import file_fingerprint, model_fingerprint
+from alignment.core.models import cache_dir, load_tokenizer
+from alignment.data import text
+from alignment.data.sources import read_rows, resolve_source
 
 
 def generation_batch(tokenizer, prompts: list, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Left-padded prompt ids (alignment.core.text.prompt_ids: the ids training puts before a response)."""
+    """Left-padded prompt ids (alignment.data.text.prompt_ids: the ids training puts before a response)."""
     rows = [text.prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -77,8 +80,6 @@ def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, ma
                tokenizer_path: str | None = None) -> dict[str, float]:
     """Mean gold reward of a model (a directory or hub id at `revision`) on the first `num_prompts` prompts;
     every rank calls."""
-    from alignment.core.export import load_exported
-    from alignment.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path or model_dir, trust_remote_code, None if tokenizer_path else revision)
     with engine.plain_init():
@@ -111,8 +112,6 @@ def gold_cache_key(model_dir: str, revision: str | None, tokenizer_path: str | N
     size: left padding moves greedy numerics) and torch's version. None when the model cannot be pinned."""
     import hashlib
 
-    from alignment.core.data import resolve_source
-    from alignment.core.fingerprint import file_fingerprint, model_fingerprint
 
     weights = model_fingerprint(model_dir, revision)
     if weights is None:
@@ -146,7 +145,6 @@ def gold_eval(engine, model_dir: str, cfg, model_cfg=None, base: bool = False,
     from. Scores are cached (ALIGN_CACHE/gold, keyed by gold_cache_key): a stage's "before" is then its
     parent's "after", not a second generation over the same prompts with the same weights. Every rank must
     hold the entry for a hit, else every rank generates (the score is a collective)."""
-    from alignment.core.models import cache_dir
 
     if (Path(model_dir) / "merged" / "config.json").is_file():
         model_dir = str(Path(model_dir) / "merged")

@@ -5,11 +5,11 @@ prompt rows themselves (any extra field, e.g. `gold`, is there). Copy one to wri
 
 from __future__ import annotations
 
-from alignment.evaluate import task
+from alignment.builtin import task
 
 
 def gold(prompts, responses, rows) -> list[float]:
-    """The built-in task's verifier (alignment.evaluate.task.score); every row needs its `gold` spec."""
+    """The built-in task's verifier (alignment.builtin.task.score); every row needs its `gold` spec."""
     missing = next((i for i, row in enumerate(rows) if not row.get("gold")), None)
     if missing is not None:
         raise ValueError(f"the gold reward needs a 'gold' spec on every prompt row (builtin:prompts_*); "

@@ -1,6 +1,6 @@
 """Rollouts: sampling responses from the policy, behind one small interface.
 
-A sampler takes prompt ids (alignment.core.text.prompt_ids: the ids the training pass puts before
+A sampler takes prompt ids (alignment.data.text.prompt_ids: the ids the training pass puts before
 a response) and one seed per episode, and returns a :class:`Rollout`: each response's ids
 through its stop token (EOS or the template's end of turn) when it stopped, else its
 max_new_tokens generated ids, and each sampled token's log-probability under the distribution
@@ -29,6 +29,8 @@ from typing import Protocol
 
 import torch
 
+from alignment.core.modeling import unwrap
+
 
 @dataclass
 class Rollout:
@@ -41,6 +43,11 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+    def subset(self, indices: list[int]) -> "Rollout":
+        """The episodes at `indices`, in that order."""
+        return Rollout(*[[getattr(self, f)[i] for i in indices] for f in
+                         ("prompt_ids", "response_ids", "ended", "logprobs")])
 
 
 class Sampler(Protocol):
@@ -76,8 +83,6 @@ def _decoder_step(model):
     decoder and the output layer applied to that position only. (The output layer is SmolLM2's largest
     matmul, and transformers' own `logits_to_keep=1` slice makes torch copy the weight per row under peft.)
     LoRA layers are injected in place, so the decoder of a peft model carries its adapter."""
-    from alignment.core.modeling import unwrap
-
     hf = unwrap(model)
     decoder, head = hf.get_decoder(), hf.get_output_embeddings()
     # transformers 5.2x names the KV cache `cache` (`past_key_values` before, deprecated now)
@@ -100,8 +105,6 @@ def decode_attention(model):
     query on the KV heads directly. SmolLM2-135M, 64 samples x 24 tokens, bf16, 2 cores: 3.1 s -> 2.7 s.
     Training keeps eager (faster for short rows on CPU); the rollout's log-probs are only compared with
     the training pass's, which recomputes every log-prob the loss uses."""
-    from alignment.core.modeling import unwrap
-
     config = getattr(unwrap(model), "config", None)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     switch = getattr(config, "_attn_implementation", None) == "eager" and kv_heads is not None \
@@ -232,94 +235,3 @@ def is_untruncated(top_k: int, top_p: float) -> bool:
     """No top-k / top-p: the rollout draws from softmax(logits / temperature), which the training pass
     reproduces (modeling's logit_temperature)."""
     return not top_k and top_p >= 1.0
-
-
-def episode_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                  device=None) -> dict[str, torch.Tensor]:
-    """Episodes laid out for the training pass: right-padded rows [prompt | response] (positions from 0,
-    as in generation), `labels` on response tokens (-100 elsewhere), `response_start` [B] (prompt lengths),
-    `response_mask` [B, T] (T = longest response)."""
-    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
-    width = max(len(r) for r in rows)
-    T = max(1, max(len(r) for r in response_ids))
-    B = len(rows)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    labels = torch.full((B, width), -100, dtype=torch.long)
-    mask = torch.zeros((B, width), dtype=torch.long)
-    response_mask = torch.zeros((B, T), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(p) + len(r)] = 1
-        response_mask[i, : len(r)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-             "response_start": torch.tensor([len(p) for p in prompt_ids]), "response_mask": response_mask}
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
-
-
-def predicting_positions(response_start: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, T] position of the token whose output predicts response token t: start - 1 + t. A value V(s_t) and
-    the log-prob of response token t are both read there (the last prompt token for t = 0)."""
-    return response_start[:, None] - 1 + torch.arange(T, device=response_start.device)[None]
-
-
-def group_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], group_size: int, pad_id: int,
-                device=None, row_tokens: int = 512) -> dict[str, torch.Tensor]:
-    """Episodes laid out with each group's prompt once (a group = group_size adjacent episodes sharing a
-    prompt), and the prompts' common prefix (a chat template's system prompt) once a row: rows of at most
-    `row_tokens` tokens [prefix | prompt g | response 1 | ... | response K | prompt g+1 | ...]
-    (core.data.rows_under). A prompt token sees the prefix and its own prompt; a response token also its own
-    response's earlier tokens, never another response or group; its position continues from its prompt's end.
-    So its hidden state is the one it has alone in `episode_batch`. Targets are read where they are predicted:
-    response token t of episode e at `pred_index` (row, position; the prompt's last token for t = 0), written
-    back to [B, T] at `target_slot`. Also `response_mask` [B, T], as `episode_batch` gives."""
-    from alignment.core.data import branch_mask, branch_rows, rows_under
-
-    B = len(prompt_ids)
-    if B % group_size:
-        raise ValueError(f"{B} episodes do not split into groups of {group_size}")
-    G = B // group_size
-    for g in range(G):
-        first = g * group_size
-        if any(prompt_ids[first + k] != prompt_ids[first] for k in range(group_size)):
-            raise ValueError(f"group {g}: its episodes do not share one prompt")
-    prompts = [prompt_ids[g * group_size] for g in range(G)]
-    head = prompts[0]
-    limit = min(len(p) for p in prompts) - 1  # each group keeps a prompt token of its own
-    n = 0
-    while n < limit and all(p[n] == head[n] for p in prompts):
-        n += 1
-    sizes = [len(prompts[g]) - n + sum(len(response_ids[g * group_size + k]) for k in range(group_size))
-             for g in range(G)]
-    T = max(1, max(len(r) for r in response_ids))
-    preds, targets, slots, built = [], [], [], []
-    for r, row_groups in enumerate(rows_under(sizes, n, row_tokens)):
-        row, pos, owner, branch = list(head[:n]), list(range(n)), [-1] * n, [0] * n
-        for g in row_groups:
-            prompt = prompts[g]
-            row += prompt[n:]
-            pos += range(n, len(prompt))
-            owner += [g] * (len(prompt) - n)
-            branch += [0] * (len(prompt) - n)
-            prompt_last = len(row) - 1
-            for k in range(group_size):
-                e, response = g * group_size + k, response_ids[g * group_size + k]
-                start = len(row)
-                for t_, token in enumerate(response):
-                    preds.append((r, prompt_last if t_ == 0 else start + t_ - 1))
-                    targets.append(token)
-                    slots.append((e, t_))
-                row += response
-                pos += range(len(prompt), len(prompt) + len(response))
-                owner += [g] * len(response)
-                branch += [k + 1] * len(response)
-        built.append((row, pos, owner, branch))
-    ids, position_ids, group_of, branch_of = branch_rows(built, pad_id)
-    response_mask = torch.zeros((B, T), dtype=torch.float32)
-    for e, response in enumerate(response_ids):
-        response_mask[e, : len(response)] = 1
-    batch = {"input_ids": ids, "attention_mask": (group_of != -2).long(), "position_ids": position_ids,
-             "block_mask": branch_mask(group_of, branch_of), "pred_index": torch.tensor(preds, dtype=torch.long).view(-1, 2),
-             "targets": torch.tensor(targets, dtype=torch.long), "target_slot": torch.tensor(slots, dtype=torch.long).view(-1, 2),
-             "response_mask": response_mask}
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

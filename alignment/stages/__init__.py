@@ -1,5 +1,5 @@
-"""Training stages, one module each (reward models live in reward/); importing a stage's module
-registers its recipe schema and checks with alignment.core.config."""
+"""Training stages, one module each (the reward model's lives in reward/train.py), each reading as its algorithm's
+numbered steps; tail.py is what every stage does around its loop. Recipe schemas: alignment.core.recipes."""
 
 from __future__ import annotations
 

@@ -17,93 +17,27 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from alignment.core import loop
-from alignment.core.config import GoldEvalConfig, RecipeBase, RecipeError, register_stage
-from alignment.core.data import DataReport, GlobalBatchSampler
-from alignment.core.export import export_model
 from alignment.core.fingerprint import model_fingerprint, sequence_fingerprint
-from alignment.rlhf.dpo_losses import dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, simpo_loss
-from alignment.core.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model_path
 from alignment.core.modeling import sequence_logprobs, user_model
-from alignment.core.preference import collate_pairs, load_pairs
+from alignment.core.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model_path
+from alignment.core.recipes import DPOConfig, DPORecipe, validate_dpo
 from alignment.core.tracking import print_main
-from alignment.evaluate.gold import gold_eval
+from alignment.data.layout import collate_pairs
+from alignment.data.preference import load_pairs
+from alignment.data.report import DataReport
+from alignment.data.sampler import GlobalBatchSampler
+from alignment.data.sources import read_splits
+from alignment.rlhf.dpo_losses import dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, simpo_loss
+from alignment.stages import tail
 
 LN2 = math.log(2.0)
-
-
-@dataclass
-class DPOConfig:
-    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
-    """sigmoid = DPO (with label_smoothing > 0: conservative DPO); ipo; hinge (SLiC); simpo (no reference)."""
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    """cDPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
-    simpo_gamma: float = 0.5
-    """SimPO target reward margin gamma."""
-    rpo_alpha: Optional[float] = None
-    """Add alpha x the mean NLL of chosen tokens (RPO). None disables it."""
-    reference: Literal["auto", "model", "precomputed", "adapter"] = "auto"
-    """auto = adapter with LoRA, else model."""
-    reference_model: Optional[str] = None
-    """Reference weights; None = the policy's initial weights (model.name_or_path)."""
-    max_prompt_length: Optional[int] = None
-    """Prompt tokens kept (from the end) when a pair is too long; None = half of data.max_length."""
-    share_prefix: bool = False
-    """Rows of up to 512 tokens: the prompts' common prefix (a chat template's system prompt) runs once a row and each
-    pair's prompt once for both responses (core.preference._shared_pairs_row); same log-probs as padded rows,
-    a third of the tokens on the built-in task. Needs eager or sdpa attention; not with data.packing."""
-    disable_dropout: bool = True
-    """Train without dropout (TRL's default): the adapter-off reference is then exact, and the step-1 check holds."""
-    logp_drop_warning: float = 0.5
-    """Warn when the chosen log-prob per token has fallen this many nats below its start while margins rise."""
-    gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
-
-
-@dataclass
-class DPORecipe(RecipeBase):
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-
-
-
-
-def validate_dpo(recipe: DPORecipe) -> str:
-    """Cross-field checks; returns the resolved reference mode ("none" for SimPO)."""
-    cfg = recipe.dpo
-    if cfg.max_prompt_length is not None and not 0 < cfg.max_prompt_length < recipe.data.max_length:
-        raise RecipeError("dpo.max_prompt_length must be between 1 and data.max_length - 1")
-    if cfg.beta <= 0:
-        raise RecipeError("dpo.beta must be > 0")
-    if not 0.0 <= cfg.label_smoothing < 0.5:
-        raise RecipeError("dpo.label_smoothing must be in [0, 0.5)")
-    if cfg.label_smoothing and cfg.loss != "sigmoid":
-        raise RecipeError("dpo.label_smoothing applies to dpo.loss: sigmoid only")
-    if cfg.loss == "simpo":
-        if cfg.reference not in ("auto",) or cfg.reference_model:
-            raise RecipeError("dpo.loss: simpo is reference-free; leave dpo.reference and dpo.reference_model unset")
-        return "none"
-    attention = recipe.model.attn_implementation
-    if cfg.share_prefix and attention not in (None, "eager", "sdpa"):
-        raise RecipeError(f"dpo.share_prefix needs model.attn_implementation eager, sdpa or unset, got {attention!r}")
-    if cfg.share_prefix and recipe.data.packing:
-        raise RecipeError("set data.packing or dpo.share_prefix, not both (both lay out a micro-batch's rows)")
-    mode = cfg.reference
-    if mode == "auto":
-        mode = "adapter" if recipe.lora.enabled and not cfg.reference_model else "model"
-    if mode == "adapter" and not recipe.lora.enabled:
-        raise RecipeError("dpo.reference: adapter needs lora.enabled: true")
-    if mode == "adapter" and cfg.reference_model:
-        raise RecipeError("dpo.reference: adapter uses the policy's own base weights; drop dpo.reference_model")
-    return mode
-
-
-register_stage("dpo", DPORecipe, validate_dpo)
 
 
 # ---------------------------------------------------------------------------
@@ -175,8 +109,6 @@ def read_reference_cache(path: Path, key: str, splits: dict[str, list]) -> dict 
     """The cached table at `path` when it is whole and was written under `key`; None otherwise.
     Plain tensors in safetensors (nothing in the file is executed)."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get("key") != key:
                 return None
@@ -187,8 +119,6 @@ def read_reference_cache(path: Path, key: str, splits: dict[str, list]) -> dict 
 
 
 def write_reference_cache(path: Path, key: str, table: dict) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key})
@@ -376,26 +306,55 @@ def evaluate(engine, model, pairs: list, pad_id: int, loss_fn, pack_to: int | No
 # ---------------------------------------------------------------------------
 
 
-def run(recipe: DPORecipe, resume: bool = False) -> dict:
-    ref_mode = validate_dpo(recipe)
-    cfg = recipe.dpo
-    # Step 1. Engine, output directory, resolved recipe, metrics logger.
-    run, checkpoint = loop.setup_run(recipe, "dpo", resume)
-    engine = run.engine
-
-    # Step 2. Tokenizer and preference pairs (shared loaders with the reward model), data report.
-    model_path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
-    d = recipe.data
-    rows, eval_rows = loop.read_splits(recipe)
+def load_dpo_data(recipe: DPORecipe, tokenizer, is_main: bool) -> tuple[list, list, list[DataReport]]:
+    """Rows -> tokenized training and held-out pairs (the loaders the reward model shares), with the report."""
+    rows, eval_rows = read_splits(recipe.data, recipe.seed)
     reports = [DataReport("train"), DataReport("eval")]
-    train_pairs = load_pairs(rows, tokenizer, d, cfg.max_prompt_length, reports[0])
-    eval_pairs = load_pairs(eval_rows, tokenizer, d, cfg.max_prompt_length, reports[1]) if eval_rows else []
+    cut = recipe.dpo.max_prompt_length
+    train_pairs = load_pairs(rows, tokenizer, recipe.data, cut, reports[0])
+    eval_pairs = load_pairs(eval_rows, tokenizer, recipe.data, cut, reports[1]) if eval_rows else []
     for report in reports:
         if report.rows_read:
-            print_main(engine.dist.is_main, report.format())
-    pad_id = tokenizer.pad_token_id
-    pack_to = pair_layout(recipe)
+            print_main(is_main, report.format())
+    return train_pairs, eval_pairs, reports
+
+
+def load_reference_of(engine, recipe: DPORecipe, mode: str, ref_path: str, splits: dict, pad_id: int) -> "Reference":
+    """Step 3's reference: a precomputed table, a frozen model in the engine, or the policy without its adapter."""
+    reference = Reference(mode, engine)
+    if mode == "precomputed":
+        reference.table = load_or_compute_reference(engine, ref_path, recipe, splits, pad_id)
+    elif mode == "model":
+        with engine.model_init(trainable=False):
+            reference.frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
+    return reference
+
+
+def step1_check(engine, recipe: DPORecipe, metrics: dict) -> None:
+    """Reference == policy before the first update: loss ln 2 (sigmoid), implicit rewards 0."""
+    deviation = abs(metrics["rewards/chosen"]) + abs(metrics["rewards/rejected"])
+    metrics["check/step1_reward_abs"] = deviation
+    tolerance = 1e-4 if recipe.train.precision == "fp32" else 5e-2
+    if deviation > tolerance:
+        print_main(engine.dist.is_main, f"warning: at step 1 the policy and the reference disagree (|rewards| "
+                   f"{deviation:.3g} > {tolerance}); the reference is not the policy's initial model")
+    elif recipe.dpo.loss == "sigmoid" and not recipe.dpo.rpo_alpha:
+        print_main(engine.dist.is_main, f"check: step-1 loss {metrics['loss']:.6f} (ln 2 = {LN2:.6f}), "
+                   f"implicit rewards {deviation:.2g}")
+
+
+def run(recipe: DPORecipe, resume: bool = False) -> dict:
+    ref_mode = validate_dpo(recipe)  # the checks load_recipe ran, and the resolved reference mode
+    cfg = recipe.dpo
+    # Step 1. Engine, output directory, resolved recipe, metrics logger.
+    job, checkpoint = loop.setup_run(recipe, "dpo", resume)
+    engine = job.engine
+
+    # Step 2. Tokenizer and preference pairs, data report, the order of the examples.
+    model_path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
+    train_pairs, eval_pairs, reports = load_dpo_data(recipe, tokenizer, engine.dist.is_main)
+    pad_id, pack_to = tokenizer.pad_token_id, pair_layout(recipe)
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
     print_main(engine.dist.is_main, sampler.describe())
     order = loop.data_order(pairs_fingerprint(train_pairs), len(train_pairs), engine, recipe.seed)
@@ -404,39 +363,29 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
 
     # Step 3. Reference: precomputed table, frozen engine, or the policy without its adapter.
     ref_path = resolve_model_path(cfg.reference_model) if cfg.reference_model else model_path
-    reference = Reference(ref_mode, engine)
-    if ref_mode == "precomputed":
-        splits = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
-        reference.table = load_or_compute_reference(engine, ref_path, recipe, splits, pad_id)
-    elif ref_mode == "model":
-        with engine.model_init(trainable=False):
-            reference.frozen = engine.prepare_frozen(load_reference(engine, recipe, ref_path))
+    splits = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+    reference = load_reference_of(engine, recipe, ref_mode, ref_path, splits, pad_id)
 
-    # Step 4. Policy: loaded (sharded under ZeRO-3), LoRA, wrapped with optimizer and schedule.
+    # Step 4. Policy: loaded (sharded under ZeRO-3), LoRA, wrapped; resume; the starting model's gold score.
     policy = loop.load_trainable_model(engine, recipe, model_path, "causal_lm", disable_dropout=cfg.disable_dropout)
     trainable, total = count_parameters(policy)
     print_main(engine.dist.is_main, f"policy {recipe.model.name_or_path}: {total / 1e6:.2f}M parameters, "
                f"{trainable / 1e6:.2f}M trainable; loss {cfg.loss}, beta {cfg.beta}, reference {ref_mode}; "
                f"{steps} steps, {sampler.steps_per_epoch} per epoch")
     policy = engine.prepare(policy, steps)
-    start = loop.resume(run, checkpoint, {"policy": policy})
-
-    gold_results: dict = {}
-    if cfg.gold_eval.prompts and start == 0:
-        gold_results["before"] = gold_eval(engine, model_path, cfg.gold_eval, recipe.model, base=True,
-                                   samples_to=Path(recipe.output_dir) / "gold_samples_before.jsonl")
-        run.logger.log({"gold/score_before": gold_results["before"]["gold/score"]}, step=0)
+    start = loop.resume(job, checkpoint, {"policy": policy})
+    gold = tail.score_start(job, model_path, cfg.gold_eval, start)
 
     # Step 5. Train: concatenated chosen+rejected forward, variant loss, implicit-reward metrics.
     loss_fn = make_loss_fn(cfg, reference)
-    progress = loop.make_progress(run, steps, start, "dpo")
-    timer = loop.StepTimer()
+    progress = loop.make_progress(job, steps, start, "dpo")
+    clock = loop.Clock()
     logp_watch = LogpDropWatch(cfg.logp_drop_warning)
     metrics: dict = {}
     if eval_pairs and start == 0 and recipe.train.eval_before_training:
         initial = evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to)
         logp_watch.eval_baseline = initial["eval/logps/chosen_per_token"]
-        run.logger.log(initial, step=0)
+        job.logger.log(initial, step=0)
     policy.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.dist.rank)
@@ -446,27 +395,14 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         micro = [dict(pair_batch(train_pairs, idx, pad_id, engine.dist.device, "train", pack_to), rpo_scale=scale)
                  for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
         sums = loop.accumulated_step(engine, policy, micro, lambda b: float(len(b["index"])), loss_fn, step)
-        elapsed = timer.lap()
-        metrics = summarize(sums)
-        metrics.update({
-            "train/lr": sums["lr"],
-            "train/grad_norm": engine.grad_norm(policy),
-            "train/pairs_per_s": sums["count"] / max(elapsed, 1e-9),
-            "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
-            "train/tokens_computed": sums["tokens_computed"],  # fewer with packing or dpo.share_prefix
-            "train/epoch": (step - 1) / sampler.steps_per_epoch,
-        })
+        elapsed = clock.lap()
+        metrics = {**summarize(sums), "train/lr": sums["lr"], "train/grad_norm": engine.grad_norm(policy),
+                   "train/pairs_per_s": sums["count"] / max(elapsed, 1e-9),
+                   "train/tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
+                   "train/tokens_computed": sums["tokens_computed"],  # fewer with packing or dpo.share_prefix
+                   "train/epoch": (step - 1) / sampler.steps_per_epoch}
         if step == 1 and ref_mode != "none" and ref_path == model_path:
-            # Reference == policy before the first update: loss ln 2 (sigmoid), implicit rewards 0.
-            deviation = abs(metrics["rewards/chosen"]) + abs(metrics["rewards/rejected"])
-            metrics["check/step1_reward_abs"] = deviation
-            tolerance = 1e-4 if recipe.train.precision == "fp32" else 5e-2
-            if deviation > tolerance:
-                print_main(engine.dist.is_main, f"warning: at step 1 the policy and the reference disagree (|rewards| "
-                           f"{deviation:.3g} > {tolerance}); the reference is not the policy's initial model")
-            elif cfg.loss == "sigmoid" and not cfg.rpo_alpha:
-                print_main(engine.dist.is_main, f"check: step-1 loss {metrics['loss']:.6f} (ln 2 = {LN2:.6f}), "
-                           f"implicit rewards {deviation:.2g}")
+            step1_check(engine, recipe, metrics)
         if eval_pairs and loop.eval_due(recipe, step, steps):
             metrics.update(evaluate(engine, policy, eval_pairs, pad_id, loss_fn, pack_to))
         message = logp_watch.update(metrics, advice="a larger rpo_alpha or beta" if cfg.rpo_alpha
@@ -474,26 +410,15 @@ def run(recipe: DPORecipe, resume: bool = False) -> dict:
         if message:
             print_main(engine.dist.is_main, f"warning: step {step}: {message}")
         if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
-            run.logger.log(metrics, step)
+            job.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"], acc=metrics["rewards/accuracies"])
-        loop.step_boundary(run, {"policy": policy}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
+        loop.step_boundary(job, {"policy": policy}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
 
-    # Step 6. Export final/, reload check, gold score (without Adam's moments: training is over).
-    engine.release_optimizer_state(policy)
-    final = export_model(engine, policy, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
-                         lora_cfg=recipe.lora, precision=recipe.train.precision,
-                         model_cfg=recipe.model)
-    print_main(engine.dist.is_main, f"exported and verified: {final}")
+    # Step 6. Export final/ (reloaded in a fresh process and compared), its gold score, the manifest.
     if "eval/rewards/accuracies" in metrics:
         print_main(engine.dist.is_main, f"held-out implicit-reward accuracy {metrics['eval/rewards/accuracies']:.3f} "
                    f"on {len(eval_pairs)} pairs, margin {metrics['eval/rewards/margins']:.3f}")
-    if cfg.gold_eval.prompts:
-        gold_results["after"] = gold_eval(engine, str(final), cfg.gold_eval, recipe.model,
-                                   samples_to=Path(recipe.output_dir) / "gold_samples_after.jsonl")
-        run.logger.log({"gold/score": gold_results["after"]["gold/score"]}, step=steps)
-        if "before" in gold_results:
-            print_main(engine.dist.is_main, f"gold score: {gold_results['before']['gold/score']:.3f} before -> "
-                       f"{gold_results['after']['gold/score']:.3f} after")
-    loop.finish(run, {**metrics, **gold_results.get("after", {})})
-    return {"metrics": metrics, "data": [r.as_dict() for r in reports], "gold": gold_results}
+    tail.finish(job, policy, tokenizer, kind="causal_lm", base_path=model_path, step=steps, gold=gold,
+                metrics=metrics)
+    return {"metrics": metrics, "data": [r.as_dict() for r in reports], "gold": gold.as_dict()}

@@ -10,53 +10,21 @@ loss curve and the gradients do not depend on how the batch is split.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from dataclasses import dataclass, field
 
 import torch
 
 from alignment.core import loop
-from alignment.core.config import GoldEvalConfig, RecipeBase, RecipeError, register_stage
-from alignment.core.data import (
-    DataReport,
-    GlobalBatchSampler,
-    build_sft_examples,
-    collate,
-    collate_shared_prefix,
-    count_targets,
-    pack_examples,
-)
-from alignment.core.export import export_model
 from alignment.core.fingerprint import sequence_fingerprint
-from alignment.core.models import count_parameters, load_tokenizer, resolve_model_path
 from alignment.core.modeling import target_logprobs
+from alignment.core.models import count_parameters, load_tokenizer, resolve_model_path
+from alignment.core.recipes import SFTRecipe
 from alignment.core.tracking import print_main
-from alignment.evaluate.gold import gold_eval
-
-
-@dataclass
-class SFTConfig:
-    assistant_only_loss: bool = True
-    """Loss on assistant/completion tokens only; `text` rows train on every token."""
-    share_prefix: bool = False
-    """Compute the tokens every example of a micro-batch starts with (a chat template's system prompt) once a row:
-    the micro-batch becomes rows of up to 512 tokens with a block mask (core.data.collate_shared_prefix). Same loss and
-    gradients; fewer tokens through the model. Needs eager or sdpa attention (a 4D mask)."""
-    gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
-
-
-@dataclass
-class SFTRecipe(RecipeBase):
-    sft: SFTConfig = field(default_factory=SFTConfig)
-
-
-def validate_sft(recipe: SFTRecipe) -> None:
-    attention = recipe.model.attn_implementation
-    if recipe.sft.share_prefix and attention not in (None, "eager", "sdpa"):
-        raise RecipeError(f"sft.share_prefix needs model.attn_implementation eager, sdpa or unset, got {attention!r}")
-
-
-register_stage("sft", SFTRecipe, validate_sft)
+from alignment.data.layout import IGNORE, collate, collate_shared_prefix, pack_examples
+from alignment.data.report import DataReport
+from alignment.data.sampler import GlobalBatchSampler
+from alignment.data.sft import build_sft_examples, count_targets
+from alignment.data.sources import read_splits
+from alignment.stages import tail
 
 
 def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -71,7 +39,7 @@ def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 def load_sft_data(recipe: SFTRecipe, tokenizer, is_main: bool):
     """Rows -> tokenized (and packed) training and eval items, with a printed data report."""
     d = recipe.data
-    rows, eval_rows = loop.read_splits(recipe)
+    rows, eval_rows = read_splits(d, recipe.seed)
     reports = [DataReport("train"), DataReport("eval")]
     train = build_sft_examples(rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[0])
     evals = build_sft_examples(eval_rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[1]) if eval_rows else []
@@ -109,8 +77,8 @@ def evaluate(engine, model, items: list, pad_id: int) -> dict[str, float]:
 
 def run(recipe: SFTRecipe, resume: bool = False) -> dict:
     # Step 1. Engine, output directory, resolved recipe, metrics logger.
-    run, checkpoint = loop.setup_run(recipe, "sft", resume)
-    engine = run.engine
+    job, checkpoint = loop.setup_run(recipe, "sft", resume)
+    engine = job.engine
 
     # Step 2. Tokenizer and data (the data report counts everything dropped or cut).
     model_path = resolve_model_path(recipe.model.name_or_path)
@@ -130,30 +98,25 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
                f"{trainable / 1e6:.2f}M trainable; {steps} steps, {sampler.steps_per_epoch} per epoch")
     model = engine.prepare(model, steps)
 
-    # Step 4. Resume: weights, optimizer, LR schedule, RNG and data position.
-    start = loop.resume(run, checkpoint, {"policy": model})
-    gold_cfg = recipe.sft.gold_eval
-    results: dict = {"data": [r.as_dict() for r in reports]}
-    if gold_cfg.prompts and start == 0:
-        before = gold_eval(engine, model_path, gold_cfg, recipe.model, base=True,
-                                   samples_to=Path(recipe.output_dir) / "gold_samples_before.jsonl")
-        results["gold_before"] = before
-        run.logger.log({"gold/score_before": before["gold/score"]}, step=0)
+    # Step 4. Resume (weights, optimizer, LR schedule, RNG, data position); the starting model's gold score.
+    start = loop.resume(job, checkpoint, {"policy": model})
+    gold = tail.score_start(job, model_path, recipe.sft.gold_eval, start)
 
     # Step 5. Train: each optimizer step is one global batch.
     pad_id = tokenizer.pad_token_id
     collate_micro = collate_shared_prefix if recipe.sft.share_prefix else collate
     if eval_items and start == 0 and recipe.train.eval_before_training:
-        run.logger.log(evaluate(engine, model, eval_items, pad_id), step=0)
-    progress = loop.make_progress(run, steps, start, "sft")
-    timer = loop.StepTimer()
+        job.logger.log(evaluate(engine, model, eval_items, pad_id), step=0)
+    progress = loop.make_progress(job, steps, start, "sft")
+    clock = loop.Clock()
+    metrics: dict = {}
     model.train()
     for step in range(start + 1, steps + 1):
         loop.debug_fault(step, engine.dist.rank)
         micro = [loop.to_device(collate_micro([train_items[i] for i in idx], pad_id), engine.dist.device)
                  for idx in sampler.micro_batches(step - 1, engine.dist.rank)]
         sums = loop.accumulated_step(engine, model, micro, lambda b: float(count_targets_batch(b)), nll_loss, step)
-        elapsed = timer.lap()
+        elapsed = clock.lap()
         metrics = {
             "loss": sums["nll"] / sums["count"],
             "train/lr": sums["lr"],
@@ -167,34 +130,21 @@ def run(recipe: SFTRecipe, resume: bool = False) -> dict:
         if eval_items and loop.eval_due(recipe, step, steps):
             metrics.update(evaluate(engine, model, eval_items, pad_id))
         if step % recipe.train.log_interval == 0 or step == steps or "eval/loss" in metrics:
-            run.logger.log(metrics, step)
+            job.logger.log(metrics, step)
         progress.update(int(sums["tokens"]), loss=metrics["loss"])
-        loop.step_boundary(run, {"policy": model}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
+        loop.step_boundary(job, {"policy": model}, step, steps, (step - 1) // sampler.steps_per_epoch, order)
     progress.close()
-    results["final_loss"] = metrics["loss"] if steps > start else None
-    results["final_eval"] = {k: v for k, v in metrics.items() if k.startswith("eval/")} if steps > start else {}
+    final_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
 
-    # Step 6. Export final/, reload it in a fresh process and compare; then the gold score. Training is over:
-    # Adam's moments go first, so that export, its reload check and the gold score run without them.
-    engine.release_optimizer_state(model)
-    final = export_model(engine, model, tokenizer, run.output_dir / "final", kind="causal_lm", base_path=model_path,
-                         lora_cfg=recipe.lora, precision=recipe.train.precision,
-                         model_cfg=recipe.model)
-    print_main(engine.dist.is_main, f"exported and verified: {final}")
-    if gold_cfg.prompts:
-        after = gold_eval(engine, str(final), gold_cfg, recipe.model,
-                                   samples_to=Path(recipe.output_dir) / "gold_samples_after.jsonl")
-        results["gold_after"] = after
-        run.logger.log({"gold/score": after["gold/score"], "gold/exact": after["gold/exact"]}, step=steps)
-        if "gold_before" in results:
-            print_main(engine.dist.is_main, f"gold score on {int(after['gold/n'])} held-out prompts: "
-                       f"{results['gold_before']['gold/score']:.3f} before -> {after['gold/score']:.3f} after")
-    loop.finish(run, {"loss": results["final_loss"], **results["final_eval"], **results.get("gold_after", {})})
-    return results
+    # Step 6. Export final/ (reloaded in a fresh process and compared), its gold score, the manifest.
+    tail.finish(job, model, tokenizer, kind="causal_lm", base_path=model_path, step=steps, gold=gold,
+                metrics={"loss": metrics.get("loss"), **final_eval})
+    return {"final_loss": metrics.get("loss"), "final_eval": final_eval, "gold": gold.as_dict(),
+            "data": [r.as_dict() for r in reports]}
 
 
 def count_targets_batch(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 __all__ = ["run", "nll_loss", "evaluate", "load_sft_data", "count_targets"]

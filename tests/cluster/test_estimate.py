@@ -14,7 +14,7 @@ from helpers import REPO, align_cache, child_env, read_metrics, run_cli  # noqa:
 
 def _recipe(stage: str, *sets: str):
     from alignment.cli import stage_module
-    from alignment.core.config import load_recipe
+    from alignment.core.recipes import load_recipe
 
     stage_module(stage)
     return load_recipe(str(REPO / "configs" / "tiny" / f"{stage}.yaml"), stage, list(sets))

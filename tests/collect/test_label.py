@@ -79,8 +79,8 @@ def test_store_sides_undo_double_submit_and_export(tmp_path):
     assert (row["chosen"], row["rejected"]) == ("0", "1") and row["provenance"]["strength"] == 2
     assert row["provenance"]["shown_left"] == {"ann": left}
     # what align rm / align dpo read: the explicit shape
-    from alignment.core.data import read_rows
-    from alignment.core.preference import to_pair
+    from alignment.data.sources import read_rows
+    from alignment.data.preference import to_pair
 
     pair = to_pair(read_rows(str(tmp_path / "out.jsonl"))[0])
     assert pair.chosen == "0" and pair.rejected == "1"

@@ -15,12 +15,13 @@ import random
 import pytest
 import torch
 
-from alignment.evaluate import task
+from alignment.builtin import task
 from alignment.core.config import DataConfig
-from alignment.core.data import DataError, DataReport, Row, read_rows
+from alignment.data.report import DataReport
+from alignment.data.sources import DataError, Row, read_rows
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
 from alignment.collect.pairs import Sample, best_and_worst, make_pairs, sample_responses
-from alignment.core.preference import PairRejected, load_pairs, to_pair, tokenize_pair
+from alignment.data.preference import PairRejected, load_pairs, to_pair, tokenize_pair
 from reward.model import ensure_distinct_pad
 
 
@@ -114,8 +115,8 @@ def test_pairs_with_reward_model_judge(tmp_path, tiny_judge, stopping_policy):
         for side, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
             assert (ids[-1] == tok.eos_token_id) != record[f"{side}_truncated"], (side, record)
     # The judge read each sample as the RM stage and `align ppo` read it: a truncated one without an end of turn.
-    from reward.model import RewardScorer
-    from reward.score import sequence_ids
+    from reward.scorer import RewardScorer
+    from reward.scorer import sequence_ids
 
     scorer = RewardScorer(tiny_judge)
     for record in records:

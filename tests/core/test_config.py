@@ -13,17 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.core.config import (
-    STAGE_RECIPES,
-    DeepSpeedConfig,
-    RecipeError,
-    TrainConfig,
-    batch_layout,
-    dump_recipe,
-    load_recipe,
-    to_dict,
-)
-from alignment.stages.sft import SFTRecipe
+from alignment.core.config import DeepSpeedConfig, RecipeError, TrainConfig, batch_layout, dump_recipe, to_dict
+from alignment.core.recipes import RECIPES as STAGE_RECIPES, load_recipe
+from alignment.core.recipes import SFTRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs"
@@ -640,7 +632,7 @@ def test_pipeline_online_dpo_rounds_chain_policies(capsys):
 def test_ppo_forward_batch_size_takes_whole_groups():
     """Step 3's no-grad forwards pack each group with its prompt once: a chunk that splits a group is refused."""
     from alignment import stages
-    from alignment.core.config import load_recipe
+    from alignment.core.recipes import load_recipe
 
     stages.load("ppo")
     K = load_recipe("configs/tiny/grpo.yaml", "ppo", []).ppo.samples_per_prompt
@@ -663,7 +655,7 @@ def test_ppo_forward_batch_size_takes_whole_groups():
 def test_precision_auto_resolves_when_the_recipe_loads(tmp_path, monkeypatch, capsys, native, requested, expected,
                                                        note):
     import alignment.core.config as config
-    import alignment.core.distributed as distributed
+    import alignment.core.precision as distributed  # where resolve_precision reads native_bf16
 
     monkeypatch.setattr(distributed, "native_bf16", lambda: (native, "this CPU (TEST) says so"))
     monkeypatch.setattr(config, "_PRECISION_NOTES", set())
@@ -677,7 +669,7 @@ def test_precision_auto_resolves_when_the_recipe_loads(tmp_path, monkeypatch, ca
 
 
 def test_precision_defaults_to_auto_and_the_real_device_resolves_it(tmp_path):
-    from alignment.core.distributed import native_bf16
+    from alignment.core.precision import native_bf16
 
     assert TrainConfig().precision == "auto"
     recipe = _load(tmp_path)  # the base recipe does not set train.precision
@@ -686,18 +678,18 @@ def test_precision_defaults_to_auto_and_the_real_device_resolves_it(tmp_path):
 
 def test_skip_rows_leaves_out_the_first_rows_before_max_rows(tmp_path):
     """data.skip_rows: a later pipeline stage reading the same file trains on rows an earlier stage never saw."""
-    from alignment.core.data import DataError
-    from alignment.core.loop import read_splits
+    from alignment.data.sources import DataError
+    from alignment.data.sources import read_splits
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(f'{{"messages": [{{"role": "user", "content": "q{i}"}}, '
                              f'{{"role": "assistant", "content": "a{i}"}}]}}\n' for i in range(10)))
     base = ["model.name_or_path=tiny-llama", f"data.train={train}", "data.eval=null"]
     recipe = load_recipe(CONFIG_DIR / "tiny" / "sft.yaml", "sft", base + ["data.skip_rows=6", "data.max_rows=3"])
-    rows, _ = read_splits(recipe)
+    rows, _ = read_splits(recipe.data, recipe.seed)
     assert [r.data["messages"][0]["content"] for r in rows] == ["q6", "q7", "q8"]
     recipe = load_recipe(CONFIG_DIR / "tiny" / "sft.yaml", "sft", base + ["data.skip_rows=10"])
     with pytest.raises(DataError, match=r"train.jsonl: data.skip_rows \(10\) leaves none of its 10 training rows"):
-        read_splits(recipe)
+        read_splits(recipe.data, recipe.seed)
     with pytest.raises(RecipeError, match="data.skip_rows must be >= 0"):
         load_recipe(CONFIG_DIR / "tiny" / "sft.yaml", "sft", base + ["data.skip_rows=-1"])

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import alignment.core.modeling as modeling
-from alignment.core.data import IGNORE, Row, collate, pack_examples, sft_example
+from alignment.data.layout import IGNORE, collate, pack_examples
+from alignment.data.sft import sft_example
+from alignment.data.sources import Row
 from alignment.core.modeling import sequence_logprobs, target_logprobs
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
 
@@ -174,7 +176,7 @@ def test_chunk_recompute_gradients_and_saved_memory(tok, examples, tiny_path, mo
     """Under autograd each logit chunk is recomputed in backward: the log-probs, entropies and gradients are
     the full-logits reference's, and nothing vocabulary-wide is kept for backward (before, every chunk's fp32
     log-softmax was, plus the entropy's exp for PPO)."""
-    from alignment.rlhf.rollout import episode_batch
+    from alignment.data.layout import episode_batch
 
     monkeypatch.setattr(modeling, "LOGIT_CHUNK", 4)  # several chunks per batch
     prompts = [tok.encode(user) for user, _ in CHATS[:2]]
@@ -232,7 +234,7 @@ def test_padded_row_equals_alone(model, tok, examples):
 
 
 def test_no_targets_gives_empty():
-    from alignment.core.data import Example
+    from alignment.data.sft import Example
 
     m = load_model(resolve_model_path("tiny-llama")).eval()
     batch = collate([Example([1, 5, 6], [IGNORE, IGNORE, IGNORE])], pad_id=3)
@@ -301,7 +303,7 @@ def system_examples(tok):
 
 @pytest.mark.parametrize("row_tokens", [512, 1], ids=["one-row", "a-row-each"])
 def test_shared_prefix_row_equals_padded_batch(model, tok, system_examples, row_tokens):
-    from alignment.core.data import collate_shared_prefix, shared_prefix_length
+    from alignment.data.layout import collate_shared_prefix, shared_prefix_length
 
     pad = tok.pad_token_id
     p = shared_prefix_length(system_examples)
@@ -332,7 +334,7 @@ def test_shared_prefix_row_equals_padded_batch(model, tok, system_examples, row_
 
 
 def test_shared_prefix_gradients_equal_padded_batch(tok, system_examples, tiny_path):
-    from alignment.core.data import collate_shared_prefix
+    from alignment.data.layout import collate_shared_prefix
 
     pad = tok.pad_token_id
     m = load_model(tiny_path, attn_implementation="sdpa")
@@ -348,7 +350,8 @@ def test_shared_prefix_gradients_equal_padded_batch(tok, system_examples, tiny_p
 
 
 def test_shared_prefix_never_holds_a_target():
-    from alignment.core.data import Example, collate_shared_prefix, shared_prefix_length
+    from alignment.data.layout import collate_shared_prefix, shared_prefix_length
+    from alignment.data.sft import Example
 
     a = Example([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 4, 5, 6])
     b = Example([1, 2, 3, 4, 7, 8], [IGNORE, IGNORE, IGNORE, IGNORE, 7, 8])

@@ -82,7 +82,7 @@ def _saved_without_template(tok, folder: Path, **special) -> Path:
 
 
 def test_chatml_fallback_warns_and_is_used_only_when_it_fits(tmp_path):
-    from alignment.core import text
+    from alignment.data import text
     from alignment.core.models import CHATML_TEMPLATE, load_tokenizer
 
     tiny = load_tokenizer(resolve_model_path("tiny-llama"))

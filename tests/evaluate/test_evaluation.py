@@ -13,8 +13,9 @@ import torch
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
 from alignment.evaluate.evaluation import continuation_logprobs, mean_and_se, win_rate
 from helpers import align_cache, run_cli  # noqa: F401
-from reward.model import RewardScorer, ensure_distinct_pad
-from reward.score import sequence_ids
+from reward.model import ensure_distinct_pad
+from reward.scorer import RewardScorer
+from reward.scorer import sequence_ids
 
 
 def test_win_rate_and_standard_error_by_hand():
@@ -75,7 +76,7 @@ def test_policy_against_itself_and_against_a_perturbed_copy(tmp_path, perturbed,
 
     moved, _ = _eval(tmp_path / "moved", "--policy", str(perturbed), "--reference", "tiny-llama")
     assert moved["objective/kl"] != 0.0 and moved["forgetting/nll_change"] != 0.0
-    from alignment.evaluate import task
+    from alignment.builtin import task
 
     # the gold score is the verifier's over the very responses shown
     golds = {r["id"]: r["gold"] for r in map(json.loads, open(task_prompts()).read().splitlines())}
@@ -84,7 +85,7 @@ def test_policy_against_itself_and_against_a_perturbed_copy(tmp_path, perturbed,
 
 
 def task_prompts():
-    from alignment.core.data import resolve_source
+    from alignment.data.sources import resolve_source
 
     return resolve_source("builtin:prompts_eval")
 

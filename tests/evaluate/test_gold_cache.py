@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from alignment.core.config import GoldEvalConfig
+from alignment.core.recipes import GoldEvalConfig
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
 from alignment.evaluate import gold
 

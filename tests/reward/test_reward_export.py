@@ -12,8 +12,10 @@ import torch
 
 from helpers import align_cache, run_cli  # noqa: F401
 from alignment.core.config import DataConfig
-from alignment.core.data import DataReport, read_rows
-from alignment.core.preference import collate_pairs, load_pairs
+from alignment.data.report import DataReport
+from alignment.data.sources import read_rows
+from alignment.data.layout import collate_pairs
+from alignment.data.preference import load_pairs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -92,7 +94,7 @@ def test_full_rm_scores_the_same_plain_with_align_score_and_in_training(tmp_path
 def test_lora_rm_final_and_merged_score_with_normalisation_and_match(tmp_path, pairs_file):
     """A LoRA reward model trains, exports an adapter that reloads with its one-label head, and a merged/
     that keeps the distinct pad token and the reward statistics; both score as the live model did."""
-    from reward.model import RewardScorer
+    from reward.scorer import RewardScorer
 
     data, rows = pairs_file
     out = tmp_path / "rm-lora"

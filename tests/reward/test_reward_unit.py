@@ -12,13 +12,16 @@ import math
 import pytest
 import torch
 
-from alignment.core.data import DataReport, Row
+from alignment.data.report import DataReport
+from alignment.data.sources import Row
 from alignment.core.config import DataConfig
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
-from alignment.core.preference import collate_pairs, load_pairs
+from alignment.data.layout import collate_pairs
+from alignment.data.preference import load_pairs
 from reward.losses import bradley_terry_loss, centering_penalty, reward_loss
 from reward.metrics import expected_calibration_error, pairwise_accuracy, pearson, reward_report
-from reward.model import RewardScorer, batch_rewards, ensure_distinct_pad, last_token_index, sequence_rewards
+from reward.model import batch_rewards, ensure_distinct_pad, last_token_index, sequence_rewards
+from reward.scorer import RewardScorer
 
 
 D = torch.float64
@@ -423,7 +426,7 @@ def test_align_score_cli_pairs_single_responses_and_skips(tmp_path, tiny_path):
     import json
 
     from alignment import cli
-    from reward.score import sequence_ids
+    from reward.scorer import sequence_ids
 
     tok = load_tokenizer(tiny_path)
     model = _tiny_reward(tiny_path, tok, seed=5)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignment.core import text
+from alignment.data import text
 from alignment.core.modeling import response_logprobs
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
 from alignment.rlhf.ppo_losses import aggregate, policy_loss
-from alignment.rlhf.rollout import episode_batch, predicting_positions, sample_batch
+from alignment.data.layout import episode_batch, predicting_positions
+from alignment.rlhf.rollout import sample_batch
 
 PROMPTS = [[{"role": "user", "content": "What is 7 + 5? Answer with just the number."}],
            [{"role": "user", "content": "Spell the word 'garden' backwards."}],
@@ -174,7 +175,7 @@ def test_tempered_rollout_logprobs_equal_the_tempered_training_pass(model, tok, 
     """At temperature 0.6 the rollout samples softmax(logits / 0.6); the training pass with logit_temperature
     0.6 reads the same log-probs (and entropies of that distribution), and without it the untempered ones."""
     from alignment.core.modeling import full_logits
-    from alignment.rlhf.rollout import group_batch
+    from alignment.data.layout import group_batch
 
     grouped = [p for p in prompt_ids[:2] for _ in range(3)]
     out = sample_batch(model, grouped, list(range(20, 26)), **_options(tok, temperature=0.6))
@@ -249,7 +250,7 @@ def test_packed_groups_give_the_log_probs_values_and_gradients_of_separate_episo
     """[prefix | prompt 1 | r1 | r2 | r3 | prompt 2 | ...], each response seeing the prefix, its prompt and
     itself: the same log-probs, critic values and gradients as the episodes laid out one per row (fp32)."""
     from alignment.core.models import load_model
-    from alignment.rlhf.rollout import group_batch
+    from alignment.data.layout import group_batch
     from reward.model import token_values
 
     grouped = [p for p in prompt_ids[:2] for _ in range(3)]

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from alignment.core import text
+from alignment.data import text
 from alignment.core.config import DeepSpeedConfig, TrainConfig
 from alignment.core.engine import Engine
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path

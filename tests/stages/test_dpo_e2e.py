@@ -35,7 +35,7 @@ def test_share_prefix_trains_like_padded_rows(tmp_path, reference):
     for a frozen reference model and for the adapter-off reference of LoRA."""
     import json
 
-    from alignment.core.data import read_rows
+    from alignment.data.sources import read_rows
 
     from helpers import step_metrics
 

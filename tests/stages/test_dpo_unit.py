@@ -13,23 +13,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alignment.core.config import DataConfig, LoraConfig, RecipeError, load_recipe
-from alignment.core.data import IGNORE, DataReport, Row
-from alignment.stages.dpo import (
-    DPOConfig,
-    Reference,
-    compute_reference_table,
-    make_loss_fn,
-    pair_batch,
-    pair_logps,
-    pairs_fingerprint,
-    preference_losses,
-    validate_dpo,
-)
+from alignment.core.config import DataConfig, LoraConfig, RecipeError
+from alignment.core.recipes import load_recipe
+from alignment.data.layout import IGNORE
+from alignment.data.report import DataReport
+from alignment.data.sources import Row
+from alignment.core.recipes import DPOConfig, validate_dpo
+from alignment.stages.dpo import (Reference, compute_reference_table, make_loss_fn, pair_batch, pair_logps, pairs_fingerprint, preference_losses)
 from alignment.core.fingerprint import model_fingerprint
 from alignment.rlhf.dpo_losses import dpo_logits, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, simpo_loss
 from alignment.core.models import apply_lora, load_model, load_tokenizer, resolve_model_path
-from alignment.core.preference import TokenizedPair, collate_pairs, load_pairs
+from alignment.data.layout import collate_pairs
+from alignment.data.preference import TokenizedPair, load_pairs
 
 LN2 = math.log(2.0)
 D = torch.float64

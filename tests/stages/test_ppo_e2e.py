@@ -167,7 +167,7 @@ def test_reinforce_pp_kl_in_the_reward_and_tempered_sampling(tmp_path):
 
 
 def test_informative_groups_keeps_groups_with_a_spread_first_in_order():
-    from alignment.stages.ppo import informative_groups
+    from alignment.rlhf.episodes import informative_groups
 
     # 4 groups of 3: group 0 tied, 1 spread, 2 tied, 3 spread.
     scores = torch.tensor([1., 1., 1., 0., 1., 0., 0., 0., 0., 0.5, 0.5, 1.])
@@ -190,9 +190,9 @@ def test_dynamic_sampling_trains_on_the_kept_groups_and_reports_every_sample(tmp
 
 
 def test_guidance_helpers_find_all_wrong_groups_and_encode_the_reference_answer():
-    from alignment.core import text
+    from alignment.data import text
     from alignment.core.models import load_tokenizer, resolve_model_path
-    from alignment.evaluate import task
+    from alignment.builtin import task
     from alignment.stages.ppo import all_wrong_groups, reference_response
 
     rows = [{"gold": {"family": "arith", "task": "multiply", "kind": "number", "expected": "42", "format": "plain",
@@ -226,7 +226,7 @@ def test_grpo_with_reference_guidance(tmp_path):
     assert first["check/first_ratio_dev"] < 1e-6 and first["check/rollout_logprob_max_diff"] < 1e-4
     assert first["loss/policy"] == first["loss/policy"]  # finite: the guided rows carry no NaN into the loss
     import alignment.stages.ppo  # noqa: F401  (registers the stage's schema)
-    from alignment.core.config import load_recipe
+    from alignment.core.recipes import load_recipe
 
     with pytest.raises(Exception, match="use it with advantage grpo or rloo"):
         load_recipe(REPO / "configs" / "tiny" / "ppo.yaml", "ppo", ["ppo.guidance=reference"])
@@ -238,7 +238,7 @@ def test_rollout_prompts_are_epochs_without_repeats_and_do_not_depend_on_resume_
     world size broke the consumed-sample arithmetic. Here iteration k's prompts are a function of (k, seed) alone,
     the epochs are permutations, and the ranks' slices of a rollout (and their episodes' seeds) are the same
     episodes at any world size."""
-    from alignment.stages.ppo import episode_seed, rollout_prompts
+    from alignment.rlhf.episodes import episode_seed, rollout_prompts
 
     num_prompts, per_rollout, seed = 10, 4, 3
     uninterrupted = [rollout_prompts(num_prompts, per_rollout, k, seed) for k in range(1, 11)]  # 4 epochs
@@ -263,25 +263,25 @@ def test_rollout_prompts_are_epochs_without_repeats_and_do_not_depend_on_resume_
 
 @pytest.mark.timeout(60)
 def test_a_reward_model_with_another_tokenizer_reads_a_truncated_answer_as_produced():
-    """RewardModelSource.sequence when the RM's tokenizer is not the policy's: the answer is decoded and rendered
-    for the RM, with the end of turn and the template's suffix when it ended, without them when a token limit
-    cut it: here the same ids as `align pairs`' judge (reward.score.sequence_ids) and the RM's training on
+    """RewardScorer.read_policy_ids (what a reward model of ppo.rewards reads) when the RM's tokenizer is not the
+    policy's: the answer is decoded and rendered for the RM, with the end of turn and the template's suffix when it ended, without them when a token limit
+    cut it: here the same ids as `align pairs`' judge (reward.scorer.sequence_ids) and the RM's training on
     truncated pairs read. (The stage tokenizes a cut answer's text alone, which needs no stop token at the end
     of the RM's rendering; text.unfinished_response_ids does, and refuses a template without one.)"""
     from types import SimpleNamespace
 
-    from alignment.core import text
+    from alignment.data import text
     from alignment.core.models import load_tokenizer, resolve_model_path
-    from alignment.stages.ppo import RewardModelSource
-    from reward.score import sequence_ids
+    from reward.scorer import RewardScorer as RewardModelSource
+    from reward.scorer import sequence_ids
 
     policy_tok, rm_tok = (load_tokenizer(resolve_model_path(name)) for name in ("tiny-llama", "smollm2-135m"))
-    source = SimpleNamespace(same_ids=False, policy_tokenizer=policy_tok, tokenizer=rm_tok, max_length=256,
+    source = SimpleNamespace(_same_ids={id(policy_tok): False}, tokenizer=rm_tok, max_length=256,
                              max_prompt_length=None)
     prompt = [{"role": "user", "content": "What is 7 + 5?"}]
     answer = policy_tok("12 is the answer", add_special_tokens=False).input_ids
-    finished = RewardModelSource.sequence(source, prompt, [], answer + [policy_tok.eos_token_id], True)
-    cut = RewardModelSource.sequence(source, prompt, [], answer, False)
+    finished = RewardModelSource.read_policy_ids(source, prompt, [], answer + [policy_tok.eos_token_id], True, policy_tok)
+    cut = RewardModelSource.read_policy_ids(source, prompt, [], answer, False, policy_tok)
     response = policy_tok.decode(answer, skip_special_tokens=True)
     assert finished == sequence_ids(rm_tok, prompt, response, 256)
     assert cut == sequence_ids(rm_tok, prompt, response, 256, ended=False)

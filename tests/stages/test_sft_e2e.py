@@ -411,7 +411,7 @@ def test_sigusr1_to_a_two_rank_launch_stops_both_ranks_with_a_checkpoint(tmp_pat
 def test_share_prefix_trains_like_padded_batches(tmp_path, align_cache):
     """Rows with a chat system prompt (as SmolLM2's template adds): with sft.share_prefix each micro-batch of 4
     runs as one row [system prompt | 4 rests]; losses, gradient norms and final weights equal the padded run."""
-    from alignment.core.data import read_rows
+    from alignment.data.sources import read_rows
 
     system = {"role": "system", "content": "You are a concise assistant. Give only the answer, nothing else."}
     rows = [dict(r.data) for r in read_rows("builtin:sft_train")[:32]]

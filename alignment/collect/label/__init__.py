@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 import sys
 
+from alignment.collect.label import results
+from alignment.collect.label.server import serve
+from alignment.collect.label.store import Store, StoreError
+
 
 def add_parser(sub) -> None:
     label = sub.add_parser("label", help="human preference labelling: a local web app, agreement, export",
@@ -49,8 +53,6 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     from pathlib import Path
 
-    from alignment.collect.label import results
-    from alignment.collect.label.store import Store, StoreError
 
     job = args.label_command
     if job != "init" and not Path(args.store).exists():
@@ -58,7 +60,6 @@ def main(args) -> int:
         return 2
     try:
         if job == "serve":
-            from alignment.collect.label.server import serve
 
             serve(args.store, args.host, args.port)
             return 0

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from alignment.collect.label.agreement import cohen_kappa, krippendorff_alpha_nominal, majority, wilson_interval
 from alignment.collect.label.store import Item, Store
-from alignment.core.data import DataError, read_rows
+from alignment.data.preference import PairRejected, to_pair
+from alignment.data.sources import DataError, read_rows
 
 
 def _as_text(value) -> str:
@@ -32,7 +33,6 @@ def _as_text(value) -> str:
 
 
 def items_from_pairs(source: str) -> list[Item]:
-    from alignment.core.preference import PairRejected, to_pair
 
     items, skipped = [], 0
     for n, row in enumerate(read_rows(source)):

@@ -1,19 +1,10 @@
-"""Tests for alignment.evaluate.task: the built-in offline demo task and its gold reward."""
+"""Tests for alignment.builtin.task: the built-in offline demo task and its gold reward."""
 import json
 import random
 
 import pytest
 
-from alignment.evaluate.task import (
-    FAMILIES,
-    FORMAT_VERSION,
-    Problem,
-    bad_responses,
-    generate_problems,
-    main,
-    score,
-    write_task_data,
-)
+from alignment.builtin.task import (FAMILIES, FORMAT_VERSION, Problem, bad_responses, generate_problems, main, score, write_task_data)
 
 FILE_KEYS = ("sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "prompts_eval", "prompts_rl")
 

@@ -1,4 +1,4 @@
-"""Tests for alignment.core.data: loss masks, BOS/EOS handling, malformed rows, over-long rows,
+"""Tests for alignment.data: loss masks, BOS/EOS handling, malformed rows, over-long rows,
 packing, collation and the global batch sampler. Tokenizers only; no model is loaded."""
 
 from __future__ import annotations
@@ -12,21 +12,11 @@ from pathlib import Path
 import pytest
 
 from alignment.core.config import DataConfig, TrainConfig, batch_layout
-from alignment.core.data import (
-    IGNORE,
-    DataError,
-    DataReport,
-    Example,
-    GlobalBatchSampler,
-    PackedRow,
-    Row,
-    build_sft_examples,
-    collate,
-    count_targets,
-    pack_examples,
-    read_rows,
-    sft_example,
-)
+from alignment.data.layout import IGNORE, PackedRow, collate, pack_examples
+from alignment.data.report import DataReport
+from alignment.data.sampler import GlobalBatchSampler
+from alignment.data.sft import Example, build_sft_examples, count_targets, sft_example
+from alignment.data.sources import DataError, Row, read_rows
 from alignment.core.models import CHATML_TEMPLATE, load_tokenizer, resolve_model_path
 
 END = "<|im_end|>"
@@ -410,7 +400,7 @@ def test_skip_counts_bad_rows_keeps_good(tmp_path, tiny_tok):
 
 
 def test_skip_covers_invalid_json_line(tmp_path, tiny_tok):
-    from alignment.core.config import load_recipe
+    from alignment.core.recipes import load_recipe
     from alignment.stages.sft import load_sft_data
 
     path = _jsonl(tmp_path / "rows.jsonl", [json.dumps(GOOD)] * 2 + ['{"messages": ['] + [json.dumps(GOOD)] * 9)
@@ -672,7 +662,7 @@ def test_inconsistent_template_error_names_the_turn(tiny_tok):
 
 
 def test_rows_under_keeps_order_and_cap():
-    from alignment.core.data import rows_under
+    from alignment.data.layout import rows_under
 
     assert rows_under([5, 5, 5], 2, 100) == [[0, 1, 2]]
     assert rows_under([5, 5, 5], 2, 12) == [[0, 1], [2]]

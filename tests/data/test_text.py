@@ -1,4 +1,4 @@
-"""One tokenization path (alignment.core.text): the ids that training, scoring and generation see for the
+"""One tokenization path (alignment.data.text): the ids that training, scoring and generation see for the
 same (prompt, response) are identical, for a tokenizer that adds BOS and for one that does not; the
 reward model's sequence is the standard rendering; no completion token is lost at a merged boundary."""
 
@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from helpers import END, bos_adding_tokenizer, sentencepiece_style_tokenizer
-from alignment.core import text
+from alignment.data import text
 from alignment.core.config import DataConfig
-from alignment.core.data import IGNORE, DataReport, Row, build_sft_examples
+from alignment.data.layout import IGNORE
+from alignment.data.report import DataReport
+from alignment.data.sft import build_sft_examples
+from alignment.data.sources import Row
 from alignment.core.models import CHATML_TEMPLATE, load_tokenizer, resolve_model_path
-from alignment.core.preference import load_pairs
+from alignment.data.preference import load_pairs
 
 PROMPT = [{"role": "user", "content": "What is 17 + 25? Answer with just the number."}]
 RESPONSE = [{"role": "assistant", "content": "42"}]
@@ -50,7 +53,7 @@ def test_encode_cuts_prompt_response_and_suffix(tok):
 
 def test_training_scoring_and_generation_see_the_same_ids(tok):
     from alignment.evaluate.gold import generation_batch
-    from reward.score import sequence_ids
+    from reward.scorer import sequence_ids
 
     enc = text.encode(tok, PROMPT, RESPONSE)
     # The plain way (RewardBench, TRL): the chat template over the whole conversation, tokenized as is.

@@ -1,0 +1,47 @@
+"""RL prompts: rows with a `prompt` (a string or a message list) and any fields reward functions read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignment.data import text
+from alignment.data.report import DataReport
+from alignment.data.shapes import check_messages
+from alignment.data.sources import DataError
+
+
+@dataclass
+class PromptSet:
+    prompts: list          # chat messages or raw text, as the rows give them
+    ids: list[list[int]]   # text.prompt_ids of each
+    rows: list[dict]       # the rows (gold specs and any other fields reward functions read)
+
+
+def load_prompts(rows, tokenizer, max_prompt_length: int, report: DataReport, on_bad_row: str) -> PromptSet:
+    out = PromptSet([], [], [])
+    report.rows_read += len(rows)
+    for row in rows:
+        try:
+            row.check()
+            prompt = row.data.get("prompt")
+            if isinstance(prompt, list):
+                prompt = check_messages(prompt, row.origin, "prompt")
+            elif not isinstance(prompt, str):
+                raise DataError(f"{row.origin}: field 'prompt' must be a string or a list of messages")
+            ids = text.prompt_ids(tokenizer, prompt)
+        except (DataError, text.TemplateError) as exc:
+            if on_bad_row == "error":
+                raise DataError(str(exc)) from None
+            report.skip(str(exc).split(": ", 1)[-1][:60], str(exc))
+            continue
+        if len(ids) > max_prompt_length:
+            report.dropped["prompt longer than ppo.max_prompt_length"] += 1
+            continue
+        out.prompts.append(prompt)
+        out.ids.append(ids)
+        out.rows.append(row.data)
+        report.tokens += len(ids)
+    report.examples = len(out.ids)
+    return out
+
+
