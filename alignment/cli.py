@@ -48,6 +48,9 @@ def _stage_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to launch through DeepSpeed's launcher (default 1; a pipeline: its recipe's nproc)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    if name != "pipeline":
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a finished run in output_dir that was made from other inputs (refused otherwise)")
     if name == "pipeline":
         p.add_argument("--dry-run", action="store_true", help="check every stage's recipe, print the commands, run nothing")
 
@@ -214,103 +217,88 @@ def lost_peer(message: str) -> str | None:
     return f"{where} ({reason.group(1)})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    allocator.cap_onednn_cache()  # before torch loads (see the module)
-    if args.command not in (*stages.MODULES, "pipeline"):
-        allocator.tune_host_allocator(args.command)  # stages choose theirs once the recipe is read, below
-    if args.command == "data":
-        if args.target[0] == "check":
-            if len(args.target) != 2:
-                print("error: align data check FILE [--eval FILE]", file=sys.stderr)
-                return 2
-            from alignment.collect.datacheck import main as check_main
+def run_data(args) -> int:
+    if args.target[0] == "check":
+        if len(args.target) != 2:
+            raise UserError("align data check FILE [--eval FILE]")
+        from alignment.collect.datacheck import main as check_main
 
-            args.file = args.target[1]
-            return check_main(args)
-        if len(args.target) != 1:
-            print("error: align data OUT_DIR (or: align data check FILE)", file=sys.stderr)
-            return 2
-        from alignment.builtin import task
+        args.file = args.target[1]
+        return check_main(args)
+    if len(args.target) != 1:
+        raise UserError("align data OUT_DIR (or: align data check FILE)")
+    from alignment.builtin import task
 
-        paths = task.write_task_data(args.target[0], seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
-        for name, path in paths.items():
-            print(f"{name:14s} {path}")
-        return 0
-    if args.command == "score":
-        from reward.score import main as score_main
+    paths = task.write_task_data(args.target[0], seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+    for name, path in paths.items():
+        print(f"{name:14s} {path}")
+    return 0
 
-        return score_main(args)
-    if args.command == "doctor":
-        from alignment.cluster import doctor as doctor_module
 
-        if args.hostfile and "RANK" not in os.environ:  # the launching process; ranks leave it to rank 0
-            try:
-                doctor_module.read_hostfile(args.hostfile)
-            except doctor_module.HostfileError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-        if (args.nproc or 1) > 1 and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-            return launch_local(args.nproc, _strip_nproc(argv))
-        code = doctor_module.main(args)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)  # as for stages: skip teardown, gloo threads can abort it
-        return code
-    if args.command == "estimate":
-        from alignment.cluster.estimate import main as estimate_main
-        from alignment.cluster.estimate import stage_of_recipe
+def run_doctor(args, argv: list[str]) -> int:
+    from alignment.cluster import doctor as doctor_module
 
-        args.stage = args.stage or stage_of_recipe(args.recipe)
-        if args.stage is None:
-            print(f"error: cannot tell the stage of {args.recipe} from its name; pass --stage", file=sys.stderr)
-            return 2
-        return estimate_main(args)
-    if args.command == "label":
-        from alignment.collect.label import main as label_main
+    if args.hostfile and "RANK" not in os.environ:  # the launching process; ranks leave it to rank 0
+        try:
+            doctor_module.read_hostfile(args.hostfile)
+        except doctor_module.HostfileError as exc:
+            raise UserError(str(exc)) from None
+    if (args.nproc or 1) > 1 and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        return launch_local(args.nproc, _strip_nproc(argv))
+    code = doctor_module.main(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # as for stages: skip teardown, gloo threads can abort it
+    return code
 
-        return label_main(args)
-    if args.command == "eval":
-        from alignment.evaluate.evaluation import main as eval_main
 
-        return eval_main(args)
-    if args.command == "pairs":
-        from alignment.collect.pairs import main as pairs_main
+def run_estimate(args) -> int:
+    from alignment.cluster.estimate import main as estimate_main
+    from alignment.cluster.estimate import stage_of_recipe
 
-        if args.samples < 2:
-            print("error: --samples must be at least 2 to form a pair", file=sys.stderr)
-            return 2
-        return pairs_main(args)
+    args.stage = args.stage or stage_of_recipe(args.recipe)
+    if args.stage is None:
+        raise UserError(f"cannot tell the stage of {args.recipe} from its name; pass --stage")
+    return estimate_main(args)
 
-    from alignment.core.config import RecipeError
+
+def run_pairs(args) -> int:
+    from alignment.collect.pairs import main as pairs_main
+
+    if args.samples < 2:
+        raise UserError("--samples must be at least 2 to form a pair")
+    return pairs_main(args)
+
+
+# Commands other than the stages: each module's main(args) is imported when its command runs (see the imports).
+TOOLS = {"score": "reward.score", "label": "alignment.collect.label", "eval": "alignment.evaluate.evaluation"}
+
+
+def run_stage(args, argv: list[str], debug: bool) -> int:
+    """A training stage or the pipeline: the recipe loaded and checked, then run on this rank (or launched on
+    --nproc local ranks). A user's mistake ends every rank with one line and exit 2; anything else with this
+    rank's traceback and exit 1, so the launcher stops the other ranks."""
     from alignment.core.recipes import load_recipe
 
     module = stage_module(args.command)
-    if module is None:
-        print(f"align {args.command}: not implemented yet", file=sys.stderr)
-        return 2
     if args.nproc is not None and args.nproc < 1:
-        print("error: --nproc must be >= 1", file=sys.stderr)
-        return 2
+        raise UserError("--nproc must be >= 1")
     overrides = list(args.overrides)
     if args.command == "pipeline" and args.nproc is not None:
         overrides.append(f"nproc={args.nproc}")
-    try:
-        recipe = load_recipe(args.recipe, args.command, overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.command, overrides)
     allocator.tune_host_allocator(args.command, recipe)  # before the models load
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if (args.nproc or 1) > 1 and not in_job and args.command != "pipeline":
         return launch_local(args.nproc, _strip_nproc(argv))
     rank = os.environ.get("RANK", "0")
-    extra = {"dry_run": args.dry_run} if args.command == "pipeline" else {}
+    extra = {"dry_run": args.dry_run} if args.command == "pipeline" else {"overwrite": args.overwrite}
     try:
         module.run(recipe, resume=args.resume, **extra)
-    except UserError as exc:  # bad data or recipe, a missing model, a reward model without what is asked of it
+    except UserError as exc:  # bad data or recipe, a missing model, a reward function or model that misbehaves
+        if debug:
+            sys.stderr.write(traceback.format_exc())
         sys.stderr.write(f"[rank {rank}] error: {exc}\n")
         sys.stderr.flush()
         os._exit(2)
@@ -331,6 +319,38 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`align COMMAND ...`. A mistake in what the user gave (data, recipe, paths, models, reward functions) ends
+    with one line on stderr and exit 2; `--debug` anywhere on the command line (or ALIGN_DEBUG=1) adds the
+    traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ALIGN_DEBUG") == "1"
+    if debug:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["ALIGN_DEBUG"] = "1"  # the ranks a launcher starts inherit it
+    args = build_parser().parse_args(argv)
+    allocator.cap_onednn_cache()  # before torch loads (see the module)
+    if args.command not in (*stages.MODULES, "pipeline"):
+        allocator.tune_host_allocator(args.command)  # stages choose theirs once the recipe is read
+    try:
+        if args.command in (*stages.MODULES, "pipeline"):
+            return run_stage(args, argv, debug)
+        if args.command == "data":
+            return run_data(args)
+        if args.command == "doctor":
+            return run_doctor(args, argv)
+        if args.command == "estimate":
+            return run_estimate(args)
+        if args.command == "pairs":
+            return run_pairs(args)
+        return importlib.import_module(TOOLS[args.command]).main(args)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

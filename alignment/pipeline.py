@@ -159,7 +159,8 @@ def _decide(step: PlannedStage, inputs: dict, resume: bool) -> str:
     else:
         what = ", ".join(manifest.changed(before.get("inputs", {}), inputs))
         verb = "finished" if before.get("complete") else "was interrupted"
-        print(f"\n=== pipeline stage {step.name}: inputs changed since it {verb} ({what}); running it again",
+        detail = "".join(f"\n    {line}" for line in manifest.differences(before.get("inputs", {}), inputs))
+        print(f"\n=== pipeline stage {step.name}: inputs changed since it {verb} ({what}); running it again{detail}",
               flush=True)
     shutil.rmtree(step.directory / "checkpoints", ignore_errors=True)  # never resume another run's state
     return "run"
@@ -192,7 +193,9 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
         inputs = _pairs_inputs(step) if is_pairs else manifest.stage_inputs(step.recipe)
         decision = _decide(step, inputs, resume)
         if decision != "skip":
-            cmd = [sys.executable, "-m", "alignment.cli", *step.command] + (["--resume"] if decision == "resume" else [])
+            # A stage the pipeline reruns (its inputs changed: said above) replaces its own finished run.
+            again = ["--resume"] if decision == "resume" else [] if is_pairs else ["--overwrite"]
+            cmd = [sys.executable, "-m", "alignment.cli", *step.command, *again]
             print(f"\n=== pipeline stage {step.name}: {' '.join(cmd[2:])}", flush=True)
             code = subprocess.call(cmd)
             if code != 0:

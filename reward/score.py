@@ -1,7 +1,7 @@
 """`align score`: score pairs or prompt+response rows from a file with a trained reward model.
 
 Input rows may be any preference shape (scores both responses, writes `reward_chosen`,
-`reward_rejected`, `margin`) or single responses: `prompt` + `response` (strings or
+`reward_rejected`, `margin`) or single responses: `prompt` + `response` or `completion` (strings or
 message lists) or a `messages` conversation (scores its final assistant turn).
 Output: one JSON object per input row, in input order, with the row's origin.
 """
@@ -12,21 +12,28 @@ import json
 from pathlib import Path
 
 from alignment.data.preference import PairRejected, to_pair
-from alignment.data.shapes import check_messages
+from alignment.data.shapes import EXAMPLES, check_messages, shape_of
 from alignment.data.sources import DataError, Row, read_rows
 from reward.scorer import RewardScorer
 
 
 def _row_items(row: Row) -> list[tuple[str, object, object]]:
-    """[(name, prompt, response)] for one input row."""
+    """[(name, prompt, response)] for one input row: a single response (prompt + response or completion, or a
+    conversation ending with an assistant turn), or both responses of a preference row."""
     data = row.data
-    if "response" in data and "prompt" in data:
-        return [("reward", data["prompt"], data["response"])]
+    single = next((key for key in ("response", "completion") if key in data), None)
+    if "prompt" in data and single and "chosen" not in data:
+        return [("reward", data["prompt"], data[single])]
     if "messages" in data:
         messages = check_messages(data["messages"], row.origin, "messages")
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{row.origin}: field 'messages' must end with an assistant turn to be scored")
         return [("reward", messages[:-1], messages[-1:])]
+    if shape_of(data, "preference") is None and "chosen" not in data and "rejected" not in data:
+        raise DataError(f"{row.origin}: cannot tell the row's shape from its fields {sorted(data)}; align score "
+                        "takes a response with its prompt, a conversation, or a preference pair:\n    "
+                        + "\n    ".join([EXAMPLES["prompt_completion"] + "  (or 'response' for 'completion')",
+                                        EXAMPLES["messages"], EXAMPLES["explicit"]]))
     pair = to_pair(row)
     return [("reward_chosen", pair.prompt, pair.chosen), ("reward_rejected", pair.prompt, pair.rejected)]
 

@@ -115,25 +115,23 @@ def reward_statistics(engine, model, metrics: dict, train_pairs: list, pad_id: i
     return {**stats, "reward_max_length": max_length, "reward_max_prompt_length": max_prompt_length}
 
 
-def load_rm_pairs(recipe: RMRecipe, tokenizer, rows, eval_rows, is_main: bool):
+def load_rm_pairs(job: loop.Run, recipe: RMRecipe, tokenizer, rows, eval_rows):
     """Rows -> pairs as a reward model reads them (the template's suffix after each response), with the report."""
-    reports = [DataReport("train"), DataReport("eval")]
+    reports = [DataReport("train", rows.described), DataReport("eval", eval_rows.described)]
     cut = recipe.rm.max_prompt_length
     train_pairs = load_pairs(rows, tokenizer, recipe.data, cut, reports[0], reward_model=True)
     eval_pairs = load_pairs(eval_rows, tokenizer, recipe.data, cut, reports[1], reward_model=True) if eval_rows else []
-    for report in reports:
-        if report.rows_read:
-            print_main(is_main, report.format())
+    tail.report_data(job, reports)
     return train_pairs, eval_pairs, reports
 
 
-def run(recipe: RMRecipe, resume: bool = False) -> dict:
+def run(recipe: RMRecipe, resume: bool = False, overwrite: bool = False) -> dict:
     # Step 1. Engine, output directory, resolved recipe, metrics logger.
-    job, checkpoint = loop.setup_run(recipe, "rm", resume)
+    job, checkpoint = loop.setup_run(recipe, "rm", resume, overwrite)
     engine = job.engine
 
     # Step 2. Tokenizer (with a pad distinct from EOS, set in step 3) and the rows.
-    model_path = resolve_model_path(recipe.model.name_or_path)
+    model_path = resolve_model_path(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
     d = recipe.data
     rows, eval_rows = read_splits(d, recipe.seed)
@@ -149,7 +147,7 @@ def run(recipe: RMRecipe, resume: bool = False) -> dict:
     model = loop.load_trainable_model(engine, recipe, model_path, "reward", before_adapters,
                                       longest_row=2 * d.max_length if share_prompt else d.max_length,
                                       disable_dropout=recipe.rm.disable_dropout, block_masked=share_prompt)
-    train_pairs, eval_pairs, reports = load_rm_pairs(recipe, tokenizer, rows, eval_rows, engine.dist.is_main)
+    train_pairs, eval_pairs, reports = load_rm_pairs(job, recipe, tokenizer, rows, eval_rows)
     if not recipe.lora.enabled and recipe.rm.trainable_layers is not None:
         freeze_lower_layers(model, recipe.rm.trainable_layers)
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)

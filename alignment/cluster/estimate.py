@@ -233,7 +233,7 @@ def runtime_mib(model_path: str) -> float:
 
 def estimate(recipe, stage: str, world_size: int, probe: bool = True) -> Estimate:
     est = Estimate(stage, world_size)
-    path = resolve_model_path(recipe.model.name_or_path)
+    path = resolve_model_path(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = load_tokenizer(recipe.model.tokenizer or path, recipe.model.trust_remote_code)
     micro, d = recipe.train.micro_batch_size, recipe.data
 

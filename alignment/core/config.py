@@ -82,11 +82,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "???"
-    """Local .json/.jsonl/.parquet file, a `datasets` hub name, or `builtin:<name>` (built-in task data)."""
-    eval: Optional[str] = None
-    """Held-out file or name; None = no eval split unless `eval_fraction` > 0."""
-    eval_fraction: float = 0.0
-    """Hold out this fraction of `train` (seeded) when `eval` is not given."""
+    """Training rows: a data file (JSON lines, JSON, Parquet, CSV), a folder written by datasets' save_to_disk, a
+    `datasets` hub name, or `builtin:<name>` (the built-in task's data). Shapes: docs/data-formats.md."""
+    eval: Optional[str] = "auto"
+    """Held-out rows, named like `train`; `auto` = the built-in eval set when `train` is a built-in train set
+    (builtin:sft_train -> builtin:sft_eval), else a seeded held-out split of `train` (data.eval_fraction, 0.1
+    unless set); null = no held-out evaluation. The data report names what was read."""
+    eval_fraction: Optional[float] = None
+    """Hold out this fraction of `train` (seeded) as the eval rows; only with `eval` auto or null."""
+    subset: Optional[str] = None
+    """The configuration (subset) of a hub dataset."""
+    eval_split: Optional[str] = None
+    """The split `eval` is read from when it is a hub dataset or a DatasetDict folder; None = `test` when `split` is
+    `train`, else `split`."""
     max_length: int = 512
     """Maximum tokens per example (prompt + response)."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -121,16 +129,23 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps; None = derived from `num_epochs`."""
     learning_rate: float = 1e-5
+    """Peak learning rate of AdamW."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to min_lr_ratio x the peak, or constant."""
     warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps (0: warmup_ratio decides)."""
     warmup_ratio: float = 0.0
     """Warmup as a fraction of total steps; used when `warmup_steps` is 0."""
     min_lr_ratio: float = 0.0
     """Final LR as a fraction of the peak for cosine/linear decay."""
     weight_decay: float = 0.0
+    """AdamW weight decay of weight matrices (not of norms and biases)."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -165,9 +180,13 @@ class DeepSpeedConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = False
+    """Train LoRA adapters instead of every weight (the base stays frozen)."""
     r: int = 16
+    """Rank of each adapter."""
     alpha: int = 32
+    """Adapter scale: its output is multiplied by alpha / r."""
     dropout: float = 0.0
+    """Dropout on the adapters' input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names (or `all-linear`) that get adapters."""
     modules_to_save: list[str] = field(default_factory=list)
@@ -181,14 +200,19 @@ class LoggingConfig:
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto = online with WANDB_API_KEY set, otherwise offline."""
     project: str = "alignment"
+    """wandb project name."""
     run_name: Optional[str] = None
+    """wandb run name; None = the output directory's name."""
     progress_bar: bool = True
+    """A progress bar with tokens/s and time left on the main rank."""
 
 
 @dataclass
 class RecipeBase:
     output_dir: str = "???"
+    """Where the run writes: recipe.yaml, run_info.json, manifest.json, metrics.jsonl, checkpoints/, final/."""
     seed: int = 42
+    """Seeds data order, initialisation, sampling and held-out splits; the same seed gives the same run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -406,10 +430,11 @@ def validate(recipe: RecipeBase, source: str = "recipe") -> None:
         problems.append("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
     if d.max_length < 8:
         problems.append("data.max_length must be >= 8")
-    if not 0.0 <= d.eval_fraction < 1.0:
+    if d.eval_fraction is not None and not 0.0 <= d.eval_fraction < 1.0:
         problems.append("data.eval_fraction must be in [0, 1)")
-    if d.eval is not None and d.eval_fraction > 0:
-        problems.append("set data.eval or data.eval_fraction, not both")
+    if d.eval not in (None, "auto") and d.eval_fraction:
+        problems.append("set data.eval or data.eval_fraction, not both (data.eval names held-out rows; "
+                        "data.eval_fraction holds out part of data.train)")
     if d.skip_rows < 0:
         problems.append(f"data.skip_rows must be >= 0, got {d.skip_rows}")
     if recipe.lora.enabled and recipe.lora.r < 1:

@@ -27,6 +27,7 @@ from alignment.core.models import apply_lora, attention_for
 from alignment.core.models import disable_dropout as turn_off_dropout
 from alignment.core.models import load_model
 from alignment.core.tracking import MetricsLogger, Progress, print_main, run_info
+from alignment.errors import UserError
 
 
 @dataclass
@@ -103,8 +104,28 @@ def step_boundary(run: Run, models: dict, step: int, steps: int, epoch_hint: int
         os._exit(PREEMPTED_EXIT_CODE)  # the checkpoint is on disk; skip teardown (gloo threads can abort it)
 
 
-def setup_run(recipe: RecipeBase, stage: str, resume: bool) -> tuple[Run, Path | None]:
-    """Engine, output directory, resolved recipe, run info and metrics logger."""
+class RunExists(UserError):
+    """output_dir holds a finished run of other inputs, and --overwrite was not given."""
+
+
+def refuse_to_overwrite(recipe: RecipeBase, stage: str, overwrite: bool) -> None:
+    """A finished run in output_dir is replaced only by a run of the same inputs (its rerun) or with --overwrite;
+    every rank checks, before any of them starts, so all stop with the same message."""
+    before = manifest.read(recipe.output_dir)
+    if overwrite or before is None or not before.get("complete"):
+        return
+    inputs = manifest.stage_inputs(recipe)
+    if before.get("inputs") == inputs:
+        return
+    what = "; ".join(manifest.differences(before.get("inputs", {}), inputs)) or "its inputs"
+    raise RunExists(f"{recipe.output_dir} holds a finished {before.get('stage', '')} run made from other inputs "
+                    f"({what}); pass --overwrite to replace it, or set another output_dir")
+
+
+def setup_run(recipe: RecipeBase, stage: str, resume: bool, overwrite: bool = False) -> tuple[Run, Path | None]:
+    """Engine, output directory, resolved recipe, run info and metrics logger; a finished run of other inputs in
+    output_dir is refused unless `overwrite`."""
+    refuse_to_overwrite(recipe, stage, overwrite)
     watch_preemption()
     engine = Engine(recipe.train, recipe.deepspeed, recipe.seed)
     output_dir = Path(recipe.output_dir)

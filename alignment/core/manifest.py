@@ -51,7 +51,8 @@ def _fingerprint_of(where: str, value: str, revision: str | None) -> str | None:
 
 
 def stage_inputs(recipe) -> dict:
-    """What a stage's result depends on: {"recipe": sha256, "files": {dotted key: fingerprint}}."""
+    """What a stage's result depends on: {"recipe": sha256 of the resolved recipe, "settings": its dotted keys and
+    values (to name what changed), "files": {dotted key: fingerprint}}."""
     resolved = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in _NOT_INPUTS}
     recipe_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
     revision = getattr(getattr(recipe, "model", None), "revision", None)
@@ -60,7 +61,17 @@ def stage_inputs(recipe) -> dict:
         fingerprint = _fingerprint_of(where, value, revision)
         if fingerprint is not None:
             files[where] = fingerprint
-    return {"recipe": recipe_hash, "files": files}
+    settings = {where: value for where, value in _leaves(resolved)}
+    return {"recipe": recipe_hash, "settings": settings, "files": files}
+
+
+def _leaves(value: Any, where: str = ""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{where}.{key}" if where else key)
+    else:
+        yield where, value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value,
+                                                                                                          default=str)
 
 
 def read(output_dir: str | Path) -> dict | None:
@@ -90,3 +101,25 @@ def changed(before: dict, now: dict) -> list[str]:
     old, new = before.get("files", {}), now.get("files", {})
     out += sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return out
+
+
+def differences(before: dict, now: dict) -> list[str]:
+    """What differs, in detail: each recipe key whose value changed (`key: old -> new`), and each data file or
+    model whose contents changed (`key: contents changed`); a manifest older than its settings says 'recipe'."""
+    out = []
+    if before.get("recipe") != now.get("recipe"):
+        old, new = before.get("settings"), now.get("settings", {})
+        if old is None:
+            out.append("recipe")
+        else:
+            out += [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+    named = {item.split(":")[0] for item in out}
+    old, new = before.get("files", {}), now.get("files", {})
+    out += sorted(f"{k}: contents changed" for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in named)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 100 else "..." + text[-97:]  # a path's end says the most

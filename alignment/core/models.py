@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib
 import json
 import os
@@ -143,19 +144,66 @@ def build_in_fresh_process(builder: Callable[[Path], None]) -> Callable[[Path], 
     return run
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Turn a recipe's `model.name_or_path` into something `from_pretrained` can load."""
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
+    """Turn a recipe's `model.name_or_path` into something `from_pretrained` can load: a built-in name (built once
+    into the cache), a local model directory, or a hub id that is reachable or cached. Anything else is a
+    ModelError naming what is wrong, before any download or load starts."""
     builtin = BUILTIN_MODELS.get(name_or_path)
     if builtin is not None:
         return str(build_once(builtin.cache_name, build_in_fresh_process(builtin.builder), check=model_dir_problems))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model directory {path} has no config.json")
+            raise ModelError(f"{path}: a folder, but no model in it (no config.json)")
         return str(path)
-    if name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model path does not exist: {name_or_path}")
-    return name_or_path  # a hub id
+    if not is_hub_id(name_or_path):
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ModelError(f"model path does not exist: {name_or_path}{where}")
+    check_hub_model(name_or_path, revision)
+    return name_or_path
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can be a hub repository id ("name" or "org/name"); a path-like name cannot."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def check_hub_model(repo_id: str, revision: str | None = None) -> None:
+    """A hub model is there before anything loads: in the local cache when HF_HUB_OFFLINE=1, else on the hub,
+    asked once with a short timeout and no retries (transformers' own retries take a minute to fail)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    at = f"{repo_id}{f'@{revision}' if revision else ''}"
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise ModelError(f"{at}: no such local directory, and not in the local Hugging Face cache while "
+                             "HF_HUB_OFFLINE=1; download it once with network access, or give a local directory")
+        return
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=10)
+    except GatedRepoError:
+        raise ModelError(f"{at}: a gated model; accept its terms on the hub and log in (`hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{at}: the hub has no revision {revision!r} of this model") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{at}: no such local directory (relative to {Path.cwd()}), and no such model on the hub "
+                         "(or a private one: log in with `hf auth login`)") from None
+    except Exception as exc:  # the hub cannot be reached: connection refused, DNS, timeout, proxy
+        hint = ("it is in the local cache: set HF_HUB_OFFLINE=1 to use it" if cached else
+                "to work offline, give a local model directory, or download it once and set HF_HUB_OFFLINE=1")
+        raise ModelError(f"{at}: cannot reach the Hugging Face hub at {constants.ENDPOINT} "
+                         f"({type(exc).__name__}: {str(exc)[:120]}); {hint}") from None
 
 
 # ---------------------------------------------------------------------------

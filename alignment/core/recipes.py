@@ -11,6 +11,7 @@ before the first trains). docs/recipe-keys.md is generated from the docstrings h
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -23,10 +24,14 @@ class GoldEvalConfig:
     """Generate on held-out built-in task prompts and score them with the task's verifier."""
 
     prompts: Optional[str] = None
-    """Prompt file with `gold` specs (e.g. `builtin:prompts_eval`); None = skip."""
+    """Prompt rows with `gold` specs (e.g. `builtin:prompts_eval`); `auto` = builtin:prompts_eval when data.train is
+    built-in data, else none (a user's own data is not scored on the built-in task unless named); None = skip."""
     num_prompts: int = 64
+    """The first N prompt rows are scored."""
     max_new_tokens: int = 32
+    """Tokens generated per answer (greedy)."""
     batch_size: int = 16
+    """Prompts per generation batch on a rank."""
     interval: int = 0
     """ppo: also score the policy being trained every this many iterations (its training weights, in
     memory; logged as gold/score at that iteration); 0 = only before and after."""
@@ -106,6 +111,7 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
     """sigmoid = DPO (with label_smoothing > 0: conservative DPO); ipo; hinge (SLiC); simpo (no reference)."""
     beta: float = 0.1
+    """Strength of the KL anchor to the reference (DPO eq. 7's beta); larger keeps the policy closer."""
     label_smoothing: float = 0.0
     """cDPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
     simpo_gamma: float = 0.5
@@ -175,6 +181,7 @@ class RewardSource:
     """`gold` (the built-in task's verifier; prompts need a `gold` spec), a reward model directory (what
     `align rm` exports), or `module:function` called as function(prompts, responses, rows) -> list of floats."""
     weight: float = 1.0
+    """Multiplies this source's score in the weighted sum."""
     normalize: bool = False
     """Reward models: (r - reward_mean) / reward_std with the statistics stored at export (an error if absent)."""
 
@@ -184,12 +191,17 @@ class PPOConfig:
     advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     """gae: PPO with a critic; grpo: group-normalised outcome; rloo: leave-one-out; reinforce_pp: REINFORCE++."""
     rewards: list[RewardSource] = field(default_factory=lambda: [RewardSource("gold")])
+    """Reward sources, summed with their weights (ppo.rewards[] keys below)."""
     prompts_per_rollout: int = 8
     """Prompts per iteration across all ranks (a multiple of the world size: each rank samples whole groups)."""
     samples_per_prompt: int = 4
+    """Responses sampled per prompt (the group of GRPO and RLOO)."""
     max_new_tokens: int = 32
+    """Tokens a response may have; a response cut here did not stop (see missing_eos_penalty)."""
     temperature: float = 1.0
+    """Sampling temperature of the rollout."""
     top_k: int = 0
+    """Top-k sampling (0: off)."""
     top_p: float = 1.0
     """Pure sampling (1, 0, 1) is the default. A temperature T != 1 trains the tempered policy softmax(logits / T)
     that it samples (log-probs of actor and reference from logits / T, as TRL's GRPOTrainer and verl); top-k /
@@ -201,6 +213,7 @@ class PPOConfig:
     rank, prompts_per_rollout / world size groups whose samples scored differently first (a group whose
     samples all tie carries no group-baseline signal), filling up with tied ones. 1 = off."""
     kl_coef: float = 0.05
+    """Weight beta of the KL penalty to the reference (the start, with kl_target)."""
     kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
     """None: k3 when the KL is in the loss, k1 when it is in the reward."""
     kl_in: Optional[Literal["reward", "loss"]] = None
@@ -208,17 +221,25 @@ class PPOConfig:
     kl_target: Optional[float] = None
     """Adapt kl_coef towards this mean per-response KL (Ziegler et al. 2019); None keeps it fixed."""
     kl_horizon: int = 10000
+    """kl_target's controller: episodes over which the coefficient adapts (Ziegler et al. 2019)."""
     clip_low: float = 0.2
+    """Lower clip of the importance ratio, 1 - clip_low (PPO's epsilon)."""
     clip_high: float = 0.2
     """Separate upper clip (DAPO's clip-higher, e.g. 0.28)."""
     dual_clip: Optional[float] = None
     """Bound on the loss of negative-advantage tokens, c > 1 (e.g. 3)."""
     value_clip: Optional[float] = 0.2
+    """Clip of the critic's new values around its old ones (None: no clip)."""
     vf_coef: float = 0.1
+    """Weight of the critic's loss."""
     gamma: float = 1.0
+    """Discount of GAE and of REINFORCE++ returns."""
     lam: float = 0.95
-    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"] \
-        = "token_mean"
+    """GAE's lambda."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean",
+                              "seq_mean_token_sum_norm"] = "token_mean"
+    """How token losses make a minibatch's loss: a mean over all tokens, or per sequence then over sequences (sum
+    or mean of its tokens; _norm: the sum over max_new_tokens, Dr. GRPO)."""
     whiten_advantages: bool = True
     """gae, reinforce_pp: whiten advantages over the whole rollout."""
     grpo_scale: bool = True
@@ -228,11 +249,13 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = None
     """Subtract this from the score of a response that did not stop by itself."""
     entropy_coef: float = 0.0
+    """Weight of an entropy bonus (0: none)."""
     critic: Optional[str] = None
     """gae's critic initialisation: None = the first reward model among ppo.rewards, else the policy with a new head."""
     critic_learning_rate: Optional[float] = None
     """None: train.learning_rate."""
     disable_dropout: bool = True
+    """Train without dropout, so that the policy sampled is the policy trained."""
     share_prompt: bool = True
     """Run each group's prompt once in the training pass, [prompt | response 1 | ... | response K] with each
     response seeing only the prompt and itself (alignment.data.layout.group_batch; the same log-probs as
@@ -298,11 +321,30 @@ def validate_ppo(recipe: PPORecipe) -> None:
     if cfg.kl_coef < 0 or (cfg.kl_target is not None and cfg.kl_target <= 0):
         problems.append("ppo.kl_coef must be >= 0 and ppo.kl_target > 0")
     for i, source in enumerate(cfg.rewards):
-        if source.source != "gold" and ":" not in source.source and not Path(source.source).expanduser().exists():
+        if source.source == "gold" or Path(source.source).expanduser().exists():
+            continue
+        if ":" not in source.source:
             problems.append(f"ppo.rewards[{i}].source: {source.source!r} is neither gold, module:function nor a "
                             "reward model directory that exists")
+            continue
+        problem = reward_function_problem(source.source)
+        if problem:
+            problems.append(f"ppo.rewards[{i}].source: {problem}")
     if problems:
         raise RecipeError("; ".join(problems))
+
+
+def reward_function_problem(spec: str) -> str | None:
+    """Why a `module:function` reward cannot be called (its module does not import, it has no such function), or
+    None; checked when the recipe loads, before any model does."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except Exception as exc:  # the user's module: any error importing it is theirs to see
+        return f"{spec!r}: module {module!r} does not import ({type(exc).__name__}: {exc})"
+    if not callable(fn):
+        return f"{spec!r}: module {module!r} has no function {name!r}"
+    return None
 
 
 def kl_placement(cfg: PPOConfig) -> tuple[str, str]:
@@ -323,22 +365,29 @@ class PipelineStage:
     overrides: list[str] = field(default_factory=list)
     """Dotted overrides for that recipe, as with --set."""
     enabled: bool = True
+    """Run this stage."""
 
 
 @dataclass
 class PairsStage:
     """On-policy pairs from the SFT policy (`align pairs`), used as DPO's training data."""
     enabled: bool = False
+    """Sample on-policy pairs from the SFT policy and train DPO on them instead of the offline pairs."""
     prompts: str = "builtin:prompts_train"
+    """Prompt rows to sample for."""
     judge: str = "gold"
     """'gold' (the built-in task's verifier) or 'rm' (this pipeline's reward model)."""
     chosen: Literal["best", "reference"] = "best"
     """'best': the best sample against the worst; 'reference': the verifier's reference answer against
     the worst sample when it is wrong (SPIN-style; needs judge 'gold')."""
     num_prompts: int = 256
+    """Prompts per round."""
     samples: int = 4
+    """Samples per prompt."""
     temperature: float = 1.0
+    """Sampling temperature."""
     max_new_tokens: int = 24
+    """Tokens per sample."""
     rounds: int = 1
     """Online (iterative) DPO: each round samples pairs from the policy the previous round trained and runs
     DPO from it, so the reference (the round's starting policy) moves with it. Rounds before the last go
@@ -349,8 +398,11 @@ class PairsStage:
 class RLStage(PipelineStage):
     """Online RL (`align ppo`: PPO, GRPO, ...) from the pipeline's DPO or SFT policy."""
     recipe: str = "configs/smollm2/grpo.yaml"
+    """The online-RL stage's recipe (relative to the pipeline file, or to the working directory)."""
     enabled: bool = False
+    """Run the online-RL stage."""
     start_from: Literal["dpo", "sft"] = "dpo"
+    """The policy it starts from: the DPO export or the SFT export."""
     reward: Optional[Literal["gold", "rm", "gold+rm"]] = None
     """The reward: the built-in verifier, this pipeline's reward model (normalised with its statistics), or
     both; None keeps the stage recipe's ppo.rewards."""
@@ -359,7 +411,10 @@ class RLStage(PipelineStage):
 @dataclass
 class PipelineRecipe:
     output_dir: str = "???"
+    """Every stage writes under it (sft/, rm/, dpo/, ppo/), and the pipeline its summary.json, pipeline.json and
+    report.html."""
     seed: int = 0
+    """The seed of every stage."""
     nproc: int = 1
     """Local ranks for every stage."""
     sft: PipelineStage = field(default_factory=PipelineStage)
@@ -386,6 +441,20 @@ class PipelineRecipe:
         if self.ppo.enabled and not (self.sft.enabled or self.dpo.enabled):
             raise ValueError("the ppo stage starts from the SFT or the DPO policy: enable one of them")
 
+    def find_stage_recipes(self, here: Path) -> None:
+        """Stage recipe paths are relative to the pipeline file (`here`), so it runs from any directory; one that
+        is not found there but is relative to the working directory is taken from there."""
+        for name in ("sft", "rm", "dpo", "ppo"):
+            stage = getattr(self, name)
+            path = Path(stage.recipe).expanduser()
+            if path.is_absolute() or not stage.enabled:
+                continue
+            if (here / path).is_file():
+                stage.recipe = str(here / path)
+            elif not path.is_file():
+                raise RecipeError(f"{name}.recipe: {stage.recipe} is neither beside the pipeline file ({here / path}) "
+                                  f"nor relative to the working directory ({Path.cwd() / path})")
+
 
 # ---------------------------------------------------------------------------
 # The registry and loading
@@ -397,7 +466,29 @@ CHECKS: dict[str, Callable[[Any], Any]] = {"sft": validate_sft, "rm": validate_r
                                            "ppo": validate_ppo}
 
 
+def resolve_auto_sources(recipe: RecipeBase, stage: str) -> None:
+    """`data.eval: auto` and `gold_eval.prompts: auto` as the recipe's own training data makes them: built-in train
+    data is evaluated on its built-in eval set and scored on the built-in task's prompts; a user's own data on a
+    held-out split of itself, and not on the built-in task. Online RL reads prompts only: no held-out split."""
+    d = recipe.data
+    builtin = d.train.startswith("builtin:")
+    if d.eval == "auto":
+        d.eval = None
+        if stage != "ppo" and builtin and d.train.endswith("_train"):
+            d.eval = d.train[: -len("_train")] + "_eval"
+        elif stage != "ppo" and d.eval_fraction is None:
+            d.eval_fraction = 0.1
+    gold = getattr(getattr(recipe, stage, None), "gold_eval", None)
+    if gold is not None and gold.prompts == "auto":
+        gold.prompts = "builtin:prompts_eval" if builtin else None
+
+
 def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | None = None) -> Any:
     """Read, override, type-check and validate a recipe for `stage` (alignment.core.config.build_recipe with the
-    stage's schema and checks)."""
-    return build_recipe(path, RECIPES[stage], overrides, CHECKS.get(stage))
+    stage's schema and checks), its `auto` sources resolved; a pipeline's stage recipes found beside it."""
+    recipe = build_recipe(path, RECIPES[stage], overrides, CHECKS.get(stage))
+    if isinstance(recipe, RecipeBase):
+        resolve_auto_sources(recipe, stage)
+    elif isinstance(recipe, PipelineRecipe):
+        recipe.find_stage_recipes(Path(path).parent if path is not None else Path.cwd())
+    return recipe

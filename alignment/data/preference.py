@@ -4,8 +4,9 @@ Shapes (detected, or named with `data.format`):
 - ``explicit``: ``prompt`` / ``chosen`` / ``rejected`` as strings or message lists; optional
   ``chosen_truncated`` / ``rejected_truncated`` (true: a sample cut by a token limit, as `align pairs`
   writes them) train that response as sampled, without the end-of-turn token it never produced.
-- ``implicit``: ``chosen`` and ``rejected`` as full message lists; the shared prefix
-  up to the final assistant turn is the prompt.
+- ``implicit``: ``chosen`` and ``rejected`` as full message lists (the shared prefix up to the final assistant
+  turn is the prompt), or as strings that share their beginning (that beginning is the prompt, as TRL's
+  ``extract_prompt`` finds it).
 - ``hh``: raw Anthropic hh-rlhf transcripts (``\\n\\nHuman: ...\\n\\nAssistant: ...``)
   split into turns; the prompt is everything before the final assistant turn.
 - ``ab``: ``response_a`` / ``response_b`` with ``label`` (0/1, "a"/"b") or per-response
@@ -58,6 +59,15 @@ def _split_final_assistant(messages: list[dict], origin: str, field: str) -> tup
     return messages[:last], messages[last:]
 
 
+def implicit_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a standard implicit-prompt pair: the prompt is the text both start with, as
+    TRL's `extract_prompt` finds it (a space before the point where they part stays with the responses)."""
+    from trl.data_utils import extract_prompt  # TRL's own reading of this shape; trl is heavy to import
+
+    parts = extract_prompt({"chosen": chosen, "rejected": rejected})
+    return parts["prompt"], parts["chosen"], parts["rejected"]
+
+
 def _as_response(value: Any, origin: str, field: str) -> Any:
     if isinstance(value, list):
         return check_messages(value, origin, field)
@@ -81,6 +91,10 @@ def to_pair(row: Row, shape: str = "auto") -> PreferencePair:
             prompt = [{"role": "user", "content": prompt}]
         if isinstance(prompt, list) and isinstance(chosen, str):
             chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    elif shape == "implicit" and isinstance(data.get("chosen"), str) and isinstance(data.get("rejected"), str):
+        prompt, chosen, rejected = implicit_text_prompt(data["chosen"], data["rejected"])
+        if not prompt.strip():
+            raise PairRejected("chosen and rejected share no beginning (no implicit prompt)")
     elif shape in ("implicit", "hh"):
         if shape == "hh":
             full_c = parse_hh_transcript(data.get("chosen"), origin, "chosen")
@@ -199,12 +213,12 @@ def load_pairs(rows: list[Row], tokenizer, data_cfg, max_prompt_length: int | No
             pair = to_pair(row, data_cfg.format)
             tokenized = tokenize_pair(pair, tokenizer, data_cfg.max_length, max_prompt_length, report, reward_model)
         except PairRejected as exc:
-            report.dropped[exc.reason] += 1
+            report.drop(exc.reason, row.origin)
             continue
         except DataError as exc:
             if data_cfg.on_bad_row == "error":
                 raise
-            report.skip(str(exc).split(": ", 1)[-1][:60], str(exc))
+            report.skip(str(exc).split(": ", 1)[-1][:60], str(exc), row.origin)
             continue
         pairs.append(tokenized)
         report.tokens += len(tokenized.prompt_ids) * 2 + len(tokenized.chosen_ids) + len(tokenized.rejected_ids)

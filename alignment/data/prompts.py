@@ -1,4 +1,5 @@
-"""RL prompts: rows with a `prompt` (a string or a message list) and any fields reward functions read."""
+"""RL prompts: rows with a `prompt` (a string or a message list; alignment.data.shapes.prompt_of) and any fields
+reward functions read."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from alignment.data import text
 from alignment.data.report import DataReport
-from alignment.data.shapes import check_messages
+from alignment.data.shapes import prompt_of
 from alignment.data.sources import DataError
 
 
@@ -23,19 +24,15 @@ def load_prompts(rows, tokenizer, max_prompt_length: int, report: DataReport, on
     for row in rows:
         try:
             row.check()
-            prompt = row.data.get("prompt")
-            if isinstance(prompt, list):
-                prompt = check_messages(prompt, row.origin, "prompt")
-            elif not isinstance(prompt, str):
-                raise DataError(f"{row.origin}: field 'prompt' must be a string or a list of messages")
+            prompt = prompt_of(row.data, row.origin)
             ids = text.prompt_ids(tokenizer, prompt)
         except (DataError, text.TemplateError) as exc:
             if on_bad_row == "error":
                 raise DataError(str(exc)) from None
-            report.skip(str(exc).split(": ", 1)[-1][:60], str(exc))
+            report.skip(str(exc).split(": ", 1)[-1][:60], str(exc), row.origin)
             continue
         if len(ids) > max_prompt_length:
-            report.dropped["prompt longer than ppo.max_prompt_length"] += 1
+            report.drop("prompt longer than ppo.max_prompt_length", row.origin)
             continue
         out.prompts.append(prompt)
         out.ids.append(ids)

@@ -78,20 +78,20 @@ def build_sft_examples(rows: list[Row], tokenizer, data_cfg, assistant_only: boo
         except DataError as exc:
             if data_cfg.on_bad_row == "error":
                 raise
-            report.skip(str(exc).split(": ", 1)[-1].split(";")[0][:60], str(exc))
+            report.skip(str(exc).split(": ", 1)[-1].split(";")[0][:60], str(exc), row.origin)
             continue
         if example.resplit:
             report.notes["response re-tokenized at the prompt boundary"] += 1
         if len(example.input_ids) > data_cfg.max_length:
             if data_cfg.overlong == "drop":
-                report.dropped["longer than max_length"] += 1
+                report.drop("longer than max_length", row.origin)
                 continue
             report.truncated += 1
             example.input_ids = example.input_ids[: data_cfg.max_length]
             example.labels = example.labels[: data_cfg.max_length]
         # The first token is never a target (nothing predicts it).
         if sum(1 for t in example.labels[1:] if t != IGNORE) == 0:
-            report.dropped["no trainable token (after truncation)"] += 1
+            report.drop("no trainable token (after truncation)", row.origin)
             continue
         examples.append(example)
         report.tokens += len(example.input_ids)

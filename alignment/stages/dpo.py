@@ -306,16 +306,13 @@ def evaluate(engine, model, pairs: list, pad_id: int, loss_fn, pack_to: int | No
 # ---------------------------------------------------------------------------
 
 
-def load_dpo_data(recipe: DPORecipe, tokenizer, is_main: bool) -> tuple[list, list, list[DataReport]]:
+def load_dpo_data(recipe: DPORecipe, tokenizer) -> tuple[list, list, list[DataReport]]:
     """Rows -> tokenized training and held-out pairs (the loaders the reward model shares), with the report."""
     rows, eval_rows = read_splits(recipe.data, recipe.seed)
-    reports = [DataReport("train"), DataReport("eval")]
+    reports = [DataReport("train", rows.described), DataReport("eval", eval_rows.described)]
     cut = recipe.dpo.max_prompt_length
     train_pairs = load_pairs(rows, tokenizer, recipe.data, cut, reports[0])
     eval_pairs = load_pairs(eval_rows, tokenizer, recipe.data, cut, reports[1]) if eval_rows else []
-    for report in reports:
-        if report.rows_read:
-            print_main(is_main, report.format())
     return train_pairs, eval_pairs, reports
 
 
@@ -343,17 +340,18 @@ def step1_check(engine, recipe: DPORecipe, metrics: dict) -> None:
                    f"implicit rewards {deviation:.2g}")
 
 
-def run(recipe: DPORecipe, resume: bool = False) -> dict:
+def run(recipe: DPORecipe, resume: bool = False, overwrite: bool = False) -> dict:
     ref_mode = validate_dpo(recipe)  # the checks load_recipe ran, and the resolved reference mode
     cfg = recipe.dpo
     # Step 1. Engine, output directory, resolved recipe, metrics logger.
-    job, checkpoint = loop.setup_run(recipe, "dpo", resume)
+    job, checkpoint = loop.setup_run(recipe, "dpo", resume, overwrite)
     engine = job.engine
 
     # Step 2. Tokenizer and preference pairs, data report, the order of the examples.
-    model_path = resolve_model_path(recipe.model.name_or_path)
+    model_path = resolve_model_path(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
-    train_pairs, eval_pairs, reports = load_dpo_data(recipe, tokenizer, engine.dist.is_main)
+    train_pairs, eval_pairs, reports = load_dpo_data(recipe, tokenizer)
+    tail.report_data(job, reports)
     pad_id, pack_to = tokenizer.pad_token_id, pair_layout(recipe)
     sampler = GlobalBatchSampler(len(train_pairs), engine.layout, recipe.seed)
     print_main(engine.dist.is_main, sampler.describe())

@@ -26,6 +26,7 @@ ratio is 1 before any update.
 from __future__ import annotations
 
 import importlib
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from alignment.data.layout import episode_batch
 from alignment.data.prompts import PromptSet, load_prompts
 from alignment.data.report import DataReport
 from alignment.data.sources import DataError, read_splits
+from alignment.errors import UserError
 from alignment.evaluate.gold import gold_score_of_model
 from alignment.rlhf import advantages as adv
 from alignment.rlhf.episodes import (
@@ -70,11 +72,37 @@ from reward.scorer import RewardScorer
 # ---------------------------------------------------------------------------
 
 
+class RewardError(UserError):
+    """A reward source that does not give one finite number per response."""
+
+
 def function_source(spec: str):
-    """A `module:function` reward, called as function(prompts, responses, rows) -> one float per response."""
+    """A `module:function` reward, called as function(prompts, responses, rows) -> one float per response, each
+    result checked (the first rollout's check comes before any update)."""
     module, _, name = spec.partition(":")
     fn = getattr(importlib.import_module(module), name)
-    return lambda prompts, responses, rows: [float(x) for x in fn(prompts, responses, rows)]
+
+    def call(prompts, responses, rows) -> list[float]:
+        try:
+            values = list(fn(prompts, responses, rows))
+        except Exception as exc:
+            raise RewardError(f"ppo.rewards: {spec} raised {type(exc).__name__}: {exc}") from exc
+        if len(values) != len(responses):
+            raise RewardError(f"ppo.rewards: {spec} returned {len(values)} values for {len(responses)} responses; a "
+                              "reward function returns one number per response, in their order")
+        out = []
+        for i, value in enumerate(values):
+            try:  # a number, or a NumPy / torch scalar; not a string or a bool
+                number = None if isinstance(value, (str, bytes, bool)) else float(value)
+            except (TypeError, ValueError):
+                number = None
+            if number is None or not math.isfinite(number):
+                raise RewardError(f"ppo.rewards: {spec} returned {value!r} for response {i} ({responses[i][:40]!r}); "
+                                  "each value must be a finite number")
+            out.append(number)
+        return out
+
+    return call
 
 
 class Rewards:
@@ -139,12 +167,12 @@ class Setup:
     report: DataReport
 
 
-def load_ppo_prompts(recipe: PPORecipe, tokenizer, is_main: bool) -> tuple[PromptSet, DataReport]:
+def load_ppo_prompts(job: loop.Run, recipe: PPORecipe, tokenizer) -> tuple[PromptSet, DataReport]:
     rows, _ = read_splits(recipe.data, recipe.seed)
-    report = DataReport("prompts")
+    report = DataReport("prompts", rows.described)
     prompts = load_prompts(rows, tokenizer, recipe.ppo.max_prompt_length or recipe.data.max_length, report,
                            recipe.data.on_bad_row)
-    print_main(is_main, report.format())
+    tail.report_data(job, [report])
     if len(prompts.ids) < recipe.ppo.prompts_per_rollout:
         raise DataError(f"{recipe.data.train}: {len(prompts.ids)} usable prompts, fewer than ppo.prompts_per_rollout")
     return prompts, report
@@ -171,20 +199,20 @@ def warn_about_sampling(is_main: bool, cfg: PPOConfig) -> None:
                    "greedy decoding (the gold score) is the same either way")
 
 
-def setup(recipe: PPORecipe, resume: bool) -> Setup:
+def setup(recipe: PPORecipe, resume: bool, overwrite: bool) -> Setup:
     """The run, prompts, actor, reference, reward sources, critic and KL controller; resumed when asked."""
     cfg = recipe.ppo
     kl_in, kl_name = kl_placement(cfg)
-    job, checkpoint = loop.setup_run(recipe, "ppo", resume)
+    job, checkpoint = loop.setup_run(recipe, "ppo", resume, overwrite)
     engine = job.engine
     is_main = engine.dist.is_main
     if cfg.prompts_per_rollout % engine.dist.world_size:
         raise RecipeError(f"ppo.prompts_per_rollout ({cfg.prompts_per_rollout}) must be a multiple of the world "
                           f"size ({engine.dist.world_size}): each rank samples whole groups")
     warn_about_sampling(is_main, cfg)
-    model_path = resolve_model_path(recipe.model.name_or_path)
+    model_path = resolve_model_path(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
-    prompts, report = load_ppo_prompts(recipe, tokenizer, is_main)
+    prompts, report = load_ppo_prompts(job, recipe, tokenizer)
     episodes = cfg.prompts_per_rollout * cfg.samples_per_prompt
     updates = cfg.epochs * episodes // engine.layout.global_batch_size
     iterations = loop.total_steps(recipe, len(prompts.ids) // cfg.prompts_per_rollout)
@@ -499,8 +527,8 @@ def first_iteration_check(s: Setup, buffer: dict, old_lp: torch.Tensor, mask: to
                    f"{metrics['check/first_approxkl']:.2g}; {compared}")
 
 
-def run(recipe: PPORecipe, resume: bool = False) -> dict:
-    s = setup(recipe, resume)
+def run(recipe: PPORecipe, resume: bool = False, overwrite: bool = False) -> dict:
+    s = setup(recipe, resume, overwrite)
     cfg, job, engine = recipe.ppo, s.job, s.job.engine
     kl_in, kl_name = kl_placement(cfg)
     pad_id, episodes = s.tokenizer.pad_token_id, cfg.prompts_per_rollout * cfg.samples_per_prompt

@@ -37,19 +37,16 @@ def nll_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def load_sft_data(recipe: SFTRecipe, tokenizer, is_main: bool):
-    """Rows -> tokenized (and packed) training and eval items, with a printed data report."""
+    """Rows -> tokenized (and packed) training and eval items, with the data reports."""
     d = recipe.data
     rows, eval_rows = read_splits(d, recipe.seed)
-    reports = [DataReport("train"), DataReport("eval")]
+    reports = [DataReport("train", rows.described), DataReport("eval", eval_rows.described)]
     train = build_sft_examples(rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[0])
     evals = build_sft_examples(eval_rows, tokenizer, d, recipe.sft.assistant_only_loss, reports[1]) if eval_rows else []
     if d.packing:
         packed = pack_examples(train, d.max_length)
         print_main(is_main, f"packing: {len(train)} examples -> {len(packed)} rows of <= {d.max_length} tokens")
         train = packed
-    for report in reports:
-        if report.rows_read:
-            print_main(is_main, report.format())
     if not train:
         raise ValueError(f"{d.train}: no usable training examples (see the data report above)")
     return train, evals, reports
@@ -75,15 +72,16 @@ def evaluate(engine, model, items: list, pad_id: int) -> dict[str, float]:
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/targets": sums["targets"]}
 
 
-def run(recipe: SFTRecipe, resume: bool = False) -> dict:
+def run(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False) -> dict:
     # Step 1. Engine, output directory, resolved recipe, metrics logger.
-    job, checkpoint = loop.setup_run(recipe, "sft", resume)
+    job, checkpoint = loop.setup_run(recipe, "sft", resume, overwrite)
     engine = job.engine
 
     # Step 2. Tokenizer and data (the data report counts everything dropped or cut).
-    model_path = resolve_model_path(recipe.model.name_or_path)
+    model_path = resolve_model_path(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_path, recipe.model.trust_remote_code, recipe.model.revision)
     train_items, eval_items, reports = load_sft_data(recipe, tokenizer, engine.dist.is_main)
+    tail.report_data(job, reports)
     sampler = GlobalBatchSampler(len(train_items), engine.layout, recipe.seed)
     print_main(engine.dist.is_main, sampler.describe())
     order = loop.data_order(sequence_fingerprint((it.input_ids, it.labels) for it in train_items),

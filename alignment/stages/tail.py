@@ -15,6 +15,7 @@ from alignment.core import loop
 from alignment.core.export import export_model
 from alignment.core.recipes import GoldEvalConfig
 from alignment.core.tracking import print_main
+from alignment.data.report import DataReport, write_left_out
 from alignment.evaluate.gold import gold_eval
 
 
@@ -28,6 +29,19 @@ class Gold:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in (("before", self.before), ("after", self.after)) if v is not None}
+
+
+def report_data(job: loop.Run, reports: list[DataReport]) -> None:
+    """Print each data report (where its rows came from, what was kept, where the dropped rows were) and write
+    every row left out to output_dir/dropped.jsonl (rank 0)."""
+    for report in reports:
+        if report.rows_read or report.source:
+            print_main(job.engine.dist.is_main, report.format() if report.rows_read else
+                       f"data report [{report.name}]: {report.source}")
+    if job.engine.dist.is_main:
+        path = write_left_out(reports, job.output_dir)
+        if path is not None:
+            print_main(True, f"rows left out, each with its reason and origin: {path}")
 
 
 def score_start(job: loop.Run, model_path: str, cfg: GoldEvalConfig, start: int) -> Gold:

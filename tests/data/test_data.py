@@ -405,7 +405,7 @@ def test_skip_covers_invalid_json_line(tmp_path, tiny_tok):
 
     path = _jsonl(tmp_path / "rows.jsonl", [json.dumps(GOOD)] * 2 + ['{"messages": ['] + [json.dumps(GOOD)] * 9)
     recipe = load_recipe(None, "sft", [f"output_dir={tmp_path / 'out'}", "model.name_or_path=tiny-llama",
-                                       f"data.train={path}", "data.on_bad_row=skip",
+                                       f"data.train={path}", "data.on_bad_row=skip", "data.eval=null",
                                        "train.global_batch_size=1", "train.micro_batch_size=1"])
     train, _, reports = load_sft_data(recipe, tiny_tok, is_main=False)
     assert len(train) == 11
