@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pairs", default=None, help="preference pairs for a reward-model evaluation")
     ev.add_argument("--forgetting-text", default=None, help="plain text, paragraphs split by blank lines "
                     "(default: the general text shipped in alignment/evaluate/data/)")
+    ev.add_argument("--skip-prompts", type=int, default=0, help="leave out the first N rows of --prompts")
+    ev.add_argument("--samples", type=int, default=0,
+                    help="also score K sampled responses per prompt (their mean: the score sampling optimises), "
+                         "beside the greedy one; with --reference, paired against its samples")
+    ev.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature of --samples")
     ev.add_argument("--max-new-tokens", type=int, default=24)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--seed", type=int, default=0)

@@ -51,6 +51,7 @@ def test_sft_smollm2_lora_lowers_heldout_loss(tmp_path):
 # On a CPU without fast bf16 (AVX2 only: train.precision auto -> fp32) this test took 667 s alone and more
 # than 900 s (1,216 s once) beside the suite's other worker (2026-12-03), hence its own limit.
 @pytest.mark.timeout(2700)
+@needs_opt_in  # 7 of the suite's 20 minutes on 2 cores; the file's quirks are checked at the data level in make test
 def test_reward_model_on_hh_rlhf_beats_chance(tmp_path, hh_path):
     metrics = run_stage(
         "rm", "configs/smollm2/rm-hh.yaml", tmp_path / "rm", f"data.train={hh_path}",

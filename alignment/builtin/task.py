@@ -3,7 +3,7 @@
 The task exists so the whole SFT -> reward model -> DPO/PPO pipeline can be
 demonstrated on a small model (SmolLM2-135M-Instruct) on CPU with a *gold*
 reward that a program computes exactly. Problems are short (prompt well under
-40 tokens, answer under 20) and come in four families, evenly mixed:
+40 tokens, answer under 20) and come in five families, evenly mixed:
 
 * ``arithmetic``: add / subtract / multiply small integers -> ``"42"``
 * ``units``: integer unit conversions (km->m, hours->minutes, m->km, ...) -> ``"3000"``
@@ -11,6 +11,9 @@ reward that a program computes exactly. Problems are short (prompt well under
   letters of three words -> ``"nedrag"``, ``"GARDEN"``, ``"6"``, ``"rbg"``
 * ``format``: an arithmetic or units question whose answer must be written as
   ``"Answer: <n>"`` or as the JSON object ``{"answer": <n>}``
+* ``constraints``: a sentence about a topic under one or two verifiable instructions (all capitals, exactly
+  N words, include or avoid a word, end with ! or ?, no commas, quoted, a JSON object with a key, start with a
+  word); alignment.builtin.constraints has the types, the checks and which split holds which
 
 Each :class:`Problem` carries a ``gold`` dict (family, task, kind, expected
 value, required format, operands, case sensitivity) that :func:`score` needs.
@@ -34,6 +37,9 @@ Gold reward rules of :func:`score` (result in [0, 1]):
    minimum 24 characters), **0.25** if it rambles (longer than that).
 4. **0.0** for anything else: wrong value, conflicting values, empty, evasive.
 
+A ``constraints`` response is cut at its end token and stripped, and scores the share of its constraints it
+meets (alignment.builtin.constraints.score).
+
 Run ``python -m alignment.builtin.task OUT_DIR --seed 0 --n-train 2000 --n-eval 200``
 to write SFT / preference / prompt JSONL files (see :func:`write_task_data`).
 """
@@ -49,9 +55,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = "alignment-task/v3"
-FAMILIES = ("arithmetic", "units", "words", "format")
-ID_PREFIX = {"arithmetic": "arith", "units": "units", "words": "words", "format": "fmt"}
+from alignment.builtin import constraints
+
+FORMAT_VERSION = "alignment-task/v4"
+FAMILIES = ("arithmetic", "units", "words", "format", "constraints")
+ID_PREFIX = {"arithmetic": "arith", "units": "units", "words": "words", "format": "fmt", "constraints": "cons"}
 FULL_CREDIT, FORMAT_ERROR_CREDIT, RAMBLING_CREDIT = 1.0, 0.5, 0.25
 RAMBLE_FACTOR, RAMBLE_MIN_CHARS = 3, 24
 END_TOKENS = ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>", "<|end|>")
@@ -156,17 +164,17 @@ def _units_question(rng: random.Random):
             (quantity * factor, factor))
 
 
-def _make_arithmetic(rng):
+def _make_arithmetic(rng, split):
     question, task, value, operands = _arithmetic_question(rng)
     return f"{question} {JUST_NUMBER}", _gold("arithmetic", task, value, operands=operands)
 
 
-def _make_units(rng):
+def _make_units(rng, split):
     question, task, value, operands = _units_question(rng)
     return f"{question} {JUST_NUMBER}", _gold("units", task, value, operands=operands)
 
 
-def _make_words(rng):
+def _make_words(rng, split):
     task = rng.choice(["reverse", "uppercase", "length", "count_letter", "initials"])
     word = rng.choice(WORDS)
     if task == "reverse":
@@ -187,7 +195,7 @@ def _make_words(rng):
     return prompt, _gold("words", task, "".join(w[0] for w in chosen), kind="text")
 
 
-def _make_format(rng):
+def _make_format(rng, split):
     if rng.random() < 0.7:
         question, base_task, value, operands = _arithmetic_question(rng, hard=False)
     else:
@@ -199,8 +207,22 @@ def _make_format(rng):
     return f"{question} {instruction}", _gold("format", f"{base_task}_{fmt}", value, fmt=fmt, operands=operands)
 
 
+def _make_constraints(rng, split):
+    """A short sentence about a topic under one or two verifiable constraints (alignment.builtin.constraints:
+    which types and pairs each split holds)."""
+    topic = rng.choice(constraints.TOPICS)
+    specs = constraints.specs_for(split, rng, topic)
+    prompt = rng.choice(constraints.REQUESTS).format(topic=topic) + " " + " ".join(
+        constraints.instruction(spec) for spec in specs)
+    kinds = tuple(spec.type for spec in specs)
+    gold = _gold("constraints", "+".join(kinds), constraints.reference(specs, topic, rng), kind="constraints")
+    gold.update(constraints=[spec.as_dict() for spec in specs], topic=topic,
+                held_out_pair=kinds in constraints.HELD_OUT_PAIRS)
+    return prompt, gold
+
+
 FAMILY_MAKERS = {"arithmetic": _make_arithmetic, "units": _make_units,
-                 "words": _make_words, "format": _make_format}
+                 "words": _make_words, "format": _make_format, "constraints": _make_constraints}
 FALLBACK_AFTER_ATTEMPTS, MAX_ATTEMPTS = 50, 1000
 
 
@@ -221,7 +243,7 @@ def generate_problems(n: int, seed: int, *, split: str = "train",
             family = FAMILIES[index % len(FAMILIES)]
             if attempt >= FALLBACK_AFTER_ATTEMPTS:
                 family = rng.choice(FAMILIES)
-            prompt, gold = FAMILY_MAKERS[family](rng)
+            prompt, gold = FAMILY_MAKERS[family](rng, split)
             if prompt not in seen:
                 break
         else:
@@ -296,8 +318,18 @@ def _value_present(gold: dict, text: str) -> bool:
     return gold["task"] != "initials" and expected in re.findall(r"[A-Za-z]+", text)
 
 
+def cut_at_end(response: str) -> str:
+    """A response cut at its first chat end token and stripped (rule 1's first step)."""
+    text = response or ""
+    for token in END_TOKENS:
+        text = text.split(token, 1)[0]
+    return text.strip()
+
+
 def score(gold: dict, response: str) -> float:
-    """Gold reward in [0, 1]; the rules are in the module docstring."""
+    """Gold reward in [0, 1]; the rules are in the module docstring (constraints: the share met)."""
+    if gold.get("kind") == "constraints":
+        return constraints.score(gold["constraints"], cut_at_end(response))
     text = normalize_response(response)
     if not text:
         return 0.0
@@ -338,6 +370,9 @@ def _wrong_values(problem: Problem, rng: random.Random, count: int = 2) -> list[
 def bad_responses(problem: Problem, rng: random.Random) -> list[str]:
     """Wrong, evasive and rambling responses; each scores below ``problem.answer``."""
     gold = problem.gold
+    if gold["kind"] == "constraints":
+        specs = [constraints.Spec(c["type"], c.get("value")) for c in gold["constraints"]]
+        return constraints.violations(specs, gold["topic"], rng)
     expected, fmt = gold["expected"], gold["format"]
     wrong = [render_answer(value, fmt) for value in _wrong_values(problem, rng)]
     evasive = rng.choice(EVASIVE_RESPONSES)
@@ -402,7 +437,8 @@ def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
             user, gold_reply = _message("user", problem.prompt), _message("assistant", problem.answer)
             # Wrong answers are the rejected response two times in three: they are the
             # mistakes a fine-tuned model still makes; evasion and rambling it unlearns fast.
-            rejected = _message("assistant", rng.choices(bad_options, weights=REJECTED_WEIGHTS)[0])
+            weights = REJECTED_WEIGHTS if len(bad_options) == len(REJECTED_WEIGHTS) else None
+            rejected = _message("assistant", rng.choices(bad_options, weights=weights)[0])
             sft.append({"messages": user + gold_reply, "id": problem.id})
             prefs.append({"prompt": user, "chosen": gold_reply, "rejected": rejected, "id": problem.id})
             prompts.append({"prompt": user, "gold": problem.gold, "id": problem.id})

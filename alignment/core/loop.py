@@ -110,7 +110,8 @@ class RunExists(UserError):
 
 def refuse_to_overwrite(recipe: RecipeBase, stage: str, overwrite: bool) -> None:
     """A finished run in output_dir is replaced only by a run of the same inputs (its rerun) or with --overwrite;
-    every rank checks, before any of them starts, so all stop with the same message."""
+    every rank checks, before any of them starts, so all stop with the same message. (--resume continues a run
+    instead, under its own checks: the data order and the world size.)"""
     before = manifest.read(recipe.output_dir)
     if overwrite or before is None or not before.get("complete"):
         return
@@ -125,7 +126,8 @@ def refuse_to_overwrite(recipe: RecipeBase, stage: str, overwrite: bool) -> None
 def setup_run(recipe: RecipeBase, stage: str, resume: bool, overwrite: bool = False) -> tuple[Run, Path | None]:
     """Engine, output directory, resolved recipe, run info and metrics logger; a finished run of other inputs in
     output_dir is refused unless `overwrite`."""
-    refuse_to_overwrite(recipe, stage, overwrite)
+    if not resume:
+        refuse_to_overwrite(recipe, stage, overwrite)
     watch_preemption()
     engine = Engine(recipe.train, recipe.deepspeed, recipe.seed)
     output_dir = Path(recipe.output_dir)

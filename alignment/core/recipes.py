@@ -266,6 +266,13 @@ class PPOConfig:
     off-policy guidance (LUFFY, Yan et al. 2025, arXiv:2504.14945, without its policy shaping; the guided
     response's old log-probs are the current policy's, so its ratio starts at 1). The group then holds the
     right answer to move towards. rollout/guided_share counts them; objective/scores leaves them out."""
+    rollout_correction: Literal["auto", "none", "token", "sequence"] = "auto"
+    """Truncated importance sampling for the rollout's numerics (alignment.rlhf.importance): each token's
+    policy-gradient loss weighted by min(pi_old / pi_rollout, rollout_correction_cap), per token or per sequence;
+    auto = token where training runs in bf16 or fp16 (there the rollout's log-probs and the training pass's differ
+    by up to tenths of a nat), none in fp32. The gap is logged every iteration (mismatch/*)."""
+    rollout_correction_cap: float = 2.0
+    """The cap C of the importance weights."""
     rollout_batch_size: int = 64
     """Sequences per decoding batch on a rank."""
     forward_batch_size: Optional[int] = None
@@ -318,6 +325,11 @@ def validate_ppo(recipe: PPORecipe) -> None:
     if cfg.guidance and cfg.advantage not in ("grpo", "rloo"):
         problems.append(f"ppo.guidance replaces a sample within a group: use it with advantage grpo or rloo, "
                         f"not {cfg.advantage}")
+    if cfg.rollout_correction in ("token", "sequence") and (cfg.top_k or cfg.top_p < 1.0):
+        problems.append("ppo.rollout_correction compares with the distribution sampled, which top-k / top-p "
+                        "truncate: set it to none, or sample without top_k / top_p")
+    if cfg.rollout_correction_cap <= 0:
+        problems.append("ppo.rollout_correction_cap must be > 0")
     if cfg.kl_coef < 0 or (cfg.kl_target is not None and cfg.kl_target <= 0):
         problems.append("ppo.kl_coef must be >= 0 and ppo.kl_target > 0")
     for i, source in enumerate(cfg.rewards):
@@ -345,6 +357,13 @@ def reward_function_problem(spec: str) -> str | None:
     if not callable(fn):
         return f"{spec!r}: module {module!r} has no function {name!r}"
     return None
+
+
+def rollout_correction(cfg: PPOConfig, precision: str) -> str | None:
+    """ppo.rollout_correction resolved: 'token', 'sequence' or None."""
+    if cfg.rollout_correction == "auto":
+        return "token" if precision in ("bf16", "fp16") and not cfg.top_k and cfg.top_p >= 1.0 else None
+    return None if cfg.rollout_correction == "none" else cfg.rollout_correction
 
 
 def kl_placement(cfg: PPOConfig) -> tuple[str, str]:

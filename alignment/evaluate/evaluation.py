@@ -35,6 +35,7 @@ from alignment.core.models import load_tokenizer, resolve_model_path
 from alignment.data import text
 from alignment.data.layout import IGNORE
 from alignment.data.preference import PairRejected, to_pair
+from alignment.data.shapes import prompt_of
 from alignment.data.sources import DataError, read_rows
 from alignment.evaluate.gold import generate_ids
 from alignment.evaluate.report import write_eval_report
@@ -126,15 +127,45 @@ def _same_vocabulary(a, b, what: str) -> None:
         raise ValueError(f"{what} uses another tokenizer than the policy: KL and win rate need the same vocabulary")
 
 
-def evaluate_policy(args) -> dict:
+def family_scores(golds: list[dict], scores: list[float], prefix: str) -> dict:
+    """The gold score by family (`{prefix}/{family}` and its standard error over prompts); constraint prompts whose
+    pair of constraints no training split holds also as `{prefix}/constraints_held_out_pair`."""
+    groups: dict[str, list[float]] = {}
+    for gold, value in zip(golds, scores):
+        groups.setdefault(gold.get("family", "other"), []).append(value)
+        if gold.get("held_out_pair"):
+            groups.setdefault("constraints_held_out_pair", []).append(value)
+    out = {}
+    for family, values in sorted(groups.items()):
+        out[f"{prefix}/{family}"], out[f"{prefix}/{family}_se"] = mean_and_se(values)
+        out[f"{prefix}/{family}_n"] = len(values)
+    return out
 
+
+def paired(prefix: str, ours: list[float], theirs: list[float]) -> dict:
+    """The paired gain over the reference, prompt by prompt, and its standard error."""
+    gain, se = mean_and_se([a - b for a, b in zip(ours, theirs)])
+    return {f"{prefix}/gain_over_reference": gain, f"{prefix}/gain_over_reference_se": se}
+
+
+def sampled_gold(model, tokenizer, prompts: list, golds: list, args, device) -> list[float]:
+    """Each prompt's mean gold score over --samples responses at --temperature (seeded by --seed)."""
+    torch.manual_seed(args.seed)
+    k = args.samples
+    ids = generate_ids(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device, samples=k,
+                       temperature=args.temperature)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+    return [sum(task.score(golds[i], texts[i * k + j]) for j in range(k)) / k for i in range(len(prompts))]
+
+
+def evaluate_policy(args) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
-    rows = read_rows(args.prompts)[: args.num_prompts or None]
+    rows = read_rows(args.prompts)[args.skip_prompts:][: args.num_prompts or None]
     if not rows:
         raise DataError(f"{args.prompts}: no prompt rows")
-    prompts = [r.data["prompt"] if isinstance(r.data.get("prompt"), list)
-               else [{"role": "user", "content": str(r.data.get("prompt", ""))}] for r in rows]
+    prompts = [prompt_of(r.data, r.origin) for r in rows]
+    prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
     golds = [r.data.get("gold") for r in rows]
     policy, tokenizer = _load_policy(args.policy, args.trust_remote_code)
     device = torch.device("cpu")
@@ -166,6 +197,21 @@ def evaluate_policy(args) -> dict:
         result["gold/score"], result["gold/score_se"] = mean_and_se(gold)
         result["gold/exact"] = sum(s == 1.0 for s in gold) / len(gold)
         result["gold/n"] = len(gold)
+        gold_specs = [golds[i] for i in gold_rows]
+        result.update(family_scores(gold_specs, gold, "gold"))
+        if ref_gold:
+            result.update(paired("gold", gold, ref_gold))
+        if args.samples:
+            gold_prompts = [prompts[i] for i in gold_rows]
+            phase(f"sampled responses: {args.samples} per prompt at temperature {args.temperature}")
+            sampled = sampled_gold(policy, tokenizer, gold_prompts, gold_specs, args, device)
+            result["gold_sampled/score"], result["gold_sampled/score_se"] = mean_and_se(sampled)
+            result.update(family_scores(gold_specs, sampled, "gold_sampled"))
+            result["gold_sampled/samples"], result["gold_sampled/temperature"] = args.samples, args.temperature
+            if reference is not None:
+                phase(f"sampled responses of the reference: {args.samples} per prompt")
+                ref_sampled = sampled_gold(reference, ref_tok, gold_prompts, gold_specs, args, device)
+                result.update(paired("gold_sampled", sampled, ref_sampled))
     rm_scores = ref_rm = None
     if args.reward_model:
 

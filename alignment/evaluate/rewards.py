@@ -5,6 +5,7 @@ prompt rows themselves (any extra field, e.g. `gold`, is there). Copy one to wri
 
 from __future__ import annotations
 
+from alignment.builtin import constraints as constraint_rules
 from alignment.builtin import task
 
 
@@ -25,3 +26,16 @@ def digits(prompts, responses, rows) -> list[float]:
 def brevity(prompts, responses, rows, words: int = 8) -> list[float]:
     """1 for an answer of at most `words` words, falling towards 0 as it rambles."""
     return [min(1.0, words / max(len(r.split()), 1)) for r in responses]
+
+
+def constraints(prompts, responses, rows) -> list[float]:
+    """The share of a prompt's verifiable instruction constraints each response meets (alignment.builtin.
+    constraints), for your own prompts: each row carries `constraints`, a list like
+    [{"type": "caps"}, {"type": "words", "value": 5}] (the built-in prompts carry it in their `gold` spec)."""
+    out = []
+    for i, (row, response) in enumerate(zip(rows, responses)):
+        specs = row.get("constraints") or (row.get("gold") or {}).get("constraints")
+        if not specs:
+            raise ValueError(f"prompt {i} has no 'constraints' list (e.g. [{{\"type\": \"caps\"}}])")
+        out.append(constraint_rules.score(specs, task.cut_at_end(response)))
+    return out

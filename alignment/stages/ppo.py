@@ -40,7 +40,7 @@ from alignment.core.config import RecipeError
 from alignment.core.fingerprint import sequence_fingerprint
 from alignment.core.modeling import response_logprobs, user_model
 from alignment.core.models import count_parameters, load_model, load_tokenizer, resolve_model_path
-from alignment.core.recipes import GoldEvalConfig, PPOConfig, PPORecipe, kl_placement
+from alignment.core.recipes import GoldEvalConfig, PPOConfig, PPORecipe, kl_placement, rollout_correction
 from alignment.core.tracking import print_main
 from alignment.data import text
 from alignment.data.layout import episode_batch
@@ -59,6 +59,7 @@ from alignment.rlhf.episodes import (
     training_layout,
 )
 from alignment.rlhf.health import Health, iteration_metrics
+from alignment.rlhf.importance import mismatch_stats, truncated_importance_weights
 from alignment.rlhf.kl import KLController, kl_estimate
 from alignment.rlhf.ppo_losses import aggregate, normaliser_unit, policy_loss, value_loss
 from alignment.rlhf.rewards import kl_shaped_rewards
@@ -418,6 +419,8 @@ def actor_loss_fn(cfg: PPOConfig, beta: float):
         logp, entropy = response_logprobs(model, b, entropy="grad" if cfg.entropy_coef else "value")
         token_mask = b["response_mask"]
         pg, clipped = policy_loss(logp, b["old_logp"], b["advantages"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+        if "is_weights" in b:  # truncated importance sampling for the rollout's numerics (rlhf.importance)
+            pg = pg * b["is_weights"]
         pg_term = aggregate(pg, token_mask, cfg.loss_aggregation, cfg.max_new_tokens)
         loss = pg_term
         kl_term = torch.zeros((), device=logp.device)
@@ -510,6 +513,14 @@ def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update
 # ---------------------------------------------------------------------------
 
 
+def rollout_logprobs(buffer: dict, T: int) -> torch.Tensor:
+    """[B, T] log-probs of the sampled tokens under the rollout's own distribution; NaN rows for responses that
+    were not sampled (ppo.guidance's reference answers)."""
+    out = buffer["sampled_logp"][:, :T].clone()
+    out[buffer["guided"]] = float("nan")
+    return out
+
+
 def first_iteration_check(s: Setup, buffer: dict, old_lp: torch.Tensor, mask: torch.Tensor, metrics: dict) -> None:
     """Before any update the ratio is 1 and the approximate KL 0; the rollout's log-probs equal the training
     pass's (untruncated sampling only: top-k / top-p draw from a distribution no training pass computes)."""
@@ -531,6 +542,7 @@ def run(recipe: PPORecipe, resume: bool = False, overwrite: bool = False) -> dic
     s = setup(recipe, resume, overwrite)
     cfg, job, engine = recipe.ppo, s.job, s.job.engine
     kl_in, kl_name = kl_placement(cfg)
+    correction = rollout_correction(cfg, recipe.train.precision)
     pad_id, episodes = s.tokenizer.pad_token_id, cfg.prompts_per_rollout * cfg.samples_per_prompt
     progress = loop.make_progress(job, s.iterations, s.start, cfg.advantage)
     health = Health(cfg, cfg.samples_per_prompt)
@@ -555,11 +567,15 @@ def run(recipe: PPORecipe, resume: bool = False, overwrite: bool = False) -> dic
         old_lp, ref_lp, vals = (buffer[k][:, :T] for k in ("old_logp", "ref_logp", "values"))
         beta = s.kl_ctl.value
         rewards, seq_kl = kl_shaped_rewards(buffer["scores"], old_lp, ref_lp, mask, kl_name, beta, kl_in == "reward")
-        # Step 5. Advantages and returns.
+        # Step 5. Advantages and returns; importance weights where the rollout's numerics are not the training's.
         advantages, returns = advantages_and_returns(cfg, buffer, rewards, vals, mask, seq_kl, beta)
+        rollout_lp = rollout_logprobs(buffer, T)
         # Step 6. Epochs of minibatch updates of the actor (and the critic) through the engine.
         update = {"old_logp": old_lp, "ref_logp": ref_lp, "advantages": advantages, "values": vals,
                   "returns": returns if returns is not None else torch.zeros_like(advantages)}
+        if correction:
+            update["is_weights"] = truncated_importance_weights(old_lp, rollout_lp, mask, correction,
+                                                                cfg.rollout_correction_cap)
         stats = train_on_rollout(engine, cfg, s.actor, s.critic, buffer, update, mask, pad_id, iteration, beta,
                                  recipe.seed)
         clock.lap("update")
@@ -567,7 +583,12 @@ def run(recipe: PPORecipe, resume: bool = False, overwrite: bool = False) -> dic
         s.kl_ctl.update(float(seq_kl.mean()), episodes)
         checks = {"train/lr": stats.pop("lr"), "check/first_ratio_dev": stats.pop("first_ratio_dev"),
                   "check/first_approxkl": stats.pop("first_approxkl")}
-        metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks}
+        metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks,
+                   **mismatch_stats(old_lp, rollout_lp, mask)}
+        if correction:
+            w = update["is_weights"][mask > 0]
+            metrics.update({"mismatch/is_weight_mean": float(w.mean()),
+                            "mismatch/is_capped_share": float((w >= cfg.rollout_correction_cap).float().mean())})
         sums = engine.dist.reduce_sums(sampled_stats)  # one collective
         metrics["rollout/informative_share"] = sums["informative"] / engine.dist.world_size
         metrics["rollout/scores_all_sampled"] = sums["sum"] / max(sums["n"], 1.0)
