@@ -34,6 +34,7 @@ STAGES = {
     "sft": "supervised fine-tuning on demonstrations (chat, prompt/completion or text)",
     "rm": "reward model training on preference pairs (Bradley-Terry)",
     "dpo": "direct preference optimisation (DPO, IPO, hinge, SimPO, ...) on preference pairs",
+    "kto": "KTO on single answers labelled good or bad (thumbs up/down), or on preference pairs split in two",
     "ppo": "online RL: PPO with a critic (GAE), or GRPO / RLOO / REINFORCE++ (ppo.advantage), on rewards from "
            "reward models, the built-in verifier or Python functions",
     "pipeline": "SFT -> reward model -> DPO, chained, each stage in its own process, with gold scores",

@@ -171,6 +171,52 @@ def validate_dpo(recipe: DPORecipe) -> str:
 
 
 # ---------------------------------------------------------------------------
+# kto
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class KTOConfig:
+    beta: float = 0.1
+    """Strength of the anchor to the reference: beta in the KTO loss (Ethayarajh et al. 2024, eq. 8)."""
+    desirable_weight: float = 1.0
+    """lambda_D, the weight of a good answer's loss; with more good answers than bad ones, lower it (the paper's
+    eq. 9 bound: lambda_D n_D / (lambda_U n_U) in [1, 4/3])."""
+    undesirable_weight: float = 1.0
+    """lambda_U, the weight of a bad answer's loss."""
+    reference: Literal["auto", "model", "adapter"] = "auto"
+    """auto = adapter with LoRA (the policy with its adapter off), else a frozen copy of the starting model."""
+    max_prompt_length: Optional[int] = None
+    """Prompt tokens kept (from the end) when prompt + answer is too long; None = half of data.max_length."""
+    disable_dropout: bool = True
+    """Train without dropout, so that the reference point and the rewards are read from the same model."""
+    gold_eval: GoldEvalConfig = field(default_factory=GoldEvalConfig)
+
+
+@dataclass
+class KTORecipe(RecipeBase):
+    kto: KTOConfig = field(default_factory=KTOConfig)
+
+
+def validate_kto(recipe: KTORecipe) -> str:
+    """Cross-field checks; returns the resolved reference mode."""
+    cfg = recipe.kto
+    if cfg.beta <= 0 or cfg.desirable_weight <= 0 or cfg.undesirable_weight <= 0:
+        raise RecipeError("kto.beta, kto.desirable_weight and kto.undesirable_weight must be > 0")
+    if cfg.max_prompt_length is not None and not 0 < cfg.max_prompt_length < recipe.data.max_length:
+        raise RecipeError("kto.max_prompt_length must be between 1 and data.max_length - 1")
+    if recipe.train.micro_batch_size < 2:
+        raise RecipeError("KTO estimates its reference point from the other answers of a micro-batch: "
+                          "train.micro_batch_size must be >= 2")
+    mode = cfg.reference
+    if mode == "auto":
+        mode = "adapter" if recipe.lora.enabled else "model"
+    if mode == "adapter" and not recipe.lora.enabled:
+        raise RecipeError("kto.reference: adapter needs lora.enabled: true")
+    return mode
+
+
+# ---------------------------------------------------------------------------
 # ppo
 # ---------------------------------------------------------------------------
 
@@ -479,10 +525,10 @@ class PipelineRecipe:
 # The registry and loading
 # ---------------------------------------------------------------------------
 
-RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "dpo": DPORecipe, "ppo": PPORecipe,
-                            "pipeline": PipelineRecipe}
+RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "dpo": DPORecipe, "kto": KTORecipe,
+                            "ppo": PPORecipe, "pipeline": PipelineRecipe}
 CHECKS: dict[str, Callable[[Any], Any]] = {"sft": validate_sft, "rm": validate_rm, "dpo": validate_dpo,
-                                           "ppo": validate_ppo}
+                                           "kto": validate_kto, "ppo": validate_ppo}
 
 
 def resolve_auto_sources(recipe: RecipeBase, stage: str) -> None:

@@ -332,23 +332,27 @@ def collate_pairs(pairs: list, pad_id: int, pack_to: int | str | None = None, sh
         if pack_to is None:
             raise ValueError("share_prompt needs packed rows (pack_to)")
         return {**_pack_shared_prompt(pairs, pad_id, pack_to), **extra}
-    sequences, labels = [], []
-    for which in ("chosen", "rejected"):
-        for p in pairs:
-            response = p.chosen_ids if which == "chosen" else p.rejected_ids
-            sequences.append(p.prompt_ids + response)
-            labels.append([IGNORE] * len(p.prompt_ids) + response)
+    prompts = [p.prompt_ids for p in pairs] * 2
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     if pack_to is None:
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        lab = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, (seq, lbl) in enumerate(zip(sequences, labels)):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            lab[i, : len(seq)] = torch.tensor(lbl)
-            mask[i, : len(seq)] = 1
-        return {"input_ids": ids, "labels": lab, "attention_mask": mask, **extra}
+        return {**collate_sequences(prompts, responses, pad_id), **extra}
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    labels = [[IGNORE] * len(p) + r for p, r in zip(prompts, responses)]
     return {**_pack_sequences(sequences, labels, pad_id, pack_to), **extra}
+
+
+def collate_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """Right-padded rows [prompt | response], one a sequence, `labels` on the response tokens (IGNORE elsewhere):
+    what alignment.core.modeling.sequence_logprobs sums per row."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(p) + len(r)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def _pack_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, capacity: int) -> dict:

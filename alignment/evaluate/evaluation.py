@@ -198,6 +198,8 @@ def evaluate_policy(args) -> dict:
         result["gold/exact"] = sum(s == 1.0 for s in gold) / len(gold)
         result["gold/n"] = len(gold)
         gold_specs = [golds[i] for i in gold_rows]
+        # Each prompt's scores, for comparisons paired prompt by prompt across separate evaluations.
+        result["per_prompt"] = {"id": [rows[i].data.get("id", rows[i].origin) for i in gold_rows], "gold": gold}
         result.update(family_scores(gold_specs, gold, "gold"))
         if ref_gold:
             result.update(paired("gold", gold, ref_gold))
@@ -208,6 +210,7 @@ def evaluate_policy(args) -> dict:
             result["gold_sampled/score"], result["gold_sampled/score_se"] = mean_and_se(sampled)
             result.update(family_scores(gold_specs, sampled, "gold_sampled"))
             result["gold_sampled/samples"], result["gold_sampled/temperature"] = args.samples, args.temperature
+            result["per_prompt"]["gold_sampled"] = sampled
             if reference is not None:
                 phase(f"sampled responses of the reference: {args.samples} per prompt")
                 ref_sampled = sampled_gold(reference, ref_tok, gold_prompts, gold_specs, args, device)

@@ -7,7 +7,7 @@ import importlib
 from types import ModuleType
 
 MODULES = {"sft": "alignment.stages.sft", "rm": "reward.train", "dpo": "alignment.stages.dpo",
-           "ppo": "alignment.stages.ppo"}
+           "kto": "alignment.stages.kto", "ppo": "alignment.stages.ppo"}
 
 
 def load(name: str) -> ModuleType:
