@@ -231,6 +231,8 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
     print("\nheld-out gold score after each stage: " + ", ".join(
         f"{k} {v:.3f}" for k, v in scores["gold"].items() if v is not None)
         + (f"; reward model accuracy {scores['rm_accuracy']:.3f}" if scores["rm_accuracy"] is not None else ""))
+    if scores.get("families"):
+        print(family_lines(scores["families"]))
     print(f"summary: {out / 'summary.json'}; report: {report}")
     return summary
 
@@ -239,16 +241,55 @@ def scores_summary(stages: dict) -> dict:
     """summary.json: {"gold": {"base": .., "sft": .., "dpo": .., "ppo": ..}, "rm_accuracy": ..}; the base
     score is the one the first policy stage measured before training; a stage that did not run is left out."""
     gold: dict = {}
+    families: dict = {}
     for name in ("sft", "dpo", "ppo"):
         info = stages.get(name)
         if info is None:
             continue
         if not gold and "gold/score_before" in info:
             gold["base"] = info["gold/score_before"]
+            families["base"] = family_table(info, "_before")
         gold[name] = info.get("gold/score")
+        families[name] = family_table(info, "")
     rm = stages.get("rm", {})
     result = {"gold": gold, "rm_accuracy": rm.get("eval/accuracy")}
+    if any(families.values()):
+        result["families"] = families
     rounds = {k: v.get("gold/score") for k, v in stages.items() if k.startswith("dpo-round")}
     if rounds:  # online DPO: the gold score after every round, the last being "dpo"
         result["dpo_rounds"] = {**rounds, "dpo": gold.get("dpo")}
     return result
+
+
+def family_table(info: dict, suffix: str) -> dict:
+    """{"greedy": {family: score, "all": score}, "sampled": {...}} from a stage's gold/<family> and
+    gold_sampled/<family> metrics (its starting model's with suffix "_before")."""
+    out: dict = {}
+    for kind, prefix in (("greedy", "gold/"), ("sampled", "gold_sampled/")):
+        table = {}
+        for key, value in info.items():
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name is None or (suffix and not name.endswith(suffix)) or (not suffix and name.endswith("_before")):
+                continue
+            name = name[: -len(suffix)] if suffix else name
+            if name not in ("exact", "n"):
+                table["all" if name == "score" else name] = value
+        if table:
+            out[kind] = table
+    return out
+
+
+def family_lines(families: dict) -> str:
+    """The held-out gold score by family after each stage, greedy / sampled, as a plain table."""
+    names = sorted({f for table in families.values() for kind in table.values() for f in kind if f != "all"})
+    head = f"{'model':6s} " + " ".join(f"{n[:22]:>23s}" for n in ["all", *names])
+    rows = [head]
+    for stage, table in families.items():
+        cells = []
+        for name in ["all", *names]:
+            greedy = table.get("greedy", {}).get(name)
+            sampled = table.get("sampled", {}).get(name)
+            cell = "-" if greedy is None else f"{greedy:.3f}" + ("" if sampled is None else f" / {sampled:.3f}")
+            cells.append(f"{cell:>23s}")
+        rows.append(f"{stage:6s} " + " ".join(cells))
+    return "\nheld-out gold score by family (greedy / sampled):\n" + "\n".join(rows)

@@ -32,6 +32,11 @@ class GoldEvalConfig:
     """Tokens generated per answer (greedy)."""
     batch_size: int = 16
     """Prompts per generation batch on a rank."""
+    samples: int = 0
+    """Also score this many answers per prompt sampled at `temperature` (gold_sampled/*, by family too): the score
+    sampling optimises, beside the greedy one."""
+    temperature: float = 1.0
+    """The sampling temperature of `samples`."""
     interval: int = 0
     """ppo: also score the policy being trained every this many iterations (its training weights, in
     memory; logged as gold/score at that iteration); 0 = only before and after."""

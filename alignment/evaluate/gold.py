@@ -77,7 +77,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: i
 
 def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, max_new_tokens: int,
                batch_size: int, *, trust_remote_code: bool = False, revision: str | None = None,
-               tokenizer_path: str | None = None) -> dict[str, float]:
+               tokenizer_path: str | None = None, samples: int = 0, temperature: float = 1.0) -> dict[str, float]:
     """Mean gold reward of a model (a directory or hub id at `revision`) on the first `num_prompts` prompts;
     every rank calls."""
 
@@ -85,22 +85,61 @@ def gold_score(engine, model_dir: str, prompts_source: str, num_prompts: int, ma
     with engine.plain_init():
         model = load_exported(model_dir, "causal_lm", trust_remote_code=trust_remote_code,
                               revision=revision).to(engine.dist.device).eval()
-    return gold_score_of_model(engine, model, tokenizer, prompts_source, num_prompts, max_new_tokens, batch_size)
+    return gold_score_of_model(engine, model, tokenizer, prompts_source, num_prompts, max_new_tokens, batch_size,
+                               samples, temperature)
 
 
 def gold_score_of_model(engine, model, tokenizer, prompts_source: str, num_prompts: int, max_new_tokens: int,
-                        batch_size: int) -> dict:
-    """gold_score of a model already in memory (e.g. a stage's policy inside engine.generation_view)."""
+                        batch_size: int, samples: int = 0, temperature: float = 1.0, seed: int = 0) -> dict:
+    """gold_score of a model already in memory (e.g. a stage's policy inside engine.generation_view): the mean
+    gold score of its greedy answers, overall (gold/score) and by family (gold/<family>), and with `samples` also
+    of that many answers per prompt sampled at `temperature` (gold_sampled/*: the score sampling optimises)."""
     rows = read_rows(prompts_source)[:num_prompts]
+    families = sorted({fam for r in rows for fam in families_of(r.data["gold"])})
     mine = rows[engine.dist.rank :: engine.dist.world_size]
-    responses = generate(model, tokenizer, [r.data["prompt"] for r in mine], max_new_tokens, batch_size, engine.dist.device)
-    scores = [task.score(r.data["gold"], resp) for r, resp in zip(mine, responses)]
-    sums = engine.dist.reduce_sums({"score": sum(scores), "exact": sum(s == 1.0 for s in scores), "n": len(scores)})
+    prompts, golds = [r.data["prompt"] for r in mine], [r.data["gold"] for r in mine]
+    responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, engine.dist.device)
+    scores = [task.score(g, resp) for g, resp in zip(golds, responses)]
+    sums = {"score": sum(scores), "exact": sum(s == 1.0 for s in scores), "n": len(scores),
+            **family_sums(golds, scores, families, "")}
+    if samples:
+        torch.manual_seed(seed)
+        sampled = generate(model, tokenizer, prompts, max_new_tokens, batch_size, engine.dist.device, samples,
+                           temperature)
+        per_prompt = [sum(task.score(g, sampled[i * samples + j]) for j in range(samples)) / samples
+                      for i, g in enumerate(golds)]
+        sums.update({"sampled": sum(per_prompt), **family_sums(golds, per_prompt, families, "sampled:")})
+    sums = engine.dist.reduce_sums(sums)
     n = max(1.0, sums["n"])
-    samples = [{"id": r.data.get("id", r.origin), "prompt": r.data["prompt"][-1]["content"], "response": resp, "score": s}
-               for r, resp, s in zip(mine, responses, scores)]
-    return {"gold/score": sums["score"] / n, "gold/exact": sums["exact"] / n, "gold/n": sums["n"],
-            "_samples": samples}
+    out = {"gold/score": sums["score"] / n, "gold/exact": sums["exact"] / n, "gold/n": sums["n"]}
+    for fam in families:
+        out[f"gold/{fam}"] = sums[f"{fam}"] / max(1.0, sums[f"{fam}:n"])
+        if samples:
+            out[f"gold_sampled/{fam}"] = sums[f"sampled:{fam}"] / max(1.0, sums[f"{fam}:n"])
+    if samples:
+        out["gold_sampled/score"] = sums["sampled"] / n
+    out["_samples"] = [{"id": r.data.get("id", r.origin), "prompt": r.data["prompt"][-1]["content"], "response": resp,
+                        "score": s} for r, resp, s in zip(mine, responses, scores)]
+    return out
+
+
+def families_of(gold: dict) -> list[str]:
+    """The families a gold spec counts in: its own, and constraints_held_out_pair for a pair of constraints no
+    training split holds."""
+    return [gold.get("family", "other")] + (["constraints_held_out_pair"] if gold.get("held_out_pair") else [])
+
+
+def family_sums(golds: list[dict], scores: list[float], families: list[str], prefix: str) -> dict:
+    """{prefix + family: sum of scores, family + ':n': count} over every family (zeros where a rank has none)."""
+    out = {f"{prefix}{fam}": 0.0 for fam in families}
+    if not prefix:
+        out.update({f"{fam}:n": 0.0 for fam in families})
+    for gold, value in zip(golds, scores):
+        for fam in families_of(gold):
+            out[f"{prefix}{fam}"] += value
+            if not prefix:
+                out[f"{fam}:n"] += 1
+    return out
 
 
 SAMPLES_KEPT = 16
@@ -122,7 +161,7 @@ def gold_cache_key(model_dir: str, revision: str | None, tokenizer_path: str | N
     except (OSError, ValueError):  # a hub dataset: not pinned
         return None
     parts = [weights, tokenizer or "", prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size, world_size,
-             torch.__version__]
+             torch.__version__, getattr(cfg, "samples", 0), getattr(cfg, "temperature", 1.0), "families-v1"]
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
@@ -159,7 +198,8 @@ def gold_eval(engine, model_dir: str, cfg, model_cfg=None, base: bool = False,
         result, samples, note = cached["result"], cached["samples"], " (cached: same weights, prompts and decoding)"
     else:
         result = gold_score(engine, model_dir, cfg.prompts, cfg.num_prompts, cfg.max_new_tokens, cfg.batch_size,
-                            trust_remote_code=remote_code, revision=revision, tokenizer_path=tokenizer_path)
+                            trust_remote_code=remote_code, revision=revision, tokenizer_path=tokenizer_path,
+                            samples=getattr(cfg, "samples", 0), temperature=getattr(cfg, "temperature", 1.0))
         samples, note = result.pop("_samples"), ""
         if path is not None and engine.dist.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +208,12 @@ def gold_eval(engine, model_dir: str, cfg, model_cfg=None, base: bool = False,
             tmp.replace(path)
     if engine.dist.is_main:
         print(f"gold score of {Path(model_dir).name}: {result['gold/score']:.3f} (exact {result['gold/exact']:.3f}){note}")
+        families = [k.split("/", 1)[1] for k in result if k.startswith("gold/") and k.split("/", 1)[1] not in
+                    ("score", "exact", "n")]
+        if families:
+            print("  by family (greedy" + (", sampled" if "gold_sampled/score" in result else "") + "): " + ", ".join(
+                f"{fam} {result[f'gold/{fam}']:.3f}" + (f" / {result[f'gold_sampled/{fam}']:.3f}"
+                                                       if f"gold_sampled/{fam}" in result else "") for fam in families))
         for sample in samples[:2]:
             print(f"  Q: {sample['prompt']!r}\n  A: {sample['response']!r}")
         if samples_to is not None:

@@ -50,7 +50,9 @@ def score_start(job: loop.Run, model_path: str, cfg: GoldEvalConfig, start: int)
     if cfg.prompts and start == 0:
         gold.before = gold_eval(job.engine, model_path, cfg, job.recipe.model, base=True,
                                 samples_to=job.output_dir / "gold_samples_before.jsonl")
-        job.logger.log({"gold/score_before": gold.before["gold/score"]}, step=0)
+        job.logger.log({"gold/score_before": gold.before["gold/score"],
+                        **{f"{k}_before": v for k, v in gold.before.items()
+                           if k.startswith(("gold/", "gold_sampled/")) and k not in ("gold/score", "gold/n")}}, step=0)
     return gold
 
 
@@ -73,7 +75,7 @@ def finish(job: loop.Run, trained, tokenizer, *, kind: str, base_path: str, step
     if gold is not None and gold.cfg.prompts:
         gold.after = gold_eval(engine, str(final), gold.cfg, recipe.model,
                                samples_to=job.output_dir / "gold_samples_after.jsonl")
-        job.logger.log({"gold/score": gold.after["gold/score"], "gold/exact": gold.after["gold/exact"]}, step=step)
+        job.logger.log({k: v for k, v in gold.after.items() if k.startswith(("gold/", "gold_sampled/"))}, step=step)
         if gold.before is not None:
             print_main(engine.dist.is_main, f"gold score on {int(gold.after['gold/n'])} held-out prompts: "
                        f"{gold.before['gold/score']:.3f} before -> {gold.after['gold/score']:.3f} after")
