@@ -76,9 +76,17 @@ def test_tiny_pipeline_interrupted_resumed_and_rerun_where_inputs_changed(tmp_pa
     assert summary["stages"]["rm"]["eval/accuracy"] == read_metrics(out / "rm")[-1]["eval/accuracy"]
     scores = json.loads((out / "summary.json").read_text())
     logged = {s: {k: v for m in read_metrics(out / s) for k, v in m.items()} for s in ("sft", "dpo", "ppo")}
-    assert scores == {"gold": {"base": logged["sft"]["gold/score_before"], "sft": logged["sft"]["gold/score"],
-                               "dpo": logged["dpo"]["gold/score"], "ppo": logged["ppo"]["gold/score"]},
-                      "rm_accuracy": summary["stages"]["rm"]["eval/accuracy"]}
+    assert scores["gold"] == {"base": logged["sft"]["gold/score_before"], "sft": logged["sft"]["gold/score"],
+                              "dpo": logged["dpo"]["gold/score"], "ppo": logged["ppo"]["gold/score"]}
+    assert scores["rm_accuracy"] == summary["stages"]["rm"]["eval/accuracy"]
+    # ... and the score by task family, greedy, as each stage logged it (gold/<family>).
+    assert set(scores) == {"gold", "rm_accuracy", "families"}
+    for stage in ("sft", "dpo", "ppo"):
+        greedy = scores["families"][stage]["greedy"]
+        assert greedy["all"] == logged[stage]["gold/score"]
+        assert {f: logged[stage][f"gold/{f}"] for f in greedy if f != "all"} == {f: v for f, v in greedy.items()
+                                                                                 if f != "all"}
+    assert scores["families"]["base"]["greedy"]["all"] == logged["sft"]["gold/score_before"]
     check_report_in_browser(out / "report.html", scores, tmp_path / "report.png")
     assert 0.0 <= summary["stages"]["dpo"]["eval/rewards/accuracies"] <= 1.0
     # DPO starts from the SFT export: with the reference precomputed from that same model, the policy and
