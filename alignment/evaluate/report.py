@@ -148,7 +148,8 @@ def _svg(fig, title: str, series_info: dict[str, tuple[str, int]], extra_class: 
     the groups of the series (gid `series-i`), ticks and legend carry classes and data attributes."""
     import matplotlib
 
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "alignment-report"}):
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "alignment-report",
+                                 "font.sans-serif": ["DejaVu Sans", "Liberation Sans", "Arial"]}):
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     svg = buf.getvalue()
@@ -211,6 +212,10 @@ def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], x_label:
     if log_y and all(y > 0 for pts in lines.values() for _, y in pts):
         ax.set_yscale("log")
     _style_axes(ax, title, x_label)
+    xs = {x for pts in lines.values() for x, _ in pts}
+    if len(xs) == 1:  # one step: a window around it, whole-number ticks
+        x = xs.pop()
+        ax.set_xlim(x - 1, x + 1)
     if log_y and ax.get_yscale() == "log":
         from matplotlib.ticker import LogLocator
 
@@ -238,7 +243,7 @@ def trajectory_chart(title: str, points: list[tuple[float, float, float]], x_lab
     fig, ax = _figure(6.4, 4.0)
     cmap = colormaps["viridis"]
     norm = Normalize(steps.min(), max(steps.max(), steps.min() + 1))
-    info = {"series-0": (f"{y_label} per iteration", len(points))}
+    info = {"series-0": (y_label, len(points))}
     if len(points) > 1:
         if smoothed:
             raw, = ax.plot(xy[:, 0], xy[:, 1], color="#bbb", linewidth=0.6, alpha=0.6, zorder=1)
@@ -254,9 +259,10 @@ def trajectory_chart(title: str, points: list[tuple[float, float, float]], x_lab
         for k in range(every // 2, len(points) - 1, every):
             (x0, y0), (x1, y1) = path_xy[k], path_xy[k + 1]
             if (x0, y0) != (x1, y1):
-                ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=4,
-                            arrowprops=dict(arrowstyle="-|>", color=colours[k], lw=1.4, mutation_scale=12,
-                                            shrinkA=0, shrinkB=0)).set_gid(f"arrow-{k}")
+                arrow = ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=4,
+                                    arrowprops=dict(arrowstyle="-|>", color=colours[k], lw=1.4, mutation_scale=12,
+                                                    shrinkA=0, shrinkB=0))
+                arrow.arrow_patch.set_gid(f"arrow-{k}")
     dots = ax.scatter(xy[:, 0], xy[:, 1], c=steps, cmap=cmap, norm=norm, s=16 if smoothed else 22, zorder=3,
                       alpha=0.75 if smoothed else 1.0, edgecolors="white", linewidths=0.4)
     dots.set_gid("series-0")
