@@ -27,6 +27,7 @@ import ipaddress
 import json
 import secrets
 import socket
+from html import escape
 
 from alignment.collect.label.store import Store, StoreError
 
@@ -61,7 +62,9 @@ padding:2px 14px}.prompt .label{font-size:11px;text-transform:uppercase;color:#5
 background:#f3f4f6;padding:0 3px;border-radius:3px}.md pre code{padding:0;background:none}
 .md table{border-collapse:collapse;margin:8px 0}.md td,.md th{border:1px solid #d0d7de;padding:3px 9px}
 .md th{background:#f6f8fa}.md blockquote{border-left:3px solid #d0d7de;margin:0;padding-left:10px;color:#57606a}
-.md .img{color:#57606a;font-style:italic}
+.md .img{color:#57606a;font-style:italic}#guidelines .md h1{font-size:18px}#guidelines .md h2{font-size:16px}
+.turn .role{font-size:11px;text-transform:uppercase;color:#57606a;letter-spacing:.04em;margin-top:6px}
+.turn.role-system{color:#57606a}
 pre.source{white-space:pre-wrap;word-break:break-word;font:13px ui-monospace,"DejaVu Sans Mono",monospace;margin:8px 0}
 body.show-source .md{display:none}body:not(.show-source) pre.source{display:none}
 footer{flex:none;background:#fff;border-top:1px solid #dde1e6;padding:8px 18px;box-shadow:0 -2px 8px rgba(0,0,0,.05)}
@@ -90,7 +93,7 @@ back and forward with <kbd>b</kbd> <kbd>f</kbd>.</div>{% endif %}
 {% elif item.arena %}<h2 id="question">Arena: two policies answered this prompt. Which answer is better?</h2>
 <p class="note">The policies' names are hidden, and which side each is on changes from item to item.</p>
 {% else %}<h2 id="question">Which response is better?</h2>{% endif %}
-<section class="prompt" id="prompt-pane"><div class="label">Prompt</div><div class="md" id="prompt">{{ prompt_html | safe }}</div>
+<section class="prompt" id="prompt-pane">{% if not prompt_turns %}<div class="label">Prompt</div>{% endif %}<div class="md" id="prompt">{{ prompt_html | safe }}</div>
 <pre class="source">{{ item.prompt }}</pre></section>
 {% if item.single %}
 <div class="pair"><div class="side" id="answer"><h3>Answer</h3><div class="answer"><div class="md">{{ left_html | safe }}</div>
@@ -113,8 +116,8 @@ back and forward with <kbd>b</kbd> <kbd>f</kbd>.</div>{% endif %}
 {% if item %}
 <div class="row" id="choices">
 {% if item.single %}
-  <button data-choice="good" class="good">&#128077; Good <kbd>1</kbd></button>
-  <button data-choice="bad" class="bad">&#128078; Bad <kbd>2</kbd></button>
+  <button data-choice="good" class="good">&#10003; Good <kbd>1</kbd></button>
+  <button data-choice="bad" class="bad">&#10007; Bad <kbd>2</kbd></button>
 {% else %}
   <button data-choice="left">A is better <kbd>1</kbd></button>
   <button data-choice="right">B is better <kbd>2</kbd></button>
@@ -241,6 +244,12 @@ def markdown_renderer():
     return md
 
 
+def _text(content) -> str:
+    if isinstance(content, list):  # multimodal parts: their text
+        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
 def public_url(host: str, port: int) -> str:
     """The address annotators open: a wildcard bind (0.0.0.0, ::) is reached through this machine's name."""
     if host in ("0.0.0.0", "::", ""):
@@ -303,14 +312,23 @@ def make_app(store_path: str):
         view["initial"] = label or store.draft(annotator_id, item.id) or {}
         left, right = (item.a, item.b) if left_side == "a" else (item.b, item.a)
         view.update(item={"id": item.id, "prompt": item.prompt, "arena": "arena" in item.meta, "kind": item.kind,
-                          "single": item.kind == "single"}, left=left, right=right)
+                          "single": item.kind == "single", "raw_prompt": (item.meta.get("raw") or {}).get("prompt")},
+                    left=left, right=right)
         return view
 
     def rendered(view: dict) -> dict:
         guidelines = store.guidelines()
         extra = {"guidelines": guidelines, "guidelines_html": md.render(guidelines) if guidelines else ""}
         if view["item"]:
-            extra.update(prompt_html=md.render(view["item"]["prompt"]), left_html=md.render(view["left"]),
+            raw = view["item"].pop("raw_prompt", None)
+            turns = isinstance(raw, list) and all(isinstance(m, dict) and "content" in m for m in raw) and len(raw) > 1
+            if turns:  # a conversation: each turn under its role, each rendered as markdown
+                prompt_html = "".join(
+                    f'<div class="turn role-{escape(str(m.get("role", "")))}"><div class="role">'
+                    f'{escape(str(m.get("role", "")))}</div>{md.render(_text(m["content"]))}</div>' for m in raw)
+            else:
+                prompt_html = md.render(view["item"]["prompt"])
+            extra.update(prompt_html=prompt_html, prompt_turns=turns, left_html=md.render(view["left"]),
                          right_html=md.render(view["right"]))
         return {**view, **extra}
 
@@ -334,6 +352,8 @@ def make_app(store_path: str):
         except StoreError as exc:
             return error(exc)
         view = item_view(annotator_id)
+        if view["item"]:
+            view["item"].pop("raw_prompt", None)
         if view["item"] and view["item"]["single"]:
             view["answer"] = view.pop("left")
             view.pop("right")
