@@ -750,8 +750,8 @@ def test_thumbs_labels_round_trip_to_an_unpaired_export_in_a_real_browser(tmp_pa
                     page.keyboard.press("r")
                     page.keyboard.type("Paris, not Lyon")
                     page.keyboard.press("Escape")
-                if n == 3:
-                    assert page.eval_on_selector('button[data-choice="bad"]', "e => e.classList.contains('on')")
+                if n == 0:
+                    assert page.eval_on_selector('button[data-choice="good"]', "e => e.classList.contains('on')")
                     page.screenshot(path=str(shots_dir(tmp_path) / "label-thumbs.png"))
                 with page.expect_navigation():
                     page.keyboard.press("Enter")
