@@ -280,6 +280,9 @@ def trajectory_chart(title: str, points: list[tuple[float, float, float]], x_lab
     bar = fig.colorbar(dots, ax=ax, pad=0.02)
     bar.set_label("iteration (step)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _svg(fig, title, info, "trajectory")
 
 
