@@ -228,13 +228,27 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
                  if k.startswith(("gold/", "eval/accuracy", "eval/rewards/accuracies", "eval/loss"))
                  or k in ("minutes", "pairs", "skipped")}
         print(f"  {name:4s} {shown}")
-    print("\nheld-out gold score after each stage: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in scores["gold"].items() if v is not None)
-        + (f"; reward model accuracy {scores['rm_accuracy']:.3f}" if scores["rm_accuracy"] is not None else ""))
+    print("\n" + scores_line(scores))
     if scores.get("families"):
         print(family_lines(scores["families"]))
     print(f"summary: {out / 'summary.json'}; report: {report}")
     return summary
+
+
+def scores_line(scores: dict) -> str:
+    """The console's one line of summary.json: what was measured, and what was not."""
+    measured = [f"{k} {v:.3f}" for k, v in scores["gold"].items() if v is not None]
+    missing = [k for k, v in scores["gold"].items() if v is None]
+    if measured:
+        line = "held-out gold score after each stage: " + ", ".join(measured)
+        if missing:
+            line += f" (not measured: {', '.join(missing)})"
+    elif missing:
+        line = f"held-out gold score: not measured ({', '.join(missing)} ran without gold_eval)"
+    else:
+        line = "held-out gold score: not measured (no policy stage ran)"
+    rm = scores.get("rm_accuracy")
+    return line + (f"; reward model held-out accuracy {rm:.3f}" if rm is not None else "; no reward model accuracy")
 
 
 def scores_summary(stages: dict) -> dict:

@@ -330,11 +330,25 @@ def evaluate_reward_model(args) -> dict:
         idx = [i for i, c in enumerate(categories) if c == name]
         result[f"rm/accuracy/{name}"] = pairwise_accuracy(chosen[idx], rejected[idx])
         result[f"rm/pairs/{name}"] = len(idx)
-    result["samples"] = [{"prompt": str(p.prompt)[-300:], "chosen": str(p.chosen)[:300],
-                          "rejected": str(p.rejected)[:300], "reward_chosen": float(c), "reward_rejected": float(r)}
+    result["samples"] = [{"prompt": _shown(p.prompt, 300, tail=True), "chosen": _shown(p.chosen, 300),
+                          "rejected": _shown(p.rejected, 300), "reward_chosen": float(c), "reward_rejected": float(r)}
                          for p, c, r in list(zip(pairs, chosen, rejected))[:SAMPLES_SHOWN]]
     result["seconds"] = time.time() - started
     return result
+
+
+def _shown(value, limit: int, tail: bool = False):
+    """A prompt or response for the samples: text cut to `limit` characters (its end when `tail`), a message list
+    kept as messages (the report shows them as turns) with each content cut the same way."""
+
+    def cut(text: str) -> str:
+        if len(text) <= limit:
+            return text
+        return "…" + text[-limit:] if tail else text[:limit] + "…"
+
+    if isinstance(value, list):
+        return [{**m, "content": cut(_plain([m]))} if isinstance(m, dict) else cut(str(m)) for m in value]
+    return cut(str(value))
 
 
 def _plain(response) -> str:
