@@ -749,6 +749,11 @@ def memory_line(name: str, ours_label: str, peer_label: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: `python -m MODULE`, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+
+
 def add_precision_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=default,
                         help="both sides" + ("" if default else "; default bf16 where this machine runs bf16 "
