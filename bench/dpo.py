@@ -52,12 +52,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench.data import PairData, add_hh_rlhf_option, hh_rlhf_file, load_dataset, write_trl_records
-from bench.harness import (CountingCollator, Row, Settings, StepLog, add_only_option, add_speed_options,
-                           add_worker_option, add_workdir_option, argument_parser, bench_workdir, check_same_work,
-                           load_note, memory_line, print_cpu_check, print_pairs_table, private_cache,
-                           resolve_precision, result_line, run_cli_worker, run_ours_worker, run_worker, serve_worker,
-                           side_env, smollm2_path, step_clock, timed, torch_threads, trl_log, write_result)
+from bench.data import PairData, add_hh_rlhf_option, hh_rlhf_file, write_trl_records
+from bench.harness import (Row, Settings, StepLog, add_only_option, add_speed_options, add_workdir_option,
+                           add_worker_option, argument_parser, bench_workdir, check_same_work, load_note, memory_line,
+                           print_cpu_check, print_pairs_table, private_cache, resolve_precision, result_line,
+                           run_cli_worker, run_ours_worker, run_trl_counted, run_worker, serve_worker, side_env,
+                           smollm2_path, timed, torch_threads, write_result)
 
 MODULE = "bench.dpo"
 RECIPE = "configs/smollm2/dpo-hh.yaml"
@@ -122,7 +122,6 @@ def run_ours(args, s: Settings, data: PairData, workdir: Path, label: str, fast:
 
 def trl_worker(spec: dict) -> None:
     """TRL's side: DPOTrainer on our token ids, in our order, the one-off precompute timed."""
-    import torch
     import trl.trainer.dpo_trainer as dpo_module
     from trl import DPOConfig, DPOTrainer
 
@@ -145,18 +144,13 @@ def trl_worker(spec: dict) -> None:
     trl_args["gradient_checkpointing"] = bool(spec.get("gradient_checkpointing", False))
     config = DPOConfig(**trl_args, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
                        disable_dropout=True)
-    clock = step_clock()
-    trainer = Trainer(model=smollm2_path(), args=config, train_dataset=load_dataset(spec["data"]),
-                      processing_class=tokenizer, callbacks=[clock])
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    print(f"torch threads {torch.get_num_threads()}, optimizer {config.optim}, bf16 {config.bf16}, gradient "
-          f"checkpointing {config.gradient_checkpointing}, precompute_ref_log_probs {precompute}, separate reference "
-          f"model {trainer.ref_model is not None}, trainable {trainable / 1e6:.2f}M, padding_free "
-          f"{trainer.padding_free}", flush=True)
-    trainer.train()
-    log = trl_log(counter, clock, s.accumulation)
+
+    def describe(trainer, trainable: int) -> str:
+        return (f"gradient checkpointing {config.gradient_checkpointing}, precompute_ref_log_probs {precompute}, "
+                f"separate reference model {trainer.ref_model is not None}, trainable {trainable / 1e6:.2f}M, "
+                f"padding_free {trainer.padding_free}")
+
+    _, log = run_trl_counted(Trainer, config, spec["data"], s.accumulation, describe, processing_class=tokenizer)
     if precompute:
         log.extra.update(timing, ref_precompute_s=timing.get("ref_hash_s", 0.0) + timing.get("ref_pass_s", 0.0))
     write_result(spec, log.as_dict())

@@ -29,10 +29,10 @@ from __future__ import annotations
 import sys
 import time
 
-from bench.data import hh_rlhf_file, load_dataset, quality_split, write_records
-from bench.harness import (add_quality_options, argument_parser, bench_workdir, finish_quality, ours_kept,
-                           policy_accuracy, run_quality_ours, run_quality_trl, save_export, score_recipe,
-                           serve_worker, smollm2_path, start_logps, trl_kept, trl_quality_args)
+from bench.data import load_dataset
+from bench.harness import (add_quality_options, argument_parser, ours_kept, policy_accuracy, run_quality,
+                           run_quality_ours, run_quality_trl, save_export, serve_worker, smollm2_path, start_logps,
+                           trl_kept, trl_quality_args)
 
 MODULE = "bench.dpo_quality"
 RESULT_NAME = "dpo-quality-vs-trl"
@@ -70,18 +70,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return serve_worker(args.worker, {"trl": trl_worker})
-    started = time.perf_counter()
-    with bench_workdir(args.workdir, "bench-dpo-quality-") as workdir:
-        source = hh_rlhf_file(args.hh_rlhf)
-        if args.recipe:
-            return score_recipe("dpo", args.recipe, workdir, source, args.max_held_out, started)
-        split = quality_split(source, args.train_rows, args.max_held_out)
-        records = workdir / "trl_train.jsonl"
-        write_records(split.train_pairs, records)
-        print(f"{RESULT_NAME}: smollm2-135m, sigmoid DPO, full fine-tune, reference = the starting model, "
-              f"{args.precision}, max_length {args.max_length}, batch {args.batch}, {args.epochs:g} epoch(s), beta "
-              f"{args.beta:g}, lr {args.learning_rate:g} linear, no warm-up (DPOConfig defaults); {split.describe()}",
-              flush=True)
+
+    def compare(split, workdir, records):
         t0 = time.perf_counter()
         start = start_logps(workdir, split.held)  # the starting model's: the same for every run
         print(f"[start] log-probs of the starting model on the held-out pairs in {time.perf_counter() - t0:.0f}s",
@@ -98,7 +88,12 @@ def main(argv=None) -> int:
             table.append(("trl", trl_kept(split, counts, "pairs whose prompt fills max_length dropped, long ones cut "
                                                          "at the end (keep_start)")))
             acc["trl"] = policy_accuracy(str(trl_final), split.held, start, "trl")
-        return finish_quality(args, workdir, started, RESULT_NAME, table, acc)
+        return table, acc
+
+    return run_quality(args, "dpo", RESULT_NAME, f"smollm2-135m, sigmoid DPO, full fine-tune, reference = the "
+                       f"starting model, {args.precision}, max_length {args.max_length}, batch {args.batch}, "
+                       f"{args.epochs:g} epoch(s), beta {args.beta:g}, lr {args.learning_rate:g} linear, no warm-up "
+                       "(DPOConfig defaults)", compare)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Callable
 
 from bench.data import (HELD_FRACTION, REPO, SEED, SPLIT_SEED, QualitySplit, add_hh_rlhf_option, build_pairs,
-                        ours_data_report, quality_split, read_jsonl, smollm2_path)
+                        hh_rlhf_file, load_dataset, ours_data_report, quality_split, read_jsonl, smollm2_path,
+                        write_records)
 
 PYTHON = sys.executable
 # What estimate / gpu_check give every run: no evaluation, no saving, no progress bar.
@@ -646,6 +647,26 @@ class CountingCollator:
         return getattr(self.inner, name)
 
 
+def run_trl_counted(trainer_class, config, data: str, accumulation: int, describe, targets: bool = False, **kwargs):
+    """TRL's side of a speed comparison: `trainer_class` on the smollm2 model and the records in `data`, with the step
+    clock and the counting collator; prints the torch threads, optimizer and precision, then describe(trainer,
+    trainable parameters); trains. Returns the trainer and its per-step log (trainable_params in extra)."""
+    import torch
+
+    clock = step_clock()
+    trainer = trainer_class(model=smollm2_path(), args=config, train_dataset=load_dataset(data), callbacks=[clock],
+                            **kwargs)
+    counter = CountingCollator(trainer.data_collator, targets)
+    trainer.data_collator = counter
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    print(f"torch threads {torch.get_num_threads()}, optimizer {config.optim}, bf16 {config.bf16}, "
+          f"{describe(trainer, trainable)}", flush=True)
+    trainer.train()
+    log = trl_log(counter, clock, accumulation)
+    log.extra["trainable_params"] = trainable
+    return trainer, log
+
+
 def trl_log(counter: CountingCollator, clock, accumulation: int) -> StepLog:
     """Per-step log of a TRL run from the counting collator and the step clock."""
     n = len(clock.seconds)
@@ -949,13 +970,25 @@ def print_data_table(rows: list[tuple[str, dict]]) -> None:
         print(f"{name:<6} {d['rows']:>5} {d['kept']:>5} {d['truncated']:>9} {d['dropped']:>7}  {d.get('note', '')}")
 
 
-def finish_quality(args, workdir: Path, started: float, name: str, table: list, acc: dict) -> int:
-    """The quality benchmarks' end: the data table, result.json in workdir, the RESULT line (both sides run)."""
-    print_data_table(table)
-    print(f"benchmark wall time {time.perf_counter() - started:.0f}s")
-    (workdir / "result.json").write_text(json.dumps({"accuracy": acc, "data": dict(table)}, indent=1))
-    if args.only is None:
-        result_line(name, acc["ours"]["accuracy"], acc["trl"]["accuracy"], "accuracy", digits=4)
+def run_quality(args, stage: str, name: str, header: str, compare) -> int:
+    """A quality benchmark: in its work directory, either --recipe (score_recipe), or the split (its training pairs
+    written as TRL's records, trl_train.jsonl), `compare(split, workdir, records)` -> (data table rows, accuracy per
+    side), then the data table, result.json and the RESULT line `name` (when both sides ran)."""
+    started = time.perf_counter()
+    with bench_workdir(args.workdir, f"bench-{stage}-quality-") as workdir:
+        source = hh_rlhf_file(args.hh_rlhf)
+        if args.recipe:
+            return score_recipe(stage, args.recipe, workdir, source, args.max_held_out, started)
+        split = quality_split(source, args.train_rows, args.max_held_out)
+        records = workdir / "trl_train.jsonl"
+        write_records(split.train_pairs, records)
+        print(f"{name}: {header}; {split.describe()}", flush=True)
+        table, acc = compare(split, workdir, records)
+        print_data_table(table)
+        print(f"benchmark wall time {time.perf_counter() - started:.0f}s")
+        (workdir / "result.json").write_text(json.dumps({"accuracy": acc, "data": dict(table)}, indent=1))
+        if args.only is None:
+            result_line(name, acc["ours"]["accuracy"], acc["trl"]["accuracy"], "accuracy", digits=4)
     return 0
 
 

@@ -37,12 +37,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench.data import PairData, add_hh_rlhf_option, hh_rlhf_file, load_dataset, write_trl_records
-from bench.harness import (CountingCollator, Row, Settings, StepLog, add_only_option, add_speed_options,
-                           add_worker_option, add_workdir_option, argument_parser, bench_workdir, check_same_work,
-                           load_note, memory_line, print_cpu_check, print_pairs_table, resolve_precision, result_line,
-                           run_cli_worker, run_ours_worker, run_worker, serve_worker, side_env, smollm2_path,
-                           step_clock, torch_threads, trl_log, write_result)
+from bench.data import PairData, add_hh_rlhf_option, hh_rlhf_file, write_trl_records
+from bench.harness import (Row, Settings, StepLog, add_only_option, add_speed_options, add_workdir_option,
+                           add_worker_option, argument_parser, bench_workdir, check_same_work, load_note, memory_line,
+                           print_cpu_check, print_pairs_table, resolve_precision, result_line, run_cli_worker,
+                           run_ours_worker, run_trl_counted, run_worker, serve_worker, side_env, smollm2_path,
+                           torch_threads, write_result)
 
 MODULE = "bench.rm"
 RESULT_NAME = "rm-vs-trl"
@@ -89,7 +89,6 @@ def trl_worker(spec: dict) -> None:
     """TRL's side: RewardTrainer on our token ids, in our order."""
     from types import SimpleNamespace
 
-    import torch
     from trl import RewardConfig, RewardTrainer
 
     from alignment.core.models import load_tokenizer
@@ -103,19 +102,13 @@ def trl_worker(spec: dict) -> None:
     init = {"attn_implementation": spec["attn"]} if spec.get("attn") else None
     config = RewardConfig(**s.trl_args(spec["output_dir"], LR), center_rewards_coefficient=CENTER_COEF,
                           disable_dropout=True, model_init_kwargs=init)
-    clock = step_clock()
-    trainer = RewardTrainer(model=smollm2_path(), args=config, train_dataset=load_dataset(spec["data"]),
-                            processing_class=tokenizer, callbacks=[clock])
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    print(f"torch threads {torch.get_num_threads()}, optimizer {config.optim}, bf16 {config.bf16}, "
-          f"attention {trainer.model.config._attn_implementation}, "
-          f"gradient checkpointing {config.gradient_checkpointing}, trainable {trainable / 1e6:.2f}M, "
-          f"pad {tokenizer.pad_token!r}", flush=True)
-    trainer.train()
-    log = trl_log(counter, clock, s.accumulation)
-    log.extra["trainable_params"] = trainable
+
+    def describe(trainer, trainable: int) -> str:
+        return (f"attention {trainer.model.config._attn_implementation}, gradient checkpointing "
+                f"{config.gradient_checkpointing}, trainable {trainable / 1e6:.2f}M, pad {tokenizer.pad_token!r}")
+
+    _, log = run_trl_counted(RewardTrainer, config, spec["data"], s.accumulation, describe,
+                             processing_class=tokenizer)
     write_result(spec, log.as_dict())
 
 

@@ -26,12 +26,11 @@ and a table of the training pairs each side kept, truncated and dropped.
 from __future__ import annotations
 
 import sys
-import time
 
-from bench.data import hh_rlhf_file, load_dataset, quality_split, write_records
-from bench.harness import (add_quality_options, argument_parser, bench_workdir, finish_quality, ours_kept,
-                           plain_reward_accuracy, run_quality_ours, run_quality_trl, save_export, score_recipe,
-                           serve_worker, smollm2_path, trl_kept, trl_quality_args)
+from bench.data import load_dataset
+from bench.harness import (add_quality_options, argument_parser, ours_kept, plain_reward_accuracy, run_quality,
+                           run_quality_ours, run_quality_trl, save_export, serve_worker, smollm2_path, trl_kept,
+                           trl_quality_args)
 
 MODULE = "bench.rm_quality"
 RESULT_NAME = "rm-quality-vs-trl"
@@ -65,17 +64,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return serve_worker(args.worker, {"trl": trl_worker})
-    started = time.perf_counter()
-    with bench_workdir(args.workdir, "bench-rm-quality-") as workdir:
-        source = hh_rlhf_file(args.hh_rlhf)
-        if args.recipe:
-            return score_recipe("rm", args.recipe, workdir, source, args.max_held_out, started)
-        split = quality_split(source, args.train_rows, args.max_held_out)
-        records = workdir / "trl_train.jsonl"
-        write_records(split.train_pairs, records)
-        print(f"{RESULT_NAME}: smollm2-135m + scalar head, full fine-tune, {args.precision}, max_length "
-              f"{args.max_length}, batch {args.batch}, {args.epochs:g} epoch(s), lr {args.learning_rate:g} linear, "
-              f"no warm-up (RewardConfig defaults); {split.describe()}", flush=True)
+
+    def compare(split, workdir, records):
         table, acc = [], {}
         if args.only in (None, "ours"):
             ours_final = run_quality_ours(args, "rm", RECIPE, split, workdir, {
@@ -87,7 +77,11 @@ def main(argv=None) -> int:
             trl_final, counts = run_quality_trl(MODULE, args, workdir, records)
             table.append(("trl", trl_kept(split, counts, "pairs over max_length dropped by RewardTrainer")))
             acc["trl"] = plain_reward_accuracy(str(trl_final), split.held, "trl")
-        return finish_quality(args, workdir, started, RESULT_NAME, table, acc)
+        return table, acc
+
+    return run_quality(args, "rm", RESULT_NAME, f"smollm2-135m + scalar head, full fine-tune, {args.precision}, "
+                       f"max_length {args.max_length}, batch {args.batch}, {args.epochs:g} epoch(s), lr "
+                       f"{args.learning_rate:g} linear, no warm-up (RewardConfig defaults)", compare)
 
 
 if __name__ == "__main__":

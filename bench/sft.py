@@ -37,11 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench.data import SFT_ROWS, build_sft_data, load_dataset
-from bench.harness import (CountingCollator, Row, Settings, StepLog, add_only_option, argument_parser, add_speed_options,
-                           add_worker_option, add_workdir_option, bench_workdir, memory_line, print_table,
-                           resolve_precision, result_line, run_stage, run_worker, serve_worker, sft_log_from_metrics,
-                           side_env, smollm2_path, step_clock, torch_threads, trl_log, write_result)
+from bench.data import SFT_ROWS, build_sft_data
+from bench.harness import (Row, Settings, StepLog, add_only_option, add_speed_options, add_workdir_option,
+                           add_worker_option, argument_parser, bench_workdir, memory_line, print_table,
+                           resolve_precision, result_line, run_stage, run_trl_counted, run_worker, serve_worker,
+                           sft_log_from_metrics, side_env, torch_threads, write_result)
 
 MODULE = "bench.sft"
 RESULT_NAME = "sft-vs-trl"
@@ -87,7 +87,6 @@ def run_trl(args, s: Settings, data: dict, workdir: Path, tag: str = "trl") -> S
 
 def trl_worker(spec: dict) -> None:
     """TRL's side: SFTTrainer on our token ids, in our order."""
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     s = Settings(**spec["settings"])
@@ -98,15 +97,9 @@ def trl_worker(spec: dict) -> None:
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    clock = step_clock()
-    trainer = SFTTrainer(model=smollm2_path(), args=config, train_dataset=load_dataset(spec["data"]),
-                         peft_config=peft_config, callbacks=[clock])
-    counter = CountingCollator(trainer.data_collator, targets=True)
-    trainer.data_collator = counter
-    print(f"torch threads {torch.get_num_threads()}, optimizer {config.optim}, bf16 {config.bf16}, "
-          f"gradient checkpointing {config.gradient_checkpointing}", flush=True)
-    trainer.train()
-    log = trl_log(counter, clock, s.accumulation)
+    trainer, log = run_trl_counted(SFTTrainer, config, spec["data"], s.accumulation,
+                                   lambda t, _: f"gradient checkpointing {config.gradient_checkpointing}",
+                                   targets=True, peft_config=peft_config)
     if abs(sum(log.tokens) - trainer._total_train_tokens) > 0.5:  # TRL's own count of attention-mask tokens
         raise RuntimeError(f"token count mismatch: collator {sum(log.tokens)} vs TRL {trainer._total_train_tokens}")
     write_result(spec, log.as_dict())
