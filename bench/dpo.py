@@ -49,15 +49,13 @@ dataset as it is, instead of re-tokenizing text (see bench.data for why).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-from bench.data import PairData, add_hh_rlhf_option, hh_rlhf_file, write_trl_records
+from bench.data import PairData, add_hh_rlhf_option, write_trl_records
 from bench.harness import (Row, Settings, StepLog, add_only_option, add_speed_options, add_workdir_option,
-                           add_worker_option, argument_parser, bench_workdir, check_same_work, load_note, memory_line,
-                           print_cpu_check, print_pairs_table, private_cache, resolve_precision, result_line,
-                           run_cli_worker, run_ours_worker, run_trl_counted, run_worker, serve_worker, side_env,
-                           smollm2_path, timed, torch_threads, write_result)
+                           add_worker_option, argument_parser, memory_line, print_cpu_check, private_cache,
+                           resolve_precision, result_line, run_cli_worker, run_ours_worker, run_pair_benchmark,
+                           run_trl_counted, run_worker, serve_worker, side_env, smollm2_path, timed, write_result)
 
 MODULE = "bench.dpo"
 RECIPE = "configs/smollm2/dpo-hh.yaml"
@@ -172,14 +170,8 @@ def main(argv=None) -> int:
         return serve_worker(args.worker, {"trl": trl_worker, "ours": ours_worker})
     resolve_precision(args)
     s = Settings.from_args(args)
-    started = time.perf_counter()
-    with bench_workdir(args.workdir, "bench-dpo-") as workdir:
-        data = s.build_pairs(hh_rlhf_file(args.hh_rlhf))
-        print(f"dpo-vs-trl: smollm2-135m, full fine-tune, {s.precision}, sigmoid loss beta {BETA}, max_length "
-              f"{s.max_length}, global batch {s.global_batch} (micro {s.micro_batch}), {s.steps} steps ({s.warmup} "
-              f"warm-up + {s.steps - s.warmup} timed), AdamW lr {LR:g} cosine; torch threads "
-              f"per side {args.threads or torch_threads()}; {load_note()}", flush=True)
-        print(data.describe(), flush=True)
+
+    def sides(data: PairData, workdir: Path) -> list[Row]:
         rows = []
         if args.only in (None, "ours"):
             rows.append(Row("ours", run_ours(args, s, data, workdir, "ours", fast=True), s.warmup,
@@ -195,19 +187,18 @@ def main(argv=None) -> int:
             rows.append(Row("trl-default", log, s.warmup, note))
             rows.append(Row("trl-fastest", run_trl(args, s, data, workdir, "trl-fastest", precompute=True), s.warmup,
                             "precompute_ref_log_probs=True, padded"))
-        print_pairs_table(f"DPO training, pairs/s ({load_note()} at the end)", rows, s.warmup)
-        check_same_work(rows, data, s.steps)
-        print(f"all sides processed the same {len(data.pairs)} pairs / {data.tokens} tokens in the same batches; "
-              f"benchmark wall time {time.perf_counter() - started:.0f}s")
-        if args.only is None:
-            by_name = {r.name: r for r in rows}
-            ours = by_name["ours"].pair_rate
-            print_cpu_check(by_name["ours"], by_name["trl-default"])
-            print_cpu_check(by_name["ours"], by_name["trl-fastest"])
-            result_line("dpo-vs-trl-default", ours, by_name["trl-default"].pair_rate, "pairs/s")
-            result_line("dpo-vs-trl-fastest", ours, by_name["trl-fastest"].pair_rate, "pairs/s")
-            memory_line("dpo-vs-trl-default", "ours", "trl-default")
-    return 0
+        return rows
+
+    def results(by_name: dict[str, Row]) -> None:
+        ours = by_name["ours"].pair_rate
+        print_cpu_check(by_name["ours"], by_name["trl-default"])
+        print_cpu_check(by_name["ours"], by_name["trl-fastest"])
+        result_line("dpo-vs-trl-default", ours, by_name["trl-default"].pair_rate, "pairs/s")
+        result_line("dpo-vs-trl-fastest", ours, by_name["trl-fastest"].pair_rate, "pairs/s")
+        memory_line("dpo-vs-trl-default", "ours", "trl-default")
+
+    return run_pair_benchmark(args, s, "dpo", f"dpo-vs-trl: smollm2-135m, full fine-tune, {s.precision}, sigmoid "
+                              f"loss beta {BETA}, {s.describe(LR)} cosine", "DPO training", sides, results)
 
 
 if __name__ == "__main__":

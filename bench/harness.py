@@ -526,6 +526,10 @@ class Settings:
     def accumulation(self) -> int:
         return self.global_batch // self.micro_batch
 
+    def describe(self, lr: float) -> str:
+        return (f"max_length {self.max_length}, global batch {self.global_batch} (micro {self.micro_batch}), "
+                f"{self.steps} steps ({self.warmup} warm-up + {self.steps - self.warmup} timed), AdamW lr {lr:g}")
+
     def build_pairs(self, source: str, reward_model: bool = False):
         """bench.data.build_pairs for these steps, batches and lengths."""
         return build_pairs(source, self.steps, self.global_batch, self.micro_batch, self.max_length,
@@ -549,6 +553,26 @@ class Settings:
         return trl_args(output_dir, self.precision, self.max_length, self.micro_batch, self.accumulation, lr,
                         max_steps=self.steps, lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.0,
                         max_grad_norm=1.0, train_sampling_strategy="sequential", dataloader_num_workers=0)
+
+
+def run_pair_benchmark(args, s: Settings, name: str, header: str, what: str, sides, results,
+                       reward_model: bool = False) -> int:
+    """The rm and dpo speed benchmarks' frame: in the work directory, the pairs (bench.data.build_pairs), `header`
+    and the data, `sides(data, workdir)` -> rows, their table (`what`, pairs/s), the check that every side did the
+    same work, and `results(rows by name)` when both sides ran."""
+    started = time.perf_counter()
+    with bench_workdir(args.workdir, f"bench-{name}-") as workdir:
+        data = s.build_pairs(hh_rlhf_file(args.hh_rlhf), reward_model)
+        print(f"{header}; torch threads per side {args.threads or torch_threads()}; {load_note()}", flush=True)
+        print(data.describe(), flush=True)
+        rows = sides(data, workdir)
+        print_pairs_table(f"{what}, pairs/s ({load_note()} at the end)", rows, s.warmup)
+        check_same_work(rows, data, s.steps)
+        print(f"all sides processed the same {len(data.pairs)} pairs / {data.tokens} tokens in the same batches; "
+              f"benchmark wall time {time.perf_counter() - started:.0f}s")
+        if args.only is None:
+            results({r.name: r for r in rows})
+    return 0
 
 
 def check_same_work(rows: list[Row], data, steps: int) -> None:

@@ -34,15 +34,13 @@ each side not timed); one CPU thread per side by default (see bench.harness.side
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-from bench.data import PairData, add_hh_rlhf_option, hh_rlhf_file, write_trl_records
+from bench.data import PairData, add_hh_rlhf_option, write_trl_records
 from bench.harness import (Row, Settings, StepLog, add_only_option, add_speed_options, add_workdir_option,
-                           add_worker_option, argument_parser, bench_workdir, check_same_work, load_note, memory_line,
-                           print_cpu_check, print_pairs_table, resolve_precision, result_line, run_cli_worker,
-                           run_ours_worker, run_trl_counted, run_worker, serve_worker, side_env, smollm2_path,
-                           torch_threads, write_result)
+                           add_worker_option, argument_parser, memory_line, print_cpu_check, resolve_precision,
+                           result_line, run_cli_worker, run_ours_worker, run_pair_benchmark, run_trl_counted,
+                           run_worker, serve_worker, side_env, smollm2_path, write_result)
 
 MODULE = "bench.rm"
 RESULT_NAME = "rm-vs-trl"
@@ -140,14 +138,8 @@ def main(argv=None) -> int:
         return serve_worker(args.worker, {"trl": trl_worker, "ours": run_cli_worker})
     resolve_precision(args)
     s = Settings.from_args(args)
-    started = time.perf_counter()
-    with bench_workdir(args.workdir, "bench-rm-") as workdir:
-        data = s.build_pairs(hh_rlhf_file(args.hh_rlhf), reward_model=True)
-        print(f"rm-vs-trl: smollm2-135m + scalar head, full fine-tune, {s.precision}, max_length {s.max_length}, "
-              f"global batch {s.global_batch} (micro {s.micro_batch}), {s.steps} steps ({s.warmup} warm-up + "
-              f"{s.steps - s.warmup} timed), AdamW lr {LR:g} cosine, center coef {CENTER_COEF}; "
-              f"torch threads per side {args.threads or torch_threads()}; {load_note()}", flush=True)
-        print(data.describe(), flush=True)
+
+    def sides(data: PairData, workdir: Path) -> list[Row]:
         print(shared_prompt_note(s, data), flush=True)
         rows = []
         if args.only in (None, "ours"):
@@ -161,22 +153,22 @@ def main(argv=None) -> int:
                             "RewardTrainer defaults: right-padded [2B,T], SDPA attention"))
             rows.append(Row("trl-eager", run_trl(args, s, data, workdir, "eager"), s.warmup,
                             "RewardTrainer, attn_implementation=eager (its fastest here)"))
-        print_pairs_table(f"reward-model training, pairs/s ({load_note()} at the end)", rows, s.warmup)
-        check_same_work(rows, data, s.steps)
-        print(f"all sides processed the same {len(data.pairs)} pairs / {data.tokens} tokens in the same batches; "
-              f"benchmark wall time {time.perf_counter() - started:.0f}s")
-        if args.only is None:
-            by_name = {r.name: r for r in rows}
-            ours = by_name["ours"]
-            if "ours-padded" in by_name:
-                print(f"ours vs ours-padded: {ours.pair_rate / by_name['ours-padded'].pair_rate:.3f}x; "
-                      f"ours-padded vs trl-eager (same layout, same attention): "
-                      f"{by_name['ours-padded'].pair_rate / by_name['trl-eager'].pair_rate:.3f}x")
-            print_cpu_check(ours, by_name["trl"])
-            result_line(RESULT_NAME, ours.pair_rate, by_name["trl"].pair_rate, "pairs/s")
-            result_line(RESULT_NAME + "-eager", ours.pair_rate, by_name["trl-eager"].pair_rate, "pairs/s")
-            memory_line(RESULT_NAME, "ours", "trl")
-    return 0
+        return rows
+
+    def results(by_name: dict[str, Row]) -> None:
+        ours = by_name["ours"]
+        if "ours-padded" in by_name:
+            print(f"ours vs ours-padded: {ours.pair_rate / by_name['ours-padded'].pair_rate:.3f}x; "
+                  f"ours-padded vs trl-eager (same layout, same attention): "
+                  f"{by_name['ours-padded'].pair_rate / by_name['trl-eager'].pair_rate:.3f}x")
+        print_cpu_check(ours, by_name["trl"])
+        result_line(RESULT_NAME, ours.pair_rate, by_name["trl"].pair_rate, "pairs/s")
+        result_line(RESULT_NAME + "-eager", ours.pair_rate, by_name["trl-eager"].pair_rate, "pairs/s")
+        memory_line(RESULT_NAME, "ours", "trl")
+
+    return run_pair_benchmark(args, s, "rm", f"{RESULT_NAME}: smollm2-135m + scalar head, full fine-tune, "
+                              f"{s.precision}, {s.describe(LR)} cosine, center coef {CENTER_COEF}",
+                              "reward-model training", sides, results, reward_model=True)
 
 
 if __name__ == "__main__":

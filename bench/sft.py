@@ -116,10 +116,7 @@ def main(argv=None) -> int:
         data = build_sft_data(workdir / "trl_train.jsonl", s.steps, s.global_batch, s.micro_batch, s.max_length)
         mode = "LoRA r16/a32 all-linear" if args.lora else "full fine-tune"
         print(f"sft-vs-trl: smollm2-135m, {mode}, {s.precision}, {data['rows']} rows of {SFT_ROWS} "
-              f"({data['tokens']} tokens, {data['targets']} supervised), max_length {s.max_length}, "
-              f"global batch {s.global_batch} (micro {s.micro_batch}), {s.steps} steps "
-              f"({s.warmup} warm-up + {args.timed_steps} timed), AdamW lr {LR:g}; "
-              f"torch threads per side {args.threads or torch_threads()}", flush=True)
+              f"({data['tokens']} tokens, {data['targets']} supervised), {s.describe(LR)}; torch threads per side {args.threads or torch_threads()}", flush=True)
         runners = {"ours": run_ours, "trl": run_trl}
         sides = [args.only] if args.only else ["ours", "trl"]
         best: dict[str, Row] = {}
