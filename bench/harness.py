@@ -443,57 +443,34 @@ class Row:
             raise ValueError(f"{self.name}: only {len(self.log.seconds)} steps logged, need more than the "
                              f"{self.warmup} warm-up steps")
 
-    def _timed(self, values: list[float]) -> float:
-        return sum(values[self.warmup:])
+    def timed(self, field: str) -> float:
+        """The sum of one of the log's per-step lists over the timed steps."""
+        return sum(getattr(self.log, field)[self.warmup:])
+
+    def total(self, field: str) -> float:
+        """The sum over every step, warm-up included."""
+        return sum(getattr(self.log, field))
 
     @property
     def steps(self) -> int:  # timed steps
         return len(self.log.seconds) - self.warmup
 
     @property
-    def all_steps(self) -> int:
-        return len(self.log.seconds)
-
-    @property
-    def seconds(self) -> float:
-        return self._timed(self.log.seconds)
-
-    @property
-    def tokens(self) -> float:
-        return self._timed(self.log.tokens)
-
-    @property
-    def pairs(self) -> float:
-        return self._timed(self.log.pairs)
-
-    @property
-    def cpu_seconds(self) -> float:
-        return self._timed(self.log.cpu)
-
-    @property
-    def all_tokens(self) -> float:
-        return sum(self.log.tokens)
-
-    @property
-    def all_targets(self) -> float:
-        return sum(self.log.targets)
-
-    @property
     def seconds_per_step(self) -> float:
-        return self.seconds / max(self.steps, 1)
+        return self.timed("seconds") / max(self.steps, 1)
 
     @property
     def token_rate(self) -> float:
-        return self.tokens / max(self.seconds, 1e-12)
+        return self.timed("tokens") / max(self.timed("seconds"), 1e-12)
 
     @property
     def pair_rate(self) -> float:
-        return self.pairs / max(self.seconds, 1e-12)
+        return self.timed("pairs") / max(self.timed("seconds"), 1e-12)
 
     @property
     def cpu_rate(self) -> float:
         """Pairs per process CPU-second over the timed steps."""
-        return self.pairs / max(self.cpu_seconds, 1e-12)
+        return self.timed("pairs") / max(self.timed("cpu"), 1e-12)
 
     @property
     def one_off(self) -> str:
@@ -515,6 +492,8 @@ class Settings:
 
     @classmethod
     def from_args(cls, args) -> "Settings":
+        """From a speed benchmark's options (add_speed_options); resolves --precision."""
+        resolve_precision(args)
         if args.global_batch % args.micro_batch:
             raise SystemExit("--global-batch must be a multiple of --micro-batch")
         return cls(steps=args.warmup_steps + args.timed_steps, warmup=args.warmup_steps,
@@ -727,20 +706,23 @@ class Table:
 
 TOKENS_TABLE = Table(
     (Column("side", "<10", "", lambda r: r.name), Column("timed steps", ">11", "d", lambda r: r.steps),
-     Column("tokens", ">9", ".0f", lambda r: r.tokens), Column("seconds", ">9", ".2f", lambda r: r.seconds),
+     Column("tokens", ">9", ".0f", lambda r: r.timed("tokens")),
+     Column("seconds", ">9", ".2f", lambda r: r.timed("seconds")),
      Column("tokens/s", ">10", ".1f", lambda r: r.token_rate),
      Column("s/step", ">8", ".3f", lambda r: r.seconds_per_step),
-     Column("all steps", ">9", "d", lambda r: r.all_steps), Column("all tokens", ">10", ".0f", lambda r: r.all_tokens),
-     Column("supervised", ">10", ".0f", lambda r: r.all_targets)),
+     Column("all steps", ">9", "d", lambda r: len(r.log.seconds)),
+     Column("all tokens", ">10", ".0f", lambda r: r.total("tokens")),
+     Column("supervised", ">10", ".0f", lambda r: r.total("targets"))),
     "'supervised' = next-token targets with loss, all steps")
 
 PAIRS_TABLE = Table(
     (Column("side", "<16", "", lambda r: r.name), Column("timed steps", ">11", "d", lambda r: r.steps),
-     Column("pairs", ">6", ".0f", lambda r: r.pairs), Column("seconds", ">8", ".2f", lambda r: r.seconds),
+     Column("pairs", ">6", ".0f", lambda r: r.timed("pairs")),
+     Column("seconds", ">8", ".2f", lambda r: r.timed("seconds")),
      Column("pairs/s", ">8", ".3f", lambda r: r.pair_rate), Column("tokens/s", ">9", ".1f", lambda r: r.token_rate),
      Column("s/step", ">7", ".2f", lambda r: r.seconds_per_step),
-     Column("CPU s", ">7", ".1f", lambda r: r.cpu_seconds), Column("pairs/CPU-s", ">11", ".4f", lambda r: r.cpu_rate),
-     Column("all tok", ">8", ".0f", lambda r: r.all_tokens), Column("one-off", ">9", "", lambda r: r.one_off)),
+     Column("CPU s", ">7", ".1f", lambda r: r.timed("cpu")), Column("pairs/CPU-s", ">11", ".4f", lambda r: r.cpu_rate),
+     Column("all tok", ">8", ".0f", lambda r: r.total("tokens")), Column("one-off", ">9", "", lambda r: r.one_off)),
     "pairs/s and tokens/s over the timed steps' wall time; tokens = non-padding tokens of chosen + rejected; CPU s "
     "= process CPU time (all threads) of the timed steps; 'one-off' = reference log-prob precompute, not in pairs/s",
     cpu=True, notes=True)

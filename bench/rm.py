@@ -38,9 +38,9 @@ from pathlib import Path
 
 from bench.data import PairData, add_hh_rlhf_option, write_trl_records
 from bench.harness import (Row, Settings, StepLog, add_only_option, add_speed_options, add_workdir_option,
-                           add_worker_option, argument_parser, memory_line, print_cpu_check, resolve_precision,
-                           result_line, run_cli_worker, run_ours_worker, run_pair_benchmark, run_trl_counted,
-                           run_worker, serve_worker, side_env, smollm2_path, write_result)
+                           add_worker_option, argument_parser, memory_line, print_cpu_check, result_line,
+                           run_cli_worker, run_ours_worker, run_pair_benchmark, run_trl_counted, run_worker,
+                           serve_worker, side_env, smollm2_path, write_result)
 
 MODULE = "bench.rm"
 RESULT_NAME = "rm-vs-trl"
@@ -136,7 +136,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return serve_worker(args.worker, {"trl": trl_worker, "ours": run_cli_worker})
-    resolve_precision(args)
     s = Settings.from_args(args)
 
     def sides(data: PairData, workdir: Path) -> list[Row]:

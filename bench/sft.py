@@ -39,9 +39,9 @@ from pathlib import Path
 
 from bench.data import SFT_ROWS, build_sft_data
 from bench.harness import (Row, Settings, StepLog, add_only_option, add_speed_options, add_workdir_option,
-                           add_worker_option, argument_parser, bench_workdir, memory_line, print_table,
-                           resolve_precision, result_line, run_stage, run_trl_counted, run_worker, serve_worker,
-                           sft_log_from_metrics, side_env, torch_threads, write_result)
+                           add_worker_option, argument_parser, bench_workdir, memory_line, print_table, result_line,
+                           run_stage, run_trl_counted, run_worker, serve_worker, sft_log_from_metrics, side_env,
+                           torch_threads, write_result)
 
 MODULE = "bench.sft"
 RESULT_NAME = "sft-vs-trl"
@@ -109,7 +109,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return serve_worker(args.worker, {"trl": trl_worker})
-    resolve_precision(args)
     s = Settings.from_args(args)
     started = time.perf_counter()
     with bench_workdir(args.workdir, "bench-sft-") as workdir:
@@ -142,8 +141,8 @@ def main(argv=None) -> int:
                 ours_loss = sum(ours_log.losses[:step]) / step
                 print(f"mean train loss over steps 1-{step}: ours {ours_loss:.4f}, trl {trl_loss:.4f}")
         for r in rows:
-            if r.all_tokens != data["tokens"] or r.all_targets != data["targets"]:
-                raise RuntimeError(f"{r.name} processed {r.all_tokens:.0f} tokens / {r.all_targets:.0f} supervised, "
+            if r.total("tokens") != data["tokens"] or r.total("targets") != data["targets"]:
+                raise RuntimeError(f"{r.name} processed {r.total('tokens'):.0f} tokens / {r.total('targets'):.0f} supervised, "
                                    f"expected {data['tokens']} / {data['targets']}")
         print(f"both sides processed the same {data['tokens']} tokens with {data['targets']} supervised targets; "
               f"benchmark wall time {time.perf_counter() - started:.0f}s")
