@@ -44,7 +44,7 @@ import json
 import os
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,7 +178,6 @@ class PairData:
     max_length: int
     max_prompt_length: int
     pad_id: int = 0
-    sets: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         dropped = ", ".join(f"{v} {k}" for k, v in self.dropped.items()) or "none"

@@ -1,6 +1,7 @@
 """DPO throughput: this project's `align dpo` against TRL's DPOTrainer, default and fastest.
 
-    .venv/bin/python -m bench.dpo [--timed-steps 4] [--max-length 192] [--threads 1] [--with-ours-default] [--hh-rlhf DIR]
+    .venv/bin/python -m bench.dpo [--timed-steps 4] [--max-length 192] [--threads 1] [--with-ours-default]
+                                  [--hh-rlhf DIR]
 
 Every side: SmolLM2-135M-Instruct, full fine-tune, the same hh-rlhf harmless-base pairs as
 the same token ids in the same batches (see bench.data), max_length, global

@@ -1,6 +1,7 @@
 """DPO quality: this project's `align dpo` against TRL's DPOTrainer, at TRL's own settings.
 
-    .venv/bin/python -m bench.dpo_quality [--train-rows 512] [--max-length 320] [--epochs 1] [--workdir DIR] [--hh-rlhf DIR]
+    .venv/bin/python -m bench.dpo_quality [--train-rows 512] [--max-length 320] [--epochs 1] [--workdir DIR]
+                                          [--hh-rlhf DIR]
 
 Both sides train SmolLM2-135M-Instruct with the sigmoid DPO loss, full fine-tune, against a
 frozen copy of the starting model, on the same first --train-rows rows of the training part of

@@ -1,6 +1,7 @@
 """Reward-model quality: this project's `align rm` against TRL's RewardTrainer, at TRL's own settings.
 
-    .venv/bin/python -m bench.rm_quality [--train-rows 512] [--max-length 320] [--epochs 1] [--workdir DIR] [--hh-rlhf DIR]
+    .venv/bin/python -m bench.rm_quality [--train-rows 512] [--max-length 320] [--epochs 1] [--workdir DIR]
+                                         [--hh-rlhf DIR]
 
 Both sides train SmolLM2-135M-Instruct with a scalar head, full fine-tune, on the same first
 --train-rows rows of the training part of the shared hh-rlhf file (bench.data: the fixed split,

@@ -115,7 +115,8 @@ def main(argv=None) -> int:
         data = build_sft_data(workdir / "trl_train.jsonl", s.steps, s.global_batch, s.micro_batch, s.max_length)
         mode = "LoRA r16/a32 all-linear" if args.lora else "full fine-tune"
         print(f"sft-vs-trl: smollm2-135m, {mode}, {s.precision}, {data['rows']} rows of {SFT_ROWS} "
-              f"({data['tokens']} tokens, {data['targets']} supervised), {s.describe(LR)}; torch threads per side {args.threads or torch_threads()}", flush=True)
+              f"({data['tokens']} tokens, {data['targets']} supervised), {s.describe(LR)}; "
+              f"torch threads per side {args.threads or torch_threads()}", flush=True)
         runners = {"ours": run_ours, "trl": run_trl}
         sides = [args.only] if args.only else ["ours", "trl"]
         best: dict[str, Row] = {}
@@ -142,8 +143,8 @@ def main(argv=None) -> int:
                 print(f"mean train loss over steps 1-{step}: ours {ours_loss:.4f}, trl {trl_loss:.4f}")
         for r in rows:
             if r.total("tokens") != data["tokens"] or r.total("targets") != data["targets"]:
-                raise RuntimeError(f"{r.name} processed {r.total('tokens'):.0f} tokens / {r.total('targets'):.0f} supervised, "
-                                   f"expected {data['tokens']} / {data['targets']}")
+                raise RuntimeError(f"{r.name} processed {r.total('tokens'):.0f} tokens / {r.total('targets'):.0f} "
+                                   f"supervised, expected {data['tokens']} / {data['targets']}")
         print(f"both sides processed the same {data['tokens']} tokens with {data['targets']} supervised targets; "
               f"benchmark wall time {time.perf_counter() - started:.0f}s")
         if args.only is None:
