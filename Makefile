@@ -38,14 +38,14 @@ test-real: $(STAMP)  # also the long real-data DPO check (hh-rlhf, ~10 CPU minut
 	ALIGN_REAL_DATA_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=1800 tests/test_real_model.py
 
 bench: $(STAMP)
-	$(PY) bench/sft.py
-	$(PY) bench/rm.py
-	$(PY) bench/dpo.py
-	$(PY) bench/ppo.py
-	$(PY) bench/label.py
-	$(PY) bench/estimate.py
-	$(PY) bench/rm_quality.py
-	$(PY) bench/dpo_quality.py
+	$(PY) -m bench.sft
+	$(PY) -m bench.rm
+	$(PY) -m bench.dpo
+	$(PY) -m bench.ppo
+	$(PY) -m bench.label
+	$(PY) -m bench.estimate
+	$(PY) -m bench.rm_quality
+	$(PY) -m bench.dpo_quality
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,6 +1,6 @@
 """`align estimate` against the measured peak memory of SmolLM2-135M runs on this machine.
 
-    .venv/bin/python bench/estimate.py [--steps 4] [--stages sft rm dpo]
+    .venv/bin/python -m bench.estimate [--steps 4] [--stages sft rm dpo]
 
 For each recipe (configs/smollm2/sft.yaml, rm-hh.yaml, dpo-hh.yaml, as they are, --steps optimizer
 steps, no eval or saving) this runs the stage, reads the largest `memory/peak_rss_mib` it logged
@@ -14,44 +14,36 @@ same recipe. The goal is an estimate within 25% of the measured peak. Prints per
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench.harness import QUIET, argument_parser, cli_command, read_jsonl, result_line, run_logged, smollm2_path
 
+MODULE = "bench.estimate"
 RECIPES = {"sft": "configs/smollm2/sft.yaml", "rm": "configs/smollm2/rm-hh.yaml", "dpo": "configs/smollm2/dpo-hh.yaml"}
-QUIET = ["train.eval_interval=0", "train.eval_before_training=false", "train.save_interval=0",
-         "logging.progress_bar=false", "data.max_eval_rows=0"]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(MODULE, __doc__)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--stages", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     args = p.parse_args(argv)
-    common.smollm2_path()
+    smollm2_path()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-estimate-") as tmp:
         for stage in args.stages:
             out = Path(tmp) / stage
-            sets = [f"output_dir={out}", f"train.max_steps={args.steps}", *QUIET]
+            sets = [f"output_dir={out}", f"train.max_steps={args.steps}", *QUIET, "data.max_eval_rows=0"]
             if stage == "sft":
                 sets.append("sft.gold_eval.prompts=null")
-            cmd = [common.PYTHON, "-m", "alignment.cli", stage, RECIPES[stage]]
-            for s in sets:
-                cmd += ["--set", s]
-            common.run_logged(cmd, Path(tmp) / f"{stage}.log", stage)
-            measured = max(r["memory/peak_rss_mib"] for r in common.read_jsonl(out / "metrics.jsonl")
+            run_logged(cli_command([stage, RECIPES[stage]], sets), Path(tmp) / f"{stage}.log", stage)
+            measured = max(r["memory/peak_rss_mib"] for r in read_jsonl(out / "metrics.jsonl")
                            if "memory/peak_rss_mib" in r)
             est_json = Path(tmp) / f"{stage}-estimate.json"
-            cmd = [common.PYTHON, "-m", "alignment.cli", "estimate", RECIPES[stage], "--json", str(est_json)]
-            for s in sets:
-                cmd += ["--set", s]
-            common.run_logged(cmd, Path(tmp) / f"{stage}-estimate.log", f"{stage}-estimate")
+            run_logged(cli_command(["estimate", RECIPES[stage], "--json", str(est_json)], sets),
+                       Path(tmp) / f"{stage}-estimate.log", f"{stage}-estimate")
             log = (Path(tmp) / f"{stage}-estimate.log").read_text()
             print(log[log.index("align estimate:"):], flush=True)
             estimated = json.loads(est_json.read_text())["total_mib"]
@@ -60,7 +52,7 @@ def main(argv=None) -> int:
     for stage, est, meas in rows:
         print(f"{stage:<6} {est:>14.0f} {meas:>13.0f} {est / meas - 1:>+7.1%}")
     for stage, est, meas in rows:
-        common.result_line(f"estimate-vs-measured-{stage}", est, meas, "MiB", digits=0)
+        result_line(f"estimate-vs-measured-{stage}", est, meas, "MiB", digits=0)
     return 0
 
 

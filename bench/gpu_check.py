@@ -1,7 +1,7 @@
 """The GPU check: every stage for a few steps on one GPU, and the CUDA-only paths, in under 8 minutes.
 
-    .venv/bin/python bench/gpu_check.py [--steps 8] [--peak-tflops T]      (needs CUDA; never run in CI)
-    .venv/bin/python bench/gpu_check.py --smoke                              (CPU, tiny model: the script's own test)
+    .venv/bin/python -m bench.gpu_check [--steps 8] [--peak-tflops T]      (needs CUDA; never run in CI)
+    .venv/bin/python -m bench.gpu_check --smoke                              (CPU, tiny model: the module's own test)
 
 Runs, each a fresh `align` process on SmolLM2-135M-Instruct in bf16 (configs/smollm2/<stage>.yaml,
 no eval, no saving, gold evaluation off):
@@ -24,19 +24,17 @@ L40S 362, A10G 125, RTX 4090 165). Prints per run
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench.harness import QUIET, argument_parser, read_jsonl, result_line, run_stage
 
+MODULE = "bench.gpu_check"
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
-QUIET = ["train.eval_interval=0", "train.eval_before_training=false", "train.save_interval=0",
-         "logging.progress_bar=false", "logging.wandb=disabled"]
 NO_GOLD = {"sft": ["sft.gold_eval.prompts=null"], "dpo": ["dpo.gold_eval.prompts=null"], "rm": [], "ppo": []}
 RECIPES = {"sft": "sft.yaml", "rm": "rm.yaml", "dpo": "dpo.yaml", "ppo": "grpo.yaml"}
 
@@ -61,8 +59,7 @@ def runs(smoke: bool) -> list[tuple[str, str, list[str]]]:
             out.append((f"{stage}-zero{zero}", stage, [f"deepspeed.zero_stage={zero}"]))
     out.append(("sft-sdpa", "sft", ["deepspeed.zero_stage=2", "model.attn_implementation=sdpa"]))
     try:
-        import flash_attn  # noqa: F401
-
+        importlib.import_module("flash_attn")
         out.append(("sft-flash-attention-2", "sft", ["deepspeed.zero_stage=2",
                                                      "model.attn_implementation=flash_attention_2"]))
     except ImportError:
@@ -86,7 +83,7 @@ def measure(metrics: list[dict], stage: str, params: float, warmup: int = 2) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(MODULE, __doc__)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, fp32, 3 steps: check this script runs")
@@ -95,7 +92,7 @@ def main(argv=None) -> int:
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
-        print("bench/gpu_check.py needs a CUDA GPU (use --smoke on CPU)", file=sys.stderr)
+        print(f"{MODULE} needs a CUDA GPU (use --smoke on CPU)", file=sys.stderr)
         return 2
     folder = "tiny" if args.smoke else "smollm2"
     steps = 3 if args.smoke else args.steps
@@ -107,17 +104,14 @@ def main(argv=None) -> int:
             if args.only and name not in args.only:
                 continue
             out = Path(tmp) / name
-            sets = [f"output_dir={out}", f"train.max_steps={steps}", *QUIET, *NO_GOLD[stage], *extra]
-            sets.append("train.precision=fp32" if args.smoke else "train.precision=bf16")
-            cmd = [common.PYTHON, "-m", "alignment.cli", stage, f"configs/{folder}/{RECIPES[stage]}"]
-            for s in sets:
-                cmd += ["--set", s]
-            wall = common.run_logged(cmd, Path(tmp) / f"{name}.log", name, timeout=300)
+            sets = [f"output_dir={out}", f"train.max_steps={steps}", *QUIET, "logging.wandb=disabled", *NO_GOLD[stage],
+                    *extra, "train.precision=fp32" if args.smoke else "train.precision=bf16"]
+            wall = run_stage(stage, f"configs/{folder}/{RECIPES[stage]}", sets, Path(tmp), name, timeout=300)
             from alignment.cluster.estimate import Shape
             from alignment.core.models import resolve_model_path
 
             params = Shape.of(resolve_model_path("tiny-llama" if args.smoke else "smollm2-135m")).params
-            results[name] = {**measure(common.read_jsonl(out / "metrics.jsonl"), stage, params), "wall": wall}
+            results[name] = {**measure(read_jsonl(out / "metrics.jsonl"), stage, params), "wall": wall}
     print(f"\n{'run':<24} {'tokens/s':>10} {'TFLOPS':>8} {'MFU':>6} {'peak MiB':>9} {'wall s':>7}")
     for name, r in results.items():
         tflops = r["flops"] / 1e12
@@ -125,8 +119,8 @@ def main(argv=None) -> int:
               f"{r['wall']:>7.0f}")
     for name, r in results.items():
         base = results.get(name.split("-")[0] + "-zero2", r)
-        common.result_line(f"gpu-{name}-tokens-per-s", r["tokens_per_s"], base["tokens_per_s"], "tokens/s", digits=0)
-        common.result_line(f"gpu-{name}-mfu", r["flops"] / 1e12, peak, "TFLOPS", digits=3)
+        result_line(f"gpu-{name}-tokens-per-s", r["tokens_per_s"], base["tokens_per_s"], "tokens/s", digits=0)
+        result_line(f"gpu-{name}-mfu", r["flops"] / 1e12, peak, "TFLOPS", digits=3)
     print(f"gpu check wall time {time.perf_counter() - started:.0f}s")
     return 0
 

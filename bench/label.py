@@ -1,6 +1,6 @@
 """Labelling server under load: concurrent scripted annotators over HTTP, every label stored exactly once.
 
-    .venv/bin/python bench/label.py [--annotators 20] [--labels 50]
+    .venv/bin/python -m bench.label [--annotators 20] [--labels 50]
 
 Makes a store with annotators x labels items, gives every annotator their own share (overlap 1, so the
 expected store is exact), starts `align label serve` on a free loopback port, and runs one thread per
@@ -15,29 +15,19 @@ Ends with:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench.harness import PYTHON, REPO, argument_parser, bench_env, bench_workdir
 
-common.setup_path()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MODULE = "bench.label"
 
 
 def call(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -52,15 +42,19 @@ def call(url: str, body: dict | None = None, headers: dict | None = None) -> tup
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(MODULE, __doc__)
     p.add_argument("--annotators", type=int, default=20)
     p.add_argument("--labels", type=int, default=50, help="labels per annotator")
     args = p.parse_args(argv)
 
-    from alignment.collect.label.store import Item, Store
+    with bench_workdir(None, "bench-label-") as work:
+        return serve_and_label(args, work / "labels.db")
 
-    work = Path(tempfile.mkdtemp(prefix="bench-label-"))
-    db = work / "labels.db"
+
+def serve_and_label(args, db) -> int:
+    from alignment.collect.label.store import Item, Store
+    from alignment.core.distributed import free_port
+
     store = Store(db)
     total = args.annotators * args.labels
     store.add_items([Item(f"q{i}", f"What is {i} + 1?", str(i + 1), str(i + 2), {}) for i in range(total)])
@@ -71,8 +65,8 @@ def main(argv=None) -> int:
     store.close()
 
     port = free_port()
-    server = subprocess.Popen([common.PYTHON, "-m", "alignment.cli", "label", "serve", str(db), "--port", str(port)],
-                              cwd=common.REPO, env=common.bench_env(), start_new_session=True)
+    server = subprocess.Popen([PYTHON, "-m", "alignment.cli", "label", "serve", str(db), "--port", str(port)],
+                              cwd=REPO, env=bench_env(), start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

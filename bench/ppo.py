@@ -1,6 +1,6 @@
 """Online-RL throughput: `align ppo` against TRL, side by side, and our ZeRO-3 rollout against an unsharded one.
 
-    .venv/bin/python bench/ppo.py [--parts grpo,ppo,rollout] [--iterations 4] [--warmup 1] [--threads 0] [--precision bf16|fp32]
+    .venv/bin/python -m bench.ppo [--parts grpo,ppo,rollout] [--iterations 4] [--warmup 1] [--threads 0] [--precision bf16|fp32]
 
 Both sides of a comparison get the same model (the built-in SmolLM2-135M-Instruct, full fine-tune, bf16
 mixed precision: trained models in fp32 with bf16 autocast, frozen ones in bf16; or fp32 throughout
@@ -33,29 +33,25 @@ Ends with a RESULT line per part:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench.data import PROMPTS, SEED, prompt_ids, prompt_rows
+from bench.harness import (PYTHON, REPO, add_precision_option, add_worker_option, add_workdir_option,
+                           argument_parser, bench_workdir, memory_line, read_jsonl, resolve_precision, result_line,
+                           run_stage, run_worker, serve_worker, side_env, smollm2_path, step_clock, write_result)
 
-common.setup_path()
-
-SEED = 0
-PROMPTS = "builtin:prompts_train"
-TRL029_VENV = common.REPO / "bench" / ".venv-trl029"
+MODULE = "bench.ppo"
+TRL029_VENV = REPO / "bench" / ".venv-trl029"
 TRL029 = "0.29.1"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(MODULE, __doc__)
     p.add_argument("--parts", default="grpo,ppo,rollout", help="comma-separated: grpo, ppo, rollout")
     p.add_argument("--iterations", type=int, default=4, help="rollouts per side, warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="first iterations not timed")
@@ -72,22 +68,16 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--zero-stage", type=int, default=0, help="our side's deepspeed.zero_stage (one process)")
     p.add_argument("--kl-coef", type=float, default=0.02)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                   help="both sides (default: bf16 where this machine runs bf16 matmuls fast, else fp32)")
+    add_precision_option(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads per side; 0 = all cores")
-    p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
-    p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), default=None, help=argparse.SUPPRESS)
+    add_workdir_option(p)
+    add_worker_option(p)
     return p.parse_args(argv)
-
-
-def side_env(threads: int) -> dict:
-    extra = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
-    return common.bench_env(extra)
 
 
 def iterations_from_metrics(path: Path, warmup: int) -> tuple[float, float, int]:
     """(episodes, seconds, iterations) over our timed iterations, from metrics.jsonl."""
-    rows = [r for r in common.read_jsonl(path) if "time/rollout" in r]
+    rows = [r for r in read_jsonl(path) if "time/rollout" in r]
     timed = rows[warmup:]
     seconds = sum(sum(v for k, v in r.items() if k.startswith("time/")) for r in timed)
     episodes = sum(r["train/episodes_per_s"] * sum(v for k, v in r.items() if k.startswith("time/")) for r in timed)
@@ -109,10 +99,7 @@ def ours_rl(args, workdir: Path, tag: str, recipe: str, sets: dict) -> tuple[flo
             "train.micro_batch_size": args.micro_batch, "train.save_interval": 0, "ppo.max_new_tokens": args.max_new_tokens,
             "ppo.epochs": args.epochs, "ppo.kl_coef": args.kl_coef, "ppo.gold_eval.prompts": "null",
             "logging.progress_bar": "false", "logging.wandb": "disabled"}
-    cmd = [common.PYTHON, "-m", "alignment.cli", "ppo", recipe]
-    for key, value in {**base, **sets}.items():
-        cmd += ["--set", f"{key}={value}"]
-    common.run_logged(cmd, workdir / f"{tag}.log", tag, env=side_env(args.threads))
+    run_stage("ppo", recipe, {**base, **sets}, workdir, tag, env=side_env(args.threads))
     episodes, seconds, n = iterations_from_metrics(out / "metrics.jsonl", args.warmup)
     print(f"[{tag}] {episodes:.0f} episodes in {seconds:.1f}s over {n} timed iterations", flush=True)
     return episodes, seconds
@@ -123,10 +110,9 @@ def trl_grpo_worker(spec: dict) -> None:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from alignment.data.sources import read_rows
     from alignment.evaluate import rewards
 
-    rows = [r.data for r in read_rows(PROMPTS)[: spec["prompts"] * spec["iterations"]]]
+    rows = prompt_rows(spec["prompts"] * spec["iterations"])
     dataset = Dataset.from_list([{"prompt": r["prompt"], "gold_spec": json.dumps(r["gold"])} for r in rows])
 
     def gold_reward(prompts, completions, gold_spec, **kwargs):
@@ -147,23 +133,18 @@ def trl_grpo_worker(spec: dict) -> None:
         gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
         shuffle_dataset=False, loss_type="grpo",
     )
-    clock = common.make_step_clock()
-    trainer = GRPOTrainer(model=common.smollm2_path(), reward_funcs=gold_reward, args=config, train_dataset=dataset,
+    clock = step_clock()
+    trainer = GRPOTrainer(model=smollm2_path(), reward_funcs=gold_reward, args=config, train_dataset=dataset,
                           callbacks=[clock])
     trainer.train()
-    Path(spec["result"]).write_text(json.dumps({"seconds": clock.seconds, "episodes_per_step": per_step}))
+    write_result(spec, {"seconds": clock.seconds, "episodes_per_step": per_step})
 
 
 def run_trl_grpo(args, workdir: Path) -> tuple[float, float]:
-    spec = {"output_dir": str(workdir / "trl-grpo"), "result": str(workdir / "trl-grpo.json"),
-            "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-            "epochs": args.epochs, "minibatches": args.minibatches, "micro_batch": args.micro_batch,
+    spec = {"output_dir": str(workdir / "trl-grpo"), "prompts": args.prompts, "samples": args.samples,
+            "max_new_tokens": args.max_new_tokens, "epochs": args.epochs, "minibatches": args.minibatches, "micro_batch": args.micro_batch,
             "lr": args.lr, "kl_coef": args.kl_coef, "iterations": args.iterations, "precision": args.precision}
-    spec_path = workdir / "trl-grpo-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    common.run_logged([common.PYTHON, str(Path(__file__).resolve()), "--worker", "trl-grpo", str(spec_path)],
-                      workdir / "trl-grpo.log", "trl-grpo", env=side_env(args.threads))
-    result = json.loads(Path(spec["result"]).read_text())
+    result = run_worker(MODULE, "trl-grpo", spec, workdir, "trl-grpo", env=side_env(args.threads))
     steps_per_iteration = args.minibatches * args.epochs
     timed = result["seconds"][args.warmup * steps_per_iteration:]
     episodes = len(timed) // args.epochs * result["episodes_per_step"]
@@ -178,8 +159,8 @@ def part_grpo(args, workdir: Path) -> str:
         "ppo.samples_per_prompt": args.samples, "train.global_batch_size": per_step, "ppo.oversample": 1,
         "ppo.loss_aggregation": "seq_mean_token_mean"})
     peer = run_trl_grpo(args, workdir)
-    line = common.result_line("grpo-vs-trl", ours[0] / ours[1], peer[0] / peer[1], "episodes/s")
-    return line + "\n" + common.memory_line("grpo-vs-trl", "ours-grpo", "trl-grpo")
+    line = result_line("grpo-vs-trl", ours[0] / ours[1], peer[0] / peer[1], "episodes/s")
+    return line + "\n" + memory_line("grpo-vs-trl", "ours-grpo", "trl-grpo")
 
 
 # ---------------------------------------------------------------------------
@@ -197,9 +178,9 @@ def make_reward_model(workdir: Path) -> Path:
     out = workdir / "reward-model"
     if (out / "config.json").exists():
         return out
-    tokenizer = load_tokenizer(common.smollm2_path())
+    tokenizer = load_tokenizer(smollm2_path())
     torch.manual_seed(SEED)
-    model = load_model(common.smollm2_path(), "reward")
+    model = load_model(smollm2_path(), "reward")
     ensure_distinct_pad(tokenizer, model)
     model.config.reward_mean, model.config.reward_std = 0.0, 1.0
     model.save_pretrained(out)
@@ -216,7 +197,7 @@ def trl029_python() -> str:
     import importlib.metadata as md
 
     versions = {name: md.version(name) for name in ("torch", "transformers", "accelerate", "datasets", "safetensors")}
-    subprocess.run([sys.executable, "-m", "venv", str(TRL029_VENV)], check=True)
+    subprocess.run([PYTHON, "-m", "venv", str(TRL029_VENV)], check=True)
     constraints = TRL029_VENV / "constraints.txt"
     constraints.write_text(f"torch=={versions['torch'].split('+')[0]}\n")
     pip = [str(python), "-m", "pip", "install", "-q", "-c", str(constraints)]
@@ -233,10 +214,11 @@ def trl029_python() -> str:
 
 
 def trl_ppo_worker(spec: dict) -> None:
-    """Runs in the TRL 0.29.1 environment: no import of this project (only the prompt ids it wrote)."""
+    """Runs in the TRL 0.29.1 environment: no import of this project's packages (only the prompt ids it wrote;
+    bench.harness and bench.data import nothing of it at module level)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["policy"], padding_side="left")
@@ -268,29 +250,15 @@ def trl_ppo_worker(spec: dict) -> None:
         vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
     )
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.seconds, self.last = [], None
-
-        def on_train_begin(self, *a, **k):
-            self.last = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            now = time.perf_counter()
-            self.seconds.append(now - self.last)
-            self.last = now
-
-    clock = Clock()
+    clock = step_clock()
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=dataset, value_model=value, callbacks=[clock])
-    clock.last = time.perf_counter()
+    clock.start()
     trainer.train()
-    Path(spec["result"]).write_text(json.dumps({"seconds": clock.seconds, "episodes_per_step": trainer.args.batch_size}))
+    write_result(spec, {"seconds": clock.seconds, "episodes_per_step": trainer.args.batch_size})
 
 
 def part_ppo(args, workdir: Path) -> str:
-    from alignment.data import text
-    from alignment.data.sources import read_rows
     from alignment.core.models import load_tokenizer
 
     reward = make_reward_model(workdir)
@@ -299,28 +267,22 @@ def part_ppo(args, workdir: Path) -> str:
         "ppo.advantage": "gae", "ppo.rewards": f"[{{source: {reward}}}]", "ppo.prompts_per_rollout": args.prompts,
         "ppo.samples_per_prompt": 1, "train.global_batch_size": per_step, "ppo.vf_coef": 0.1,
         "ppo.critic_learning_rate": args.lr, "ppo.whiten_advantages": "true"})
-    tokenizer = load_tokenizer(common.smollm2_path())
-    rows = read_rows(PROMPTS)[: args.prompts * args.iterations]
     prompts_file = workdir / "ppo-prompts.json"
-    prompts_file.write_text(json.dumps([text.prompt_ids(tokenizer, r.data["prompt"]) for r in rows]))
-    spec = {"policy": common.smollm2_path(), "reward": str(reward), "prompts_file": str(prompts_file),
-            "output_dir": str(workdir / "trl-ppo"), "result": str(workdir / "trl-ppo.json"), "prompts": args.prompts,
+    prompts_file.write_text(json.dumps(prompt_ids(prompt_rows(args.prompts * args.iterations),
+                                                  load_tokenizer(smollm2_path()))))
+    spec = {"policy": smollm2_path(), "reward": str(reward), "prompts_file": str(prompts_file),
+            "output_dir": str(workdir / "trl-ppo"), "prompts": args.prompts,
             "micro_batch": args.micro_batch, "minibatches": args.ppo_minibatches, "epochs": args.epochs,
             "max_new_tokens": args.max_new_tokens, "kl_coef": args.kl_coef, "lr": args.lr,
             "iterations": args.iterations, "precision": args.precision}
-    spec_path = workdir / "trl-ppo-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    python = trl029_python()
     env = side_env(args.threads)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent)  # common.py only: not this project's packages
-    common.run_logged([python, str(Path(__file__).resolve()), "--worker", "trl-ppo", str(spec_path)],
-                      workdir / "trl-ppo.log", "trl-ppo", env=env)
-    result = json.loads(Path(spec["result"]).read_text())
+    env.pop("PYTHONPATH")  # nothing of this project's environment; `-m bench.ppo` runs from the repository root
+    result = run_worker(MODULE, "trl-ppo", spec, workdir, "trl-ppo", env=env, python=trl029_python())
     timed = result["seconds"][args.warmup:]
     episodes = len(timed) * result["episodes_per_step"]
     print(f"[trl-ppo] {episodes} episodes in {sum(timed):.1f}s over {len(timed)} timed rollouts", flush=True)
-    line = common.result_line("ppo-vs-trl", ours[0] / ours[1], episodes / sum(timed), "episodes/s")
-    return line + "\n" + common.memory_line("ppo-vs-trl", "ours-ppo", "trl-ppo")
+    line = result_line("ppo-vs-trl", ours[0] / ours[1], episodes / sum(timed), "episodes/s")
+    return line + "\n" + memory_line("ppo-vs-trl", "ours-ppo", "trl-ppo")
 
 
 # ---------------------------------------------------------------------------
@@ -333,13 +295,12 @@ def rollout_worker(spec: dict) -> None:
 
     from alignment.data import text
     from alignment.core.config import DeepSpeedConfig, TrainConfig
-    from alignment.data.sources import read_rows
     from alignment.core.models import load_model, load_tokenizer
     from alignment.rlhf.rollout import KVCacheSampler
 
     sharded = spec["zero_stage"] == 3
-    tokenizer = load_tokenizer(common.smollm2_path())
-    rows = read_rows(PROMPTS)[: spec["prompts"]]
+    tokenizer = load_tokenizer(smollm2_path())
+    rows = prompt_rows(spec["prompts"])
     if sharded:
         from alignment.core.engine import Engine
 
@@ -347,15 +308,20 @@ def rollout_worker(spec: dict) -> None:
                         DeepSpeedConfig(zero_stage=3), seed=SEED)
         rank, world = engine.dist.rank, engine.dist.world_size
         with engine.model_init():
-            model = load_model(common.smollm2_path())
+            model = load_model(smollm2_path())
         prepared = engine.prepare(model, total_steps=1)
     else:
         rank, world = 0, 1
         dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
-        model = load_model(common.smollm2_path()).to(dtype).eval()
+        model = load_model(smollm2_path()).to(dtype).eval()
     mine = rows[rank::world]
-    ids = [text.prompt_ids(tokenizer, r.data["prompt"]) for r in mine for _ in range(spec["samples"])]
+    ids = [p for p in prompt_ids(mine, tokenizer) for _ in range(spec["samples"])]
     seeds = list(range(rank * 100000, rank * 100000 + len(ids)))
+
+    def sample(policy):
+        return KVCacheSampler(policy, max_new_tokens=spec["max_new_tokens"], stop_ids=text.stop_token_ids(tokenizer),
+                              pad_id=tokenizer.pad_token_id, batch_size=64)(ids, seeds)
+
     timings = []
     for round_ in range(spec["rounds"]):
         if sharded:
@@ -363,11 +329,9 @@ def rollout_worker(spec: dict) -> None:
         started = time.perf_counter()
         if sharded:
             with engine.generation_view(prepared) as policy:
-                out = KVCacheSampler(policy, max_new_tokens=spec["max_new_tokens"], stop_ids=text.stop_token_ids(tokenizer),
-                                     pad_id=tokenizer.pad_token_id, batch_size=64)(ids, seeds)
+                out = sample(policy)
         else:
-            out = KVCacheSampler(model, max_new_tokens=spec["max_new_tokens"], stop_ids=text.stop_token_ids(tokenizer),
-                                 pad_id=tokenizer.pad_token_id, batch_size=64)(ids, seeds)
+            out = sample(model)
         seconds = time.perf_counter() - started
         tokens = sum(len(r) for r in out.response_ids)
         if sharded:
@@ -375,39 +339,28 @@ def rollout_worker(spec: dict) -> None:
             tokens = engine.dist.global_sum(tokens)
         timings.append({"seconds": seconds, "tokens": tokens})
     if rank == 0:
-        Path(spec["result"]).write_text(json.dumps(timings))
+        write_result(spec, timings)
     if sharded:
         engine.close()
 
 
 def part_rollout(args, workdir: Path) -> str:
+    from alignment.core.distributed import free_port
+
     threads = args.threads or os.cpu_count() or 2
     results = {}
     for tag, zero, nproc in (("rollout-unsharded", 0, 1), ("rollout-zero3", 3, 2)):
         spec = {"zero_stage": zero, "prompts": 32, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-                "rounds": args.iterations, "result": str(workdir / f"{tag}.json"),
-                "precision": args.precision}
-        spec_path = workdir / f"{tag}-spec.json"
-        spec_path.write_text(json.dumps(spec))
-        worker = [str(Path(__file__).resolve()), "--worker", "rollout", str(spec_path)]
-        if nproc > 1:
-            cmd = [common.PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={common_free_port()}", *worker]
-        else:
-            cmd = [common.PYTHON, *worker]
+                "rounds": args.iterations, "precision": args.precision}
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    f"--master_port={free_port()}"] if nproc > 1 else None
         per_process = max(1, threads // nproc)  # the same cores on both sides
-        common.run_logged(cmd, workdir / f"{tag}.log", tag, env=side_env(per_process))
-        timings = json.loads(Path(spec["result"]).read_text())[args.warmup:]
+        timings = run_worker(MODULE, "rollout", spec, workdir, tag, env=side_env(per_process),
+                             launcher=launcher)[args.warmup:]
         results[tag] = sum(t["tokens"] for t in timings) / sum(t["seconds"] for t in timings)
         print(f"[{tag}] {results[tag]:.1f} generated tokens/s ({nproc} process x {per_process} threads)", flush=True)
-    return common.result_line("rollout-zero3-vs-unsharded", results["rollout-zero3"], results["rollout-unsharded"],
+    return result_line("rollout-zero3-vs-unsharded", results["rollout-zero3"], results["rollout-unsharded"],
                               "tokens/s")
-
-
-def common_free_port() -> int:
-    from alignment.core.distributed import free_port
-
-    return free_port()
 
 
 # ---------------------------------------------------------------------------
@@ -416,17 +369,13 @@ def common_free_port() -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        kind, spec_path = args.worker
-        spec = json.loads(Path(spec_path).read_text())
-        {"trl-grpo": trl_grpo_worker, "trl-ppo": trl_ppo_worker, "rollout": rollout_worker}[kind](spec)
-        return 0
-    args.precision = args.precision or common.default_precision()  # not in workers: TRL 0.29.1's has no alignment
+        return serve_worker(args.worker, {"trl-grpo": trl_grpo_worker, "trl-ppo": trl_ppo_worker,
+                                          "rollout": rollout_worker})
+    resolve_precision(args)  # not in workers: TRL 0.29.1's environment has no alignment
     started = time.perf_counter()
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ppo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     parts = {"grpo": part_grpo, "ppo": part_ppo, "rollout": part_rollout}
     lines = []
-    try:
+    with bench_workdir(args.workdir, "bench-ppo-") as workdir:
         print(f"ppo benchmarks: smollm2-135m full fine-tune {args.precision}, {args.prompts} prompts per rollout, group "
               f"{args.samples} (GRPO), {args.max_new_tokens} new tokens, {args.epochs} epoch(s) x "
               f"{args.minibatches} minibatches (GRPO) / {args.ppo_minibatches} (PPO), micro-batch {args.micro_batch}, {args.iterations} iterations "
@@ -436,9 +385,6 @@ def main(argv=None) -> int:
         print(f"benchmark wall time {time.perf_counter() - started:.0f}s")
         for line in lines:
             print(line)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

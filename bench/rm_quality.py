@@ -1,10 +1,11 @@
 """Reward-model quality: this project's `align rm` against TRL's RewardTrainer, at TRL's own settings.
 
-    .venv/bin/python bench/rm_quality.py [--train-rows 512] [--max-length 320] [--epochs 1] [--workdir DIR]
+    .venv/bin/python -m bench.rm_quality [--train-rows 512] [--max-length 320] [--epochs 1] [--workdir DIR]
+                                         [--hh-rlhf DIR]
 
 Both sides train SmolLM2-135M-Instruct with a scalar head, full fine-tune, on the same first
---train-rows rows of the training part of the shared hh-rlhf file (bench/quality_common.py: the
-fixed split, 360 held-out rows neither side sees), with TRL's RewardConfig defaults for what a
+--train-rows rows of the training part of the shared hh-rlhf file (bench.data: the fixed split,
+360 held-out rows neither side sees), with TRL's RewardConfig defaults for what a
 user leaves unset: learning rate 1e-4, linear decay, no warm-up, no weight decay, batch 8 (no
 accumulation), gradient clipping 1.0, dropout off, no centring term, bf16 autocast on CPU
 (TRL's default precision; ours: DeepSpeed bf16 with fp32 master weights, exported as TRL saves its
@@ -15,7 +16,7 @@ an over-long pair (its prompt keeps its last max_length/2 tokens, the responses 
 RewardTrainer drops a pair with a sequence over max_length. Gradient checkpointing is off on
 both (it changes memory and time, not the numbers).
 
-Both exports are then scored the plain way (transformers alone; see quality_common.py) on the
+Both exports are then scored the plain way (transformers alone; see bench.harness) on the
 held-out pairs. Ends with
 
     RESULT name=rm-quality-vs-trl ours=<held-out accuracy> peer=<held-out accuracy> unit=accuracy ratio=<ours/peer>
@@ -25,153 +26,63 @@ and a table of the training pairs each side kept, truncated and dropped.
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import quality_common as qc  # noqa: E402
+from bench.data import load_dataset
+from bench.harness import (add_quality_options, argument_parser, ours_kept, plain_reward_accuracy, run_quality,
+                           run_quality_ours, run_quality_trl, save_export, serve_worker, smollm2_path, trl_kept,
+                           trl_quality_args)
 
+MODULE = "bench.rm_quality"
 RESULT_NAME = "rm-quality-vs-trl"
 RECIPE = "configs/smollm2/rm-hh.yaml"
 TRL_LR = 1.0e-4  # RewardConfig's default learning_rate
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train-rows", type=int, default=512, help="first N rows of the training part (both sides)")
-    p.add_argument("--max-length", type=int, default=320)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (TRL default 8)")
-    p.add_argument("--learning-rate", type=float, default=TRL_LR)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--max-held-out", type=int, default=None, help="score only the first N held-out pairs (quick runs)")
-    p.add_argument("--only", choices=["ours", "trl"], default=None, help="train and score one side (no RESULT)")
-    p.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary directory, removed)")
-    p.add_argument("--recipe", default=None, help="instead: train with this recipe as it is (its data must hold "
-                   "out the same rows: data.eval_fraction 0.2, seed 0) and score its export the plain way")
-    p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
+    p = argument_parser(MODULE, __doc__)
+    add_quality_options(p, TRL_LR)
     return p.parse_args(argv)
 
 
-def run_ours(args, workdir: Path) -> Path:
-    out = workdir / "ours"
-    sets = {
-        "output_dir": out, "seed": qc.SPLIT_SEED, "model.name_or_path": "smollm2-135m",
-        "model.gradient_checkpointing": "false", "model.export_dtype": "fp32",
-        "data.train": qc.DATA, "data.eval": "null", "data.eval_fraction": qc.HELD_FRACTION,
-        "data.max_rows": args.train_rows, "data.max_eval_rows": 0, "data.max_length": args.max_length,
-        "train.global_batch_size": args.batch, "train.micro_batch_size": args.batch,
-        "train.num_epochs": args.epochs, "train.max_steps": "null", "train.learning_rate": args.learning_rate,
-        "train.lr_scheduler": "linear", "train.warmup_steps": 0, "train.warmup_ratio": 0.0,
-        "train.weight_decay": 0.0, "train.max_grad_norm": 1.0, "train.precision": args.precision,
-        "train.eval_interval": 0, "train.eval_before_training": "false", "train.save_interval": 0,
-        "rm.trainable_layers": "null", "rm.center_coef": 0.0, "rm.head_init_std": "null", "rm.max_prompt_length": "null",
-        "lora.enabled": "false", "logging.wandb": "disabled", "logging.progress_bar": "false",
-    }
-    cmd = [common.PYTHON, "-m", "alignment.cli", "rm", RECIPE]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    common.run_logged(cmd, workdir / "ours.log", "ours")
-    return out / "final"
-
-
-def trl_worker(spec_path: str) -> None:
-    import torch
+def trl_worker(spec: dict) -> None:
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    spec = json.loads(Path(spec_path).read_text())
-    dataset = _dataset(spec["data"])
-    tokenizer = AutoTokenizer.from_pretrained(common.smollm2_path())
-    config = RewardConfig(
-        output_dir=spec["output_dir"], num_train_epochs=spec["epochs"], per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1, learning_rate=spec["learning_rate"], max_length=spec["max_length"],
-        bf16=spec["precision"] == "bf16", use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-        eval_strategy="no", save_strategy="no", report_to="none", seed=qc.SPLIT_SEED, logging_steps=10,
-    )
-    trainer = RewardTrainer(model=common.smollm2_path(), args=config, train_dataset=dataset, processing_class=tokenizer)
+    dataset = load_dataset(spec["data"])
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    config = RewardConfig(**trl_quality_args(spec))
+    trainer = RewardTrainer(model=smollm2_path(), args=config, train_dataset=dataset, processing_class=tokenizer)
     kept = len(trainer.train_dataset)
     print(f"RewardTrainer: lr {config.learning_rate}, {config.lr_scheduler_type}, batch "
           f"{config.per_device_train_batch_size}, epochs {config.num_train_epochs}, bf16 {config.bf16}, "
           f"kept {kept} of {len(dataset)} pairs, pad {tokenizer.pad_token!r}", flush=True)
     trainer.train()
-    final = Path(spec["output_dir"]) / "final"
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(str(final))
-    Path(spec["result"]).write_text(json.dumps({"kept": kept, "given": len(dataset)}))
-
-
-def _dataset(path: str):
-    from datasets import Dataset
-
-    return Dataset.from_list(common.read_jsonl(Path(path)))
-
-
-def run_trl(args, workdir: Path, records: Path) -> tuple[Path, dict]:
-    spec = {"data": str(records), "output_dir": str(workdir / "trl"), "epochs": args.epochs, "batch": args.batch,
-            "learning_rate": args.learning_rate, "max_length": args.max_length, "precision": args.precision,
-            "result": str(workdir / "trl_result.json")}
-    spec_path = workdir / "trl_spec.json"
-    spec_path.write_text(json.dumps(spec))
-    common.run_logged([common.PYTHON, str(Path(__file__).resolve()), "--trl-worker", str(spec_path)],
-                      workdir / "trl.log", "trl")
-    return workdir / "trl" / "final", json.loads(Path(spec["result"]).read_text())
+    save_export(trainer, tokenizer, spec, {"kept": kept, "given": len(dataset)})
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.trl_worker:
-        trl_worker(args.trl_worker)
-        return 0
-    started = time.perf_counter()
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-rm-quality-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        if args.recipe:
-            return qc.score_recipe("rm", args.recipe, workdir, args.max_held_out, started)
-        train_rows, held_rows = qc.held_out_split()
-        train_rows = train_rows[: args.train_rows]
-        train_pairs, rejected = qc.parse_pairs(train_rows)
-        held, held_rejected = qc.parse_pairs(held_rows)
-        held = held[: args.max_held_out] if args.max_held_out else held
-        records = workdir / "trl_train.jsonl"
-        qc.write_records(train_pairs, records)
-        print(f"{RESULT_NAME}: smollm2-135m + scalar head, full fine-tune, {args.precision}, max_length "
-              f"{args.max_length}, batch {args.batch}, {args.epochs:g} epoch(s), lr {args.learning_rate:g} linear, "
-              f"no warm-up (RewardConfig defaults); train: first {len(train_rows)} rows of the training part of "
-              f"{qc.DATA} ({len(train_pairs)} usable pairs; parser rejected {dict(rejected) or 'none'}); held out: "
-              f"{len(held_rows)} rows -> {len(held)} pairs scored (parser rejected {dict(held_rejected) or 'none'})",
-              flush=True)
+    if args.worker:
+        return serve_worker(args.worker, {"trl": trl_worker})
+
+    def compare(split, workdir, records):
         table, acc = [], {}
         if args.only in (None, "ours"):
-            ours_final = run_ours(args, workdir)
-            report = qc.ours_data_report(train_rows, args.max_length, None, reward_model=True)
-            report["note"] = "over-long pairs kept: prompt keeps its last tokens, responses cut"
-            table.append(("ours", report))
-            acc["ours"] = qc.plain_reward_accuracy(str(ours_final), held, "ours")
+            ours_final = run_quality_ours(args, "rm", RECIPE, split, workdir, {
+                "rm.trainable_layers": "null", "rm.center_coef": 0.0, "rm.head_init_std": "null",
+                "rm.max_prompt_length": "null"})
+            table.append(("ours", ours_kept(split, args.max_length, reward_model=True)))
+            acc["ours"] = plain_reward_accuracy(str(ours_final), split.held, "ours")
         if args.only in (None, "trl"):
-            trl_final, counts = run_trl(args, workdir, records)
-            table.append(("trl", {"rows": len(train_rows), "kept": counts["kept"], "truncated": 0,
-                                  "dropped": len(train_rows) - counts["kept"],
-                                  "note": f"{sum(rejected.values())} rows our parser rejected were never given to it; "
-                                          f"{counts['given'] - counts['kept']} pairs over max_length dropped by "
-                                          "RewardTrainer"}))
-            acc["trl"] = qc.plain_reward_accuracy(str(trl_final), held, "trl")
-        qc.print_data_table(table)
-        print(f"benchmark wall time {time.perf_counter() - started:.0f}s")
-        (workdir / "result.json").write_text(json.dumps({"accuracy": acc, "data": dict(table)}, indent=1))
-        if args.only is None:
-            common.result_line(RESULT_NAME, acc["ours"]["accuracy"], acc["trl"]["accuracy"], "accuracy", digits=4)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+            trl_final, counts = run_quality_trl(MODULE, args, workdir, records)
+            table.append(("trl", trl_kept(split, counts, "pairs over max_length dropped by RewardTrainer")))
+            acc["trl"] = plain_reward_accuracy(str(trl_final), split.held, "trl")
+        return table, acc
+
+    return run_quality(args, "rm", RESULT_NAME, f"smollm2-135m + scalar head, full fine-tune, {args.precision}, "
+                       f"max_length {args.max_length}, batch {args.batch}, {args.epochs:g} epoch(s), lr "
+                       f"{args.learning_rate:g} linear, no warm-up (RewardConfig defaults)", compare)
 
 
 if __name__ == "__main__":
