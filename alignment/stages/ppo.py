@@ -410,17 +410,26 @@ def advantages_and_returns(cfg: PPOConfig, buffer: dict, rewards, values, mask, 
     return advantages, returns
 
 
-def actor_loss_fn(cfg: PPOConfig, beta: float):
+def actor_loss_fn(cfg: PPOConfig, beta: float, correction: str | None):
     """The actor's micro-batch loss: clipped policy gradient, the KL term when it is in the loss, an entropy
-    bonus when asked; aggregated as ppo.loss_aggregation says, with metric sums."""
+    bonus when asked; aggregated as ppo.loss_aggregation says, with metric sums.
+
+    In a rollout's first minibatch the actor is still the policy that sampled it, so pi_old is this very pass's
+    log-probs, detached (the ratio is exactly 1), as TRL does when it takes one step per generation: log-probs
+    from the earlier old-logp pass, in other micro-batch shapes, differ from this pass's by up to tenths of a nat
+    in bf16, and that noise alone clipped ~1% of the tokens of an on-policy step and turned its update (cosine
+    0.81 to the fp32 update, against 0.95 this way). The truncated importance weights (pi_old / pi_rollout) are
+    then taken against this pass too. Later minibatches use the stored pass."""
     kl_in, kl_name = kl_placement(cfg)
 
     def fn(model, b):
         logp, entropy = response_logprobs(model, b, entropy="grad" if cfg.entropy_coef else "value")
         token_mask = b["response_mask"]
-        pg, clipped = policy_loss(logp, b["old_logp"], b["advantages"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
-        if "is_weights" in b:  # truncated importance sampling for the rollout's numerics (rlhf.importance)
-            pg = pg * b["is_weights"]
+        old_logp = logp.detach() if b.get("on_policy") else b["old_logp"]
+        pg, clipped = policy_loss(logp, old_logp, b["advantages"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+        if correction:  # truncated importance sampling for the rollout's numerics (rlhf.importance)
+            pg = pg * truncated_importance_weights(old_logp, b["rollout_logp"], token_mask, correction,
+                                                   cfg.rollout_correction_cap)
         pg_term = aggregate(pg, token_mask, cfg.loss_aggregation, cfg.max_new_tokens)
         loss = pg_term
         kl_term = torch.zeros((), device=logp.device)
@@ -430,13 +439,14 @@ def actor_loss_fn(cfg: PPOConfig, beta: float):
             loss = loss + beta * kl_term
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * aggregate(entropy, token_mask, cfg.loss_aggregation, cfg.max_new_tokens)
-        ratio = torch.exp(logp - b["old_logp"]).detach()
+        ratio = torch.exp(logp - old_logp).detach()
+        stored = torch.exp(logp - b["old_logp"]).detach()  # against the stored pass: its numerics, on-policy
         return loss, {"loss": loss.item(), "policy_loss": pg_term.item(), "kl_loss": kl_term.item(),
                       "clipfrac": float((clipped.float() * token_mask).sum()),
                       "approxkl": float((0.5 * (logp.detach() - b["old_logp"]) ** 2 * token_mask).sum()),
                       "entropy": float((entropy.detach() * token_mask).sum()),
                       "ratio": float((ratio * token_mask).sum()), "tokens": float(token_mask.sum()),
-                      "ratio_dev": float(((ratio - 1).abs() * token_mask).sum())}
+                      "ratio_dev": float(((stored - 1).abs() * token_mask).sum())}
 
     return fn
 
@@ -453,7 +463,7 @@ def critic_loss_fn(cfg: PPOConfig):
 
 
 def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update: dict, mask: torch.Tensor,
-                     pad_id: int, iteration: int, beta: float, seed: int) -> dict:
+                     pad_id: int, iteration: int, beta: float, seed: int, correction: str | None) -> dict:
     """Step 6: cfg.epochs passes over the rollout in minibatches of train.global_batch_size episodes; rank r
     takes micro-batches as GlobalBatchSampler does, so every split over ranks makes the same updates."""
     sizes, dist = engine.layout, engine.dist
@@ -465,7 +475,7 @@ def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update
     first = {}
     lr = engine.current_lr(actor)
     group = cfg.samples_per_prompt if cfg.share_prompt else 1  # minibatches take whole groups when packing them
-    actor_loss, critic_loss = actor_loss_fn(cfg, beta), critic_loss_fn(cfg)
+    actor_loss, critic_loss = actor_loss_fn(cfg, beta, correction), critic_loss_fn(cfg)
 
     def batch_of(idx):
         b = training_layout([buffer["prompt_ids"][i] for i in idx], [buffer["response_ids"][i] for i in idx], group,
@@ -486,6 +496,8 @@ def train_on_rollout(engine, cfg: PPOConfig, actor, critic, buffer: dict, update
             mine = [chosen[(k * world + dist.rank) * micro : (k * world + dist.rank + 1) * micro]
                     for k in range(sizes.grad_accum_steps)]
             micro_batches = [batch_of(idx) for idx in mine]
+            for b in micro_batches:  # no update since the rollout yet: pi_old is the training pass itself
+                b["on_policy"] = epoch == 0 and m == 0
             out = loop.accumulated_step(engine, actor, micro_batches, count, actor_loss, iteration)
             denominator = float(mask[chosen].sum()) if unit == "tokens" else float(len(chosen))
             assert abs(out["count"] - denominator) < 1e-6  # the normaliser is the global minibatch's
@@ -574,10 +586,9 @@ def run(recipe: PPORecipe, resume: bool = False, overwrite: bool = False) -> dic
         update = {"old_logp": old_lp, "ref_logp": ref_lp, "advantages": advantages, "values": vals,
                   "returns": returns if returns is not None else torch.zeros_like(advantages)}
         if correction:
-            update["is_weights"] = truncated_importance_weights(old_lp, rollout_lp, mask, correction,
-                                                                cfg.rollout_correction_cap)
+            update["rollout_logp"] = rollout_lp
         stats = train_on_rollout(engine, cfg, s.actor, s.critic, buffer, update, mask, pad_id, iteration, beta,
-                                 recipe.seed)
+                                 recipe.seed, correction)
         clock.lap("update")
         # Step 7. Log (and adapt the KL coefficient).
         s.kl_ctl.update(float(seq_kl.mean()), episodes)
@@ -585,8 +596,9 @@ def run(recipe: PPORecipe, resume: bool = False, overwrite: bool = False) -> dic
                   "check/first_approxkl": stats.pop("first_approxkl")}
         metrics = {**iteration_metrics(buffer, mask, seq_kl, beta, stats, vals, returns, clock, episodes), **checks,
                    **mismatch_stats(old_lp, rollout_lp, mask)}
-        if correction:
-            w = update["is_weights"][mask > 0]
+        if correction:  # the weights as the stored pass gives them (the first minibatch's come from its own)
+            w = truncated_importance_weights(old_lp, rollout_lp, mask, correction,
+                                             cfg.rollout_correction_cap)[mask > 0]
             metrics.update({"mismatch/is_weight_mean": float(w.mean()),
                             "mismatch/is_capped_share": float((w >= cfg.rollout_correction_cap).float().mean())})
         sums = engine.dist.reduce_sums(sampled_stats)  # one collective
