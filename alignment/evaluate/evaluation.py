@@ -158,6 +158,16 @@ def sampled_gold(model, tokenizer, prompts: list, golds: list, args, device) -> 
     return [sum(task.score(golds[i], texts[i * k + j]) for j in range(k)) / k for i in range(len(prompts))]
 
 
+def gold_spec(row: dict) -> dict | None:
+    """A row's gold spec: its `gold`, or for your own prompts that carry only `constraints` (the shape
+    alignment.evaluate.rewards:constraints reads) the constraints family's spec over them."""
+    if row.get("gold"):
+        return row["gold"]
+    if row.get("constraints"):
+        return {"kind": "constraints", "family": "constraints", "constraints": row["constraints"]}
+    return None
+
+
 def evaluate_policy(args) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
@@ -166,7 +176,7 @@ def evaluate_policy(args) -> dict:
         raise DataError(f"{args.prompts}: no prompt rows")
     prompts = [prompt_of(r.data, r.origin) for r in rows]
     prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-    golds = [r.data.get("gold") for r in rows]
+    golds = [gold_spec(r.data) for r in rows]
     policy, tokenizer = _load_policy(args.policy, args.trust_remote_code)
     device = torch.device("cpu")
     stops = set(text.stop_token_ids(tokenizer))

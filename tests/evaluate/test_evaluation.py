@@ -84,6 +84,20 @@ def test_policy_against_itself_and_against_a_perturbed_copy(tmp_path, perturbed,
         assert s["gold_policy"] == task.score(golds[s["id"]], s["policy"])
 
 
+def test_own_prompts_with_constraints_are_scored_by_their_constraints(tmp_path, align_cache):
+    """Rows that carry only `constraints` (the ppo reward's shape) get a gold score: the share met, per prompt."""
+    from alignment.builtin import constraints, task
+
+    rows = [{"id": f"c{i}", "prompt": f"Say something about tea {i}.", "constraints": specs}
+            for i, specs in enumerate([[{"type": "caps"}], [{"type": "no_commas"}, {"type": "words", "value": 3}]] * 3)]
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result, _ = _eval(tmp_path, "--policy", "tiny-llama", "--prompts", str(prompts))
+    assert result["gold/n"] == 6 and "gold/constraints" in result
+    for sample, row in zip(result["samples"], rows):
+        assert sample["gold_policy"] == constraints.score(row["constraints"], task.cut_at_end(sample["policy"]))
+
+
 def task_prompts():
     from alignment.data.sources import resolve_source
 
