@@ -1,7 +1,8 @@
 """`align`: one command, a subcommand per stage.
 
     align sft RECIPE.yaml [--set key.sub=value ...] [--nproc N] [--resume]
-    align rm  RECIPE.yaml ...        align dpo RECIPE.yaml ...        align ppo RECIPE.yaml ...
+    align rm  RECIPE.yaml ...        align dpo RECIPE.yaml ...        align kto RECIPE.yaml ...
+    align ppo RECIPE.yaml ...        align pipeline PIPELINE.yaml ...
     align score --model RM_DIR --data FILE --out FILE
     align pairs --model POLICY_DIR --prompts FILE --judge gold|RM_DIR --out FILE
     align data OUT_DIR                 (write the built-in task's data files)
@@ -37,7 +38,8 @@ STAGES = {
     "kto": "KTO on single answers labelled good or bad (thumbs up/down), or on preference pairs split in two",
     "ppo": "online RL: PPO with a critic (GAE), or GRPO / RLOO / REINFORCE++ (ppo.advantage), on rewards from "
            "reward models, the built-in verifier or Python functions",
-    "pipeline": "SFT -> reward model -> DPO, chained, each stage in its own process, with gold scores",
+    "pipeline": "SFT -> reward model -> (on-policy pairs) -> DPO -> online RL (PPO, GRPO, ...: ppo.enabled), chained, "
+                "each stage in its own process, with gold scores and an HTML report",
 }
 
 
@@ -59,7 +61,8 @@ def _stage_parser(sub, name: str, help_text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="align",
-        description="Preference alignment on DeepSpeed: SFT, reward models, DPO and PPO from YAML recipes.",
+        description="Preference alignment on DeepSpeed: SFT, reward models, DPO, KTO and online RL (PPO, GRPO, "
+                    "...) from YAML recipes.",
         epilog="Example: align sft configs/tiny/sft.yaml --set train.max_steps=20 --nproc 2",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -98,11 +98,13 @@ class DataConfig:
     max_length: int = 512
     """Maximum tokens per example (prompt + response)."""
     overlong: Literal["truncate", "drop"] = "truncate"
-    """Policy for rows longer than `max_length`: cut the end off, or drop and count them."""
+    """SFT rows longer than `max_length`: cut the end off, or drop and count them. Preference pairs and KTO answers
+    are cut from the prompt's start and the responses' end instead (docs/data-formats.md, alignment.data.text.fit)."""
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row stops the run with file/line/field (`error`) or is skipped and counted."""
     format: str = "auto"
-    """Row shape; `auto` detects it. SFT: messages, prompt_completion, text. Preferences: see reward.data."""
+    """Row shape; `auto` detects it from the row's fields. SFT: messages, prompt_completion, text (alignment.data.sft);
+    preference pairs (rm, dpo): explicit, implicit, hh, ab (alignment.data.preference). Shapes: docs/data-formats.md."""
     skip_rows: int = 0
     """Leave out the first N rows of train (after the seeded shuffle of a split, before max_rows): a later
     stage of a pipeline can train on rows an earlier stage, which read the same file, never saw."""

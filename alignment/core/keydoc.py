@@ -86,7 +86,7 @@ def section(cls: type, prefix: str, seen: set) -> list[str]:
 def reference() -> str:
     out = [HEADER]
     seen: set = set()
-    out += ["## Every stage (sft, rm, dpo, ppo)", ""] + section(config.RecipeBase, "", seen)
+    out += ["## Every stage (sft, rm, dpo, kto, ppo)", ""] + section(config.RecipeBase, "", seen)
     for stage, cls in recipes.RECIPES.items():
         if stage == "pipeline":
             continue
