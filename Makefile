@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m bench.estimate
 	$(PY) -m bench.rm_quality
 	$(PY) -m bench.dpo_quality
+	$(PY) -m bench.kto_quality
 
 clean:
 	rm -rf $(VENV) runs

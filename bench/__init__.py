@@ -11,9 +11,10 @@ Run each one as a module from the repository root, with the project's environmen
     .venv/bin/python -m bench.estimate     # `align estimate` against measured peak memory
     .venv/bin/python -m bench.rm_quality   # held-out accuracy of our reward model against TRL's
     .venv/bin/python -m bench.dpo_quality  # held-out implicit-reward accuracy of our DPO against TRL's
+    .venv/bin/python -m bench.kto_quality  # the same for our KTO against TRL's KTOTrainer (unpaired answers)
     .venv/bin/python -m bench.gpu_check    # every stage on one GPU (--smoke: CPU, tiny model)
 
-(`make bench` runs the first eight; `python -m bench.NAME --help` lists a benchmark's options.)
+(`make bench` runs the first nine; `python -m bench.NAME --help` lists a benchmark's options.)
 
 Modules:
 - `bench.harness`: what the two sides of a comparison share: subprocesses with logs, timeouts and

@@ -1,7 +1,7 @@
 """The data both sides of a benchmark get: the same rows, as the same token ids where the benchmark says so.
 
 Where the hh-rlhf data lies. The preference benchmarks (bench.rm, bench.dpo, bench.rm_quality,
-bench.dpo_quality) read the harmless-base file of Anthropic's hh-rlhf in place, never copied:
+bench.dpo_quality, bench.kto_quality) read the harmless-base file of Anthropic's hh-rlhf in place, never copied:
 `DIR/harmless-base-test.jsonl` with DIR given by `--hh-rlhf DIR`, else $ALIGN_HH_RLHF, else
 `../shared/data/hh-rlhf-harmless` relative to the repository root (a relative DIR is taken from the
 repository root as well).
@@ -25,7 +25,7 @@ chosen_ids/rejected_ids; DPOTrainer prompt_ids/chosen_ids/rejected_ids, the colu
 consumes). Tokenization is setup on both sides, outside the timed steps. bench.sft does the same with
 the built-in task's SFT rows (`build_sft_data`: input_ids + labels).
 
-Quality benchmarks (bench.rm_quality, bench.dpo_quality): `held_out_split()` is our loader's own seeded
+Quality benchmarks (bench.rm_quality, bench.dpo_quality, bench.kto_quality): `held_out_split()` is our loader's own seeded
 split (alignment.data.sources.split_rows, fraction HELD_FRACTION, seed SPLIT_SEED) of the hh-rlhf file:
 a recipe with `data.eval_fraction: 0.2` and `seed: 0` holds out exactly these rows
 (configs/smollm2/rm-hh.yaml and dpo-hh.yaml do), so the tuned recipes and both benchmarks are scored on
@@ -34,7 +34,8 @@ one held-out set. Training takes the first N rows of the other part, which is wh
 product); TRL cannot read raw hh-rlhf transcripts, so it gets the pairs our parser makes of them
 (`parse_pairs`), as conversational prompt / chosen / rejected messages, which is the conversion a TRL
 user writes by hand. Rows the parser rejects (empty response, chosen == rejected, different prompts) are
-given to neither side.
+given to neither side. bench.kto_quality gives both sides one file instead: these pairs as unpaired answers
+(prompt, completion, label), TRL's shape, which our KTO stage reads as it is.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Results: `print_table` (one row per side) and one line per comparison that outsi
 
     RESULT name=<name> ours=<value> peer=<value> unit=<unit> ratio=<ours/peer>
 
-Quality (bench.rm_quality, bench.dpo_quality). Both exports are scored the plain way, the same for both, in
+Quality (bench.rm_quality, bench.dpo_quality, bench.kto_quality). Both exports are scored the plain way, the same for both, in
 fp32, one conversation at a time (no padding), on held-out pairs neither side saw (bench.data):
 - reward model: AutoModelForSequenceClassification, the tokenizer's chat template over the whole
   conversation (prompt + response), the reward transformers pools at the last token; accuracy = share of
@@ -33,7 +33,9 @@ fp32, one conversation at a time (no padding), on held-out pairs neither side sa
 - DPO policy: AutoModelForCausalLM; log p(response | prompt) = the sum of the token log-probs of the
   conversation's tokens after the prompt rendered with add_generation_prompt=True (`response_logps`);
   implicit reward = log p_policy - log p_start (beta does not change the sign); accuracy = share with
-  implicit reward of chosen > rejected (`implicit_reward_accuracy`).
+  implicit reward of chosen > rejected (`implicit_reward_accuracy`). A KTO policy is scored the same way.
+The two sides are compared pair by pair as well (`paired_difference`: the mean per-pair difference of
+correctness and its standard error), tighter than the two accuracies' own errors when the sides agree on most pairs.
 Held-out conversations are scored whole, however long (no truncation).
 """
 
@@ -964,9 +966,29 @@ def _accuracy(margins: list[float], label: str, started: float) -> dict:
     acc = correct / n
     stderr = math.sqrt(acc * (1 - acc) / n)
     result = {"accuracy": acc, "stderr": stderr, "pairs": n, "mean_margin": sum(margins) / n,
-              "seconds": time.perf_counter() - started}
+              "seconds": time.perf_counter() - started,
+              "correct": [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]}  # per pair, for paired_difference
     print(f"[{label}] held-out accuracy {acc:.4f} (+-{stderr:.3f} s.e.) on {n} pairs, mean margin "
           f"{result['mean_margin']:.4f}, scored in {result['seconds']:.0f}s", flush=True)
+    return result
+
+
+def paired_difference(ours: dict, peer: dict, labels: tuple[str, str] = ("ours", "trl")) -> dict:
+    """Accuracy of `ours` minus `peer` (results of _accuracy) on the same held-out pairs, paired: the mean of the
+    per-pair differences of correctness (1, 1/2 for a tie, 0) and its standard error (sample standard deviation /
+    sqrt(n)); far smaller than the two accuracies' own errors when both sides get most pairs the same way."""
+    a, b = ours["correct"], peer["correct"]
+    if len(a) != len(b):
+        raise ValueError(f"paired difference over different pairs: {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+    result = {"difference": mean, "stderr": stderr, "pairs": n, "only_ours": sum(x > 0 for x in d),
+              "only_peer": sum(x < 0 for x in d)}
+    print(f"[paired] accuracy {labels[0]} - {labels[1]} = {mean:+.4f} (+-{stderr:.4f} s.e., paired over {n} pairs; "
+          f"{result['only_ours']} pairs better for {labels[0]}, {result['only_peer']} for {labels[1]}, "
+          f"the rest the same)", flush=True)
     return result
 
 
