@@ -206,8 +206,8 @@ def run(recipe: PipelineRecipe, resume: bool = False, dry_run: bool = False) -> 
         minutes = round((time.time() - started) / 60, 2)
         if is_pairs:
             report = json.loads((step.directory / "pairs.report.json").read_text())
-            score_key = "gold/sample_score" if "--judge" in step.command and \
-                step.command[step.command.index("--judge") + 1] == "gold" else "judge/mean_sample_score"
+            score_key = ("gold/sample_score" if "--judge" in step.command and
+                         step.command[step.command.index("--judge") + 1] == "gold" else "judge/mean_sample_score")
             summary["stages"][step.name] = {"output_dir": str(step.directory), "minutes": minutes,
                                           "pairs": report["pairs"], score_key: report["mean_sample_score"]}
             continue

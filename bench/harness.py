@@ -1028,8 +1028,8 @@ def score_recipe(stage: str, recipe: str, workdir: Path, source: str, max_held_o
 
     r = load_recipe(recipe, stage, [])
     train = Path(r.data.train) if Path(r.data.train).is_absolute() else REPO / r.data.train
-    if (r.data.eval, r.data.eval_fraction, r.seed) != (None, HELD_FRACTION, SPLIT_SEED) or train.resolve() \
-            != Path(source).resolve():
+    if ((r.data.eval, r.data.eval_fraction, r.seed) != (None, HELD_FRACTION, SPLIT_SEED) or train.resolve()
+            != Path(source).resolve()):
         raise SystemExit(f"{recipe}: must train on {source} with data.eval_fraction {HELD_FRACTION} and seed "
                          f"{SPLIT_SEED} so that its held-out rows are this benchmark's")
     out = workdir / "recipe"

@@ -16,12 +16,12 @@ from helpers import align_cache, read_metrics, run_cli, step_metrics  # noqa: F4
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 QUICK = '["train.max_steps=2", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=0"{extra}]'
-GOLD = ', "{stage}.gold_eval.prompts=builtin:prompts_eval", "{stage}.gold_eval.num_prompts=6", ' \
-       '"{stage}.gold_eval.max_new_tokens=4"'
-DPO = '["train.max_steps=4", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=1", ' \
-      '"dpo.reference=precomputed"' + GOLD.format(stage="dpo") + '{extra}]'
-PPO = '["train.max_steps=2", "train.save_interval=0", "logging.progress_bar=false", "ppo.max_new_tokens=4"' \
-      + GOLD.format(stage="ppo") + ']'
+GOLD = (', "{stage}.gold_eval.prompts=builtin:prompts_eval", "{stage}.gold_eval.num_prompts=6", '
+        '"{stage}.gold_eval.max_new_tokens=4"')
+DPO = ('["train.max_steps=4", "train.precision=fp32", "logging.progress_bar=false", "train.save_interval=1", '
+       '"dpo.reference=precomputed"' + GOLD.format(stage="dpo") + '{extra}]')
+PPO = ('["train.max_steps=2", "train.save_interval=0", "logging.progress_bar=false", "ppo.max_new_tokens=4"'
+       + GOLD.format(stage="ppo") + ']')
 
 
 def pipeline(out, *extra: str, resume: bool = False, env=None, dpo_extra: str = ""):

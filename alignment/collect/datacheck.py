@@ -58,9 +58,9 @@ def _rows(source: str):
                 yield row.origin, _text(data["prompt"]), None, None, "prompt", None, None  # prompt sets
             else:
                 shape = detect_sft_format(data, row.origin)
-                prompt = data.get("prompt") if shape == "prompt_completion" else \
-                    [m for m in data.get("messages", data.get("conversations", [])) if isinstance(m, dict)
-                     and m.get("role") == "user"][:1] if shape == "messages" else None
+                prompt = (data.get("prompt") if shape == "prompt_completion" else
+                          [m for m in data.get("messages", data.get("conversations", [])) if isinstance(m, dict)
+                           and m.get("role") == "user"][:1] if shape == "messages" else None)
                 yield row.origin, _text(prompt) if prompt else None, None, None, shape, None, None
         except DataError as exc:
             yield row.origin, None, None, None, "malformed", str(exc), None

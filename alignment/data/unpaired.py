@@ -54,10 +54,10 @@ def to_answers(row: Row) -> list[Answer]:
     if shape_of(data, "unpaired"):
         prompt, completion = data["prompt"], data["completion"]
         if isinstance(prompt, list) or isinstance(completion, list):
-            prompt = check_messages(prompt, origin, "prompt") if isinstance(prompt, list) else \
-                [{"role": "user", "content": check_string(prompt, origin, "prompt")}]
-            completion = check_messages(completion, origin, "completion") if isinstance(completion, list) else \
-                [{"role": "assistant", "content": check_string(completion, origin, "completion")}]
+            prompt = (check_messages(prompt, origin, "prompt") if isinstance(prompt, list) else
+                      [{"role": "user", "content": check_string(prompt, origin, "prompt")}])
+            completion = (check_messages(completion, origin, "completion") if isinstance(completion, list) else
+                          [{"role": "assistant", "content": check_string(completion, origin, "completion")}])
         else:
             prompt, completion = check_string(prompt, origin, "prompt"), check_string(completion, origin, "completion")
         text_of = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)

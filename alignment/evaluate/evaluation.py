@@ -105,8 +105,8 @@ def text_nll(model, tokenizer, paragraphs: list[str], batch_size: int = 8) -> fl
 
 
 def general_paragraphs(path: str | None) -> list[str]:
-    raw = Path(path).read_text() if path else \
-        resources.files("alignment.evaluate").joinpath("data/general_text.txt").read_text()
+    raw = (Path(path).read_text() if path else
+           resources.files("alignment.evaluate").joinpath("data/general_text.txt").read_text())
     return [p.strip() for p in raw.split("\n\n") if p.strip()]
 
 

@@ -54,8 +54,8 @@ def generate_ids(model, tokenizer, prompts: list, max_new_tokens: int, batch_siz
     temperature 0: greedy; above 0: plain temperature sampling (no top-k/top-p), seeded by the
     caller through torch's global generator.
     """
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
-        else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
+                else {"do_sample": False})
     stops = text.stop_token_ids(tokenizer)
     out_rows: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):

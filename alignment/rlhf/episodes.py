@@ -41,8 +41,8 @@ def training_layout(prompt_ids, response_ids, group: int, pad_id: int, device, t
     """Episodes as the training pass reads them: groups packed with their prompt once (group > 1), or a row each.
     A sampling temperature other than 1 (and 0, greedy) makes the log-probs read from them those of
     softmax(logits / temperature): the distribution the rollout drew from."""
-    batch = group_batch(prompt_ids, response_ids, group, pad_id, device) if group > 1 \
-        else episode_batch(prompt_ids, response_ids, pad_id, device)
+    batch = (group_batch(prompt_ids, response_ids, group, pad_id, device) if group > 1
+             else episode_batch(prompt_ids, response_ids, pad_id, device))
     if is_tempered(temperature):
         batch["logit_temperature"] = float(temperature)
     return batch

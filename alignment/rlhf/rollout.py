@@ -107,8 +107,8 @@ def decode_attention(model):
     the training pass's, which recomputes every log-prob the loss uses."""
     config = getattr(unwrap(model), "config", None)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    switch = getattr(config, "_attn_implementation", None) == "eager" and kv_heads is not None \
-        and heads is not None and kv_heads < heads
+    switch = (getattr(config, "_attn_implementation", None) == "eager" and kv_heads is not None
+              and heads is not None and kv_heads < heads)
     if not switch:
         yield
         return

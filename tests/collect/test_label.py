@@ -557,8 +557,8 @@ def test_serve_prints_its_address_and_annotator_links_follow_it(tmp_path):
     server = Server(tmp_path / "labels.db")
     try:
         printed = server.printed(3)
-        assert printed[0] == f"align label: serving {tmp_path / 'labels.db'} at http://127.0.0.1:{server.port}/label " \
-                             "(Ctrl-C stops)", printed
+        assert printed[0] == (f"align label: serving {tmp_path / 'labels.db'} at http://127.0.0.1:{server.port}/label "
+                              "(Ctrl-C stops)"), printed
         assert printed[2].split() == ["alice:", "0/2", "labelled", f"http://127.0.0.1:{server.port}/label?token=<alice's",
                                       "token>"]
         out = run_cli(["label", "annotator", str(tmp_path / "labels.db"), "bob"]).check().output
@@ -740,8 +740,8 @@ def test_thumbs_labels_round_trip_to_an_unpaired_export_in_a_real_browser(tmp_pa
             assert page.inner_text("#question") == "Is this answer good?"
             assert page.query_selector("#left") is None and page.is_visible("#answer")
             # a conversation prompt shows as turns, each under its role
-            assert page.eval_on_selector_all("#prompt .turn .role", "els => els.map(e => e.innerText.toLowerCase())") \
-                == ["system", "user"]
+            assert (page.eval_on_selector_all("#prompt .turn .role", "els => els.map(e => e.innerText.toLowerCase())")
+                    == ["system", "user"])
             assert page.inner_text("#answer .md strong") == "4"  # markdown rendered
             for n in range(4):
                 item = page.input_value("#item")
@@ -777,5 +777,5 @@ def test_thumbs_labels_round_trip_to_an_unpaired_export_in_a_real_browser(tmp_pa
     assert rows["r3"]["prompt"] == [{"role": "user", "content": "Say hi"}]
     assert rows["r3"]["completion"] == [{"role": "assistant", "content": "hi"}] and rows["r4"]["completion"] == MARKDOWN
     store = Store(db)
-    assert [x["rationale"] for x in store.labels() if x["item_id"] == "r2" and x["annotator"] == "alice"] == \
-        ["Paris, not Lyon"]
+    assert [x["rationale"] for x in store.labels() if x["item_id"] == "r2" and x["annotator"] == "alice"] == (
+        ["Paris, not Lyon"])

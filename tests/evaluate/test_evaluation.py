@@ -19,8 +19,8 @@ from reward.scorer import sequence_ids
 
 
 def test_win_rate_and_standard_error_by_hand():
-    assert win_rate([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.25]) == \
-        {"win_rate": (2 + 0.5) / 4, "wins": 0.5, "ties": 0.25, "losses": 0.25}
+    assert win_rate([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.25]) == (
+        {"win_rate": (2 + 0.5) / 4, "wins": 0.5, "ties": 0.25, "losses": 0.25})
     mean, se = mean_and_se([1.0, 2.0, 3.0, 6.0])
     assert mean == 3.0 and se == pytest.approx((14 / 3 / 4) ** 0.5)  # sample variance 14/3
     with pytest.raises(ValueError):

@@ -123,8 +123,8 @@ def test_truncation_is_the_same_in_both_generation_paths(model, tok, prompt_ids)
     ours = sample_batch(model, prompt_ids, [0, 0, 0], temperature=0.0, **_options(tok, max_new_tokens=4))
     theirs = generate_ids(model, tok, PROMPTS, max_new_tokens=4, batch_size=3, device=torch.device("cpu"))
     assert ours.response_ids == theirs
-    assert ours.ended == [False] * 3 and all(len(r) == 4 and r[-1] not in stops for r in theirs), \
-        "every response is cut by max_new_tokens, its last token kept"
+    assert ours.ended == [False] * 3 and all(len(r) == 4 and r[-1] not in stops for r in theirs), (
+        "every response is cut by max_new_tokens, its last token kept")
     _assert_rollout_logprobs_are_the_training_passs(model, tok, ours)
 
 
@@ -179,8 +179,8 @@ def test_tempered_rollout_logprobs_equal_the_tempered_training_pass(model, tok, 
 
     grouped = [p for p in prompt_ids[:2] for _ in range(3)]
     out = sample_batch(model, grouped, list(range(20, 26)), **_options(tok, temperature=0.6))
-    make = (lambda: episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)) if layout == "rows" \
-        else (lambda: group_batch(out.prompt_ids, out.response_ids, 3, tok.pad_token_id))
+    make = ((lambda: episode_batch(out.prompt_ids, out.response_ids, tok.pad_token_id)) if layout == "rows"
+            else (lambda: group_batch(out.prompt_ids, out.response_ids, 3, tok.pad_token_id)))
     batch = dict(make(), logit_temperature=0.6)
     with torch.no_grad():
         logp, entropy = response_logprobs(model, batch, entropy="value")

@@ -85,8 +85,8 @@ def items_from_responses(source: str) -> list[Item]:
         data = row.data
         prompt = data.get("prompt")
         answer = next((data[k] for k in ANSWER_KEYS if data.get(k) not in (None, "", [])), None)
-        if answer is None and isinstance(data.get("messages"), list) and len(data["messages"]) >= 2 \
-                and isinstance(data["messages"][-1], dict) and data["messages"][-1].get("role") == "assistant":
+        if (answer is None and isinstance(data.get("messages"), list) and len(data["messages"]) >= 2
+                and isinstance(data["messages"][-1], dict) and data["messages"][-1].get("role") == "assistant"):
             prompt, answer = data["messages"][:-1], data["messages"][-1:]
         if prompt in (None, "", []) or answer is None:
             raise DataError(f"{row.origin}: a row needs a prompt and an answer ({' / '.join(ANSWER_KEYS)}, or "
