@@ -34,7 +34,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-real: $(STAMP)  # also the long real-data DPO check (hh-rlhf, ~10 CPU minutes)
+test-real: $(STAMP)  # also the long real-model checks (hh-rlhf DPO ~10 CPU minutes, hh-rlhf RM ~7, built-in RM ~3)
 	ALIGN_REAL_DATA_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=1800 tests/test_real_model.py
 
 bench: $(STAMP)
@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m bench.rm_quality
 	$(PY) -m bench.dpo_quality
 	$(PY) -m bench.kto_quality
+	$(PY) -m bench.grpo_quality
 
 clean:
 	rm -rf $(VENV) runs

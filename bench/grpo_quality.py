@@ -5,7 +5,8 @@
 Both sides start from the same policy (the quickstart's SFT model by default), train LoRA (r 16, alpha 32, all
 linear layers) on the same prompts (`builtin:prompts_rl` from row 1024 on: no side sees the scored rows), with the
 built-in verifier as the reward, the same episodes (iterations x prompts x samples), learning rate (constant), KL
-coefficient (k3 in the loss), temperature 1, response length and precision; one optimizer step of every rollout's
+coefficient (k3 in the loss), temperature 1, response length and precision (bf16: autocast over fp32 weights on
+both sides, our `train.precision: bf16-mixed`); one optimizer step of every rollout's
 episodes on both sides, one CPU thread each. The placebo is our run with each group's rewards shuffled among its
 answers: the same advantage sizes, no link between an answer and its score; a real gain must beat it.
 
@@ -31,6 +32,8 @@ import sys
 import time
 import zlib
 from pathlib import Path
+
+from alignment.core.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = "builtin:prompts_rl"
@@ -78,12 +81,19 @@ def wait(proc: subprocess.Popen, what: str) -> None:
 # ---------------------------------------------------------------------------------------------- the two sides
 
 
+def ours_precision(requested: str) -> str:
+    """Our train.precision for the precision both sides run: TRL's bf16 is autocast over fp32 weights and
+    optimizer, which is our bf16-mixed (our plain bf16 keeps bf16 weights: another setting, docs/experiments.md)."""
+    resolved = resolve_precision(requested)[0]
+    return "bf16-mixed" if resolved == "bf16" else resolved
+
+
 def ours_command(args, out: Path, placebo: bool) -> list[str]:
     sets = {"output_dir": out, "seed": args.seed, "model.name_or_path": args.start, "data.train": PROMPTS,
             "data.skip_rows": args.skip_rows, "data.max_length": 96, "train.max_steps": args.iterations,
             "train.global_batch_size": args.prompts_per_rollout * args.samples, "train.micro_batch_size": 16,
             "train.learning_rate": args.lr, "train.lr_scheduler": "constant", "train.warmup_steps": 0,
-            "train.precision": args.precision, "train.save_interval": 0, "lora.enabled": "true", "lora.r": 16,
+            "train.precision": ours_precision(args.precision), "train.save_interval": 0, "lora.enabled": "true", "lora.r": 16,
             "lora.alpha": 32, "ppo.advantage": "grpo", "ppo.prompts_per_rollout": args.prompts_per_rollout,
             "ppo.samples_per_prompt": args.samples, "ppo.oversample": 1, "ppo.max_new_tokens": args.max_new_tokens,
             "ppo.kl_coef": args.kl, "ppo.kl_estimator": "k3", "ppo.kl_in": "loss", "ppo.temperature": 1.0,
@@ -124,7 +134,6 @@ def trl_worker(spec_path: str) -> None:
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from alignment.core.precision import resolve_precision
     from alignment.data.sources import read_rows
     from alignment.evaluate.rewards import gold
 

@@ -151,7 +151,7 @@ class Shape:
 
 
 def _bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
+    return 4 if precision in ("fp32", "bf16-mixed") else 2
 
 
 def lora_params(shape: Shape, r: int, targets: list[str]) -> int:

@@ -150,9 +150,12 @@ class TrainConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "bf16-mixed", "fp16", "fp32"] = "auto"
     """auto = bf16 mixed precision where the device has fast bf16 matmuls (a CUDA GPU with bf16, a CPU with
-    oneDNN's AVX512/AMX bf16 kernels), else fp32; resolved when the recipe loads and printed."""
+    oneDNN's AVX512/AMX bf16 kernels), else fp32; resolved when the recipe loads and printed. bf16 keeps the
+    module's weights in bf16 (fp32 masters in the optimizer); bf16-mixed keeps weights, gradients and optimizer
+    in fp32 and runs the forward under torch.autocast(bf16), as TRL/transformers' Trainer does with bf16=True:
+    slower, but the training pass is closer to fp32 (online RL's ratios and its Adam steps; docs/experiments.md)."""
     log_interval: int = 1
     """Write metrics every N optimizer steps."""
     eval_interval: int = 0

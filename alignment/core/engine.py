@@ -74,6 +74,7 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, layout: Batc
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "torch_autocast": {"enabled": train.precision == "bf16-mixed", "dtype": "bfloat16"},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -106,6 +107,7 @@ def inference_deepspeed_config(ds: DeepSpeedConfig, precision: str, on_gpu: bool
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        "torch_autocast": {"enabled": precision == "bf16-mixed", "dtype": "bfloat16"},
         "steps_per_print": 10**12,
     }
 
@@ -288,7 +290,7 @@ class Engine:
         """
         out: dict[str, torch.Tensor] = {}
         gathered: dict[int, torch.Tensor] = {}
-        master = fp32_masters and self.train_cfg.precision != "fp32"
+        master = fp32_masters and self.train_cfg.precision not in ("fp32", "bf16-mixed")
         for name, tensor in module.state_dict(keep_vars=True).items():
             key = id(tensor)
             if key not in gathered:

@@ -29,7 +29,8 @@ FIXED_CONVERSATION = [
     {"role": "user", "content": "What is 12 + 30? Answer with just the number."},
     {"role": "assistant", "content": "42"},
 ]
-TOLERANCE = {"fp32": (1e-3, 1e-4), "bf16": (0.1, 0.02), "fp16": (0.05, 0.01)}  # (atol, rtol)
+# bf16-mixed keeps fp32 weights, compared with autocast off (model_outputs): fp32's tolerance.
+TOLERANCE = {"fp32": (1e-3, 1e-4), "bf16": (0.1, 0.02), "bf16-mixed": (1e-3, 1e-4), "fp16": (0.05, 0.01)}  # (atol, rtol)
 
 
 class ExportMismatch(RuntimeError):
@@ -44,7 +45,9 @@ def fixed_input(tokenizer) -> dict[str, torch.Tensor]:
 
 
 def model_outputs(model, inputs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    out = model(**inputs, use_cache=False) if kind == "causal_lm" else model(**inputs)
+    # Autocast off: a bf16-mixed engine's forward would compare its bf16 matmuls with the fp32 weights written.
+    with torch.autocast(inputs["input_ids"].device.type, enabled=False):
+        out = model(**inputs, use_cache=False) if kind == "causal_lm" else model(**inputs)
     return out.logits.float()
 
 
@@ -85,7 +88,7 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, kind: str, base_pat
             if is_lora:  # recorded in adapter_config.json, so the base reloads at the revision it trained from
                 for peft_config in module.peft_config.values():
                     peft_config.revision = revision
-            masters = fp32_masters and not is_lora and precision != "fp32"
+            masters = fp32_masters and not is_lora and precision not in ("fp32", "bf16-mixed")
             if masters:  # fp32 master weights of a bf16/fp16 run (Engine.full_state_dict): the model in fp32
                 state = _as_fp32(state)
             module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
@@ -149,9 +152,9 @@ def merge_adapter(adapter_dir: Path, kind: str, merged_dir: Path, trust_remote_c
 def verify_in_fresh_process(path: Path, expected_file: Path, kind: str, precision: str, attention: str | None = None,
                             trust_remote_code: bool = False, merged: Path | None = None) -> None:
     """Reload the export (and merged/) in one new process: nothing of this one's state can help it load."""
-    cmd = [sys.executable, "-m", "alignment.core.export", "verify", str(path), "--expected", str(expected_file),
-           "--kind", kind, "--precision", precision] + (["--attn-implementation", attention] if attention else []) \
-        + (["--trust-remote-code"] if trust_remote_code else []) + (["--merged", str(merged)] if merged else [])
+    cmd = ([sys.executable, "-m", "alignment.core.export", "verify", str(path), "--expected", str(expected_file),
+            "--kind", kind, "--precision", precision] + (["--attn-implementation", attention] if attention else [])
+           + (["--trust-remote-code"] if trust_remote_code else []) + (["--merged", str(merged)] if merged else []))
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         shown = f"{path}" + (f" and {merged}" if merged else "")

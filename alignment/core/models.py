@@ -251,7 +251,8 @@ def chatml_problem(tokenizer) -> str | None:
 def torch_dtype(precision: str):
     import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    # bf16-mixed: the weights stay fp32, the forward runs under autocast (the engine's torch_autocast).
+    return {"bf16": torch.bfloat16, "bf16-mixed": torch.float32, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 # Measured on CPU (bf16, 1 thread, SmolLM2 layers, forward + backward): transformers' eager

@@ -24,15 +24,15 @@ def resolve_precision(requested: str) -> tuple[str, str | None]:
 
     auto = bf16 where the device has fast bf16 matmuls, else fp32. An explicit bf16 is kept, with a warning
     where it is slow."""
-    if requested not in ("auto", "bf16"):
+    if requested not in ("auto", "bf16", "bf16-mixed"):
         return requested, None
     ok, why = native_bf16()
     if requested == "auto":
         chosen = "bf16" if ok else "fp32"
         return chosen, f"train.precision auto -> {chosen}: {why}"
     if ok:
-        return "bf16", None
-    return "bf16", (f"warning: train.precision bf16, but {why}: bf16 matmuls run tens of times slower than fp32 "
+        return requested, None
+    return requested, (f"warning: train.precision {requested}, but {why}: bf16 matmuls run tens of times slower than fp32 "
                     "here; set train.precision: auto (or fp32)")
 
 

@@ -413,7 +413,7 @@ def reward_function_problem(spec: str) -> str | None:
 def rollout_correction(cfg: PPOConfig, precision: str) -> str | None:
     """ppo.rollout_correction resolved: 'token', 'sequence' or None."""
     if cfg.rollout_correction == "auto":
-        return "token" if precision in ("bf16", "fp16") and not cfg.top_k and cfg.top_p >= 1.0 else None
+        return "token" if precision in ("bf16", "bf16-mixed", "fp16") and not cfg.top_k and cfg.top_p >= 1.0 else None
     return None if cfg.rollout_correction == "none" else cfg.rollout_correction
 
 

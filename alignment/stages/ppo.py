@@ -372,8 +372,8 @@ def logprobs(s: Setup, sampled: Sampled, scores: torch.Tensor, per_source: dict)
     else:
         with user_model(s.actor).disable_adapter():
             ref_logp = forward_in_chunks(response_logprobs, s.actor, rollout, pad_id, device, chunk, group, tau)
-    values = forward_in_chunks(token_values, s.critic, rollout, pad_id, device, chunk, group) \
-        if s.critic is not None else torch.zeros_like(old_logp)
+    values = (forward_in_chunks(token_values, s.critic, rollout, pad_id, device, chunk, group)
+              if s.critic is not None else torch.zeros_like(old_logp))
     sampled_logp = torch.zeros(len(rollout), old_logp.shape[1])
     for i, row in enumerate(rollout.logprobs):
         sampled_logp[i, : len(row)] = torch.tensor(row)
@@ -545,8 +545,10 @@ def first_iteration_check(s: Setup, buffer: dict, old_lp: torch.Tensor, mask: to
     else:
         compared = "rollout log-probs not compared (top-k / top-p sampling)"
     if s.start == 0:
-        print_main(s.job.engine.dist.is_main, f"check: before any update the ratio is 1 to "
-                   f"{metrics['check/first_ratio_dev']:.2g} and the approximate KL "
+        # The first minibatch's pi_old is its own training pass (ratio exactly 1); first_ratio_dev is how far
+        # the stored pass (step 3) sits from it: the numerics later minibatches' ratios carry.
+        print_main(s.job.engine.dist.is_main, f"check: before any update the stored log-probs match the training "
+                   f"pass's to {metrics['check/first_ratio_dev']:.2g} (mean |ratio - 1|) and the approximate KL is "
                    f"{metrics['check/first_approxkl']:.2g}; {compared}")
 
 
@@ -606,8 +608,8 @@ def run(recipe: PPORecipe, resume: bool = False, overwrite: bool = False) -> dic
         metrics["rollout/scores_all_sampled"] = sums["sum"] / max(sums["n"], 1.0)
         if iteration == s.start + 1:
             first_iteration_check(s, buffer, old_lp, mask, metrics)
-        if cfg.gold_eval.prompts and cfg.gold_eval.interval and iteration % cfg.gold_eval.interval == 0 \
-                and iteration < s.iterations:  # the last one is the export's
+        if (cfg.gold_eval.prompts and cfg.gold_eval.interval and iteration % cfg.gold_eval.interval == 0
+                and iteration < s.iterations):  # the last one is the export's
             metrics["gold/score"] = gold_during_training(engine, s.actor, s.tokenizer, cfg.gold_eval, iteration)
         for message in health.check(metrics, buffer["groups"], cfg.kl_target):
             print_main(engine.dist.is_main, f"warning: iteration {iteration}: {message}")

@@ -497,7 +497,11 @@ def test_deepspeed_config_from_layout():
                         learning_rate=2e-4)
     cfg = build_deepspeed_config(train, ds, batch_layout(train, 2), on_gpu=False)
     assert cfg["gradient_accumulation_steps"] == 4
-    assert cfg["bf16"]["enabled"] is True
+    assert cfg["bf16"]["enabled"] is True and cfg["torch_autocast"]["enabled"] is False
+    # bf16-mixed: fp32 weights and optimizer (no DeepSpeed bf16), the forward under torch.autocast(bf16).
+    mixed = build_deepspeed_config(TrainConfig(precision="bf16-mixed"), ds, batch_layout(train, 2), on_gpu=False)
+    assert mixed["bf16"]["enabled"] is False and mixed["fp16"]["enabled"] is False
+    assert mixed["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "gradient_clipping" not in cfg
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -651,6 +655,8 @@ def test_ppo_forward_batch_size_takes_whole_groups():
     (True, "bf16", "bf16", None),
     (False, "bf16", "bf16", "warning: train.precision bf16"),  # kept as asked, with a warning
     (False, "fp32", "fp32", None),
+    (True, "bf16-mixed", "bf16-mixed", None),
+    (False, "bf16-mixed", "bf16-mixed", "warning: train.precision bf16-mixed"),
 ])
 def test_precision_auto_resolves_when_the_recipe_loads(tmp_path, monkeypatch, capsys, native, requested, expected,
                                                        note):

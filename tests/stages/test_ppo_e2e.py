@@ -28,6 +28,22 @@ def ppo_args(recipe: str, out, *sets: str, nproc: int = 1, resume: bool = False)
     return args + (["--nproc", str(nproc)] if nproc > 1 else []) + (["--resume"] if resume else [])
 
 
+def test_bf16_mixed_trains_fp32_weights_under_autocast_and_exports_them_exactly(tmp_path):
+    """train.precision bf16-mixed (TRL's bf16=True): the forward runs under autocast, so the rollout's fp32
+    log-probs and the training pass's differ by bf16 rounding (and the correction is on); the weights stay
+    fp32, and final/ reloads to the live model's autocast-free outputs at fp32's tolerance."""
+    out = tmp_path / "grpo"
+    result = run_cli(["ppo", "configs/tiny/grpo.yaml", "--set", f"output_dir={out}", "--set",
+                      "logging.progress_bar=false", "--set", "train.precision=bf16-mixed", "--set",
+                      "train.max_steps=2"]).check()
+    assert "bf16-mixed" in result.output and "exported and verified" in result.output
+    first = step_metrics_ppo(out)[1]
+    assert 1e-4 < first["check/rollout_logprob_max_diff"] < 0.5, "autocast on in training, off in the rollout"
+    assert "mismatch/is_weight_mean" in first
+    weights = load_safetensors_dir(out / "final")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
 def test_tiny_ppo_with_a_critic_end_to_end(tmp_path):
     out = tmp_path / "ppo"
     result = run_cli(ppo_args("configs/tiny/ppo.yaml", out, "ppo.gold_eval.prompts=builtin:prompts_eval",
@@ -247,8 +263,8 @@ def test_rollout_prompts_are_epochs_without_repeats_and_do_not_depend_on_resume_
     assert all(sorted(epoch) == list(range(num_prompts)) for epoch in epochs), "no prompt repeats within an epoch"
     assert len({tuple(epoch) for epoch in epochs}) == 4, "each epoch is shuffled anew"
     # A run resumed at iteration 4 (in any order, nothing carried over) draws what the uninterrupted one drew.
-    assert [rollout_prompts(num_prompts, per_rollout, k, seed) for k in (6, 4, 5)] == \
-        [uninterrupted[5], uninterrupted[3], uninterrupted[4]]
+    assert [rollout_prompts(num_prompts, per_rollout, k, seed) for k in (6, 4, 5)] == (
+        [uninterrupted[5], uninterrupted[3], uninterrupted[4]])
     assert rollout_prompts(num_prompts, per_rollout, 1, seed + 1) != uninterrupted[0]
 
     def episodes(world_size: int, iteration: int, samples: int = 2) -> list[tuple[int, int]]:
