@@ -34,7 +34,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-real: $(STAMP)  # also the long real-model checks (hh-rlhf DPO ~10 CPU minutes, hh-rlhf RM ~7, built-in RM ~3)
+test-real: $(STAMP)  # the long real-model checks (hh-rlhf DPO ~10 CPU minutes, hh-rlhf RM ~7, built-in RM ~3, SFT ~1)
 	ALIGN_REAL_DATA_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=1800 tests/test_real_model.py
 
 bench: $(STAMP)
