@@ -207,7 +207,9 @@ def main(argv=None) -> int:
                 "kto.beta": args.beta, "kto.desirable_weight": 1.0, "kto.undesirable_weight": 1.0,
                 "kto.reference": "auto", "kto.max_prompt_length": "null", "kto.disable_dropout": "true",
                 "kto.gold_eval.prompts": "null", "lora.enabled": str(args.lora).lower(), "lora.r": LORA_R,
-                "lora.alpha": LORA_ALPHA, "lora.dropout": 0.0, "lora.merge_on_export": "true"})
+                "lora.alpha": LORA_ALPHA, "lora.dropout": 0.0, "lora.merge_on_export": "true",
+                # TRL's bf16 is autocast over fp32 weights and Adam: our bf16-mixed (our bf16 keeps bf16 weights)
+                "train.precision": "bf16-mixed" if args.precision == "bf16" else args.precision})
             report = ours_answers(data, args.max_length)
             report["note"] = f"{ours_steps(workdir / 'ours')} steps; {report['note']}"
             table.append(("ours", report))
