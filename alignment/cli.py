@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "beside the greedy one; with --reference, paired against its samples")
     ev.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature of --samples")
     ev.add_argument("--max-new-tokens", type=int, default=24)
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", required=True, help="output directory")
     ev.add_argument("--trust-remote-code", action="store_true", help="the models ship their own modelling code")

@@ -34,6 +34,7 @@ import zlib
 from pathlib import Path
 
 from alignment.core.precision import resolve_precision
+from bench.harness import ours_precision
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = "builtin:prompts_rl"
@@ -79,13 +80,6 @@ def wait(proc: subprocess.Popen, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the two sides
-
-
-def ours_precision(requested: str) -> str:
-    """Our train.precision for the precision both sides run: TRL's bf16 is autocast over fp32 weights and
-    optimizer, which is our bf16-mixed (our plain bf16 keeps bf16 weights: another setting, docs/experiments.md)."""
-    resolved = resolve_precision(requested)[0]
-    return "bf16-mixed" if resolved == "bf16" else resolved
 
 
 def ours_command(args, out: Path, placebo: bool) -> list[str]:

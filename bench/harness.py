@@ -78,6 +78,15 @@ def default_precision() -> str:
     return resolve_precision("auto")[0]
 
 
+def ours_precision(requested: str) -> str:
+    """Our train.precision for the precision both sides run: TRL's bf16 is autocast over fp32 weights and
+    optimizer, which is our bf16-mixed (our plain bf16 keeps bf16 weights: another setting, docs/experiments.md)."""
+    from alignment.core.precision import resolve_precision
+
+    resolved = resolve_precision(requested)[0]
+    return "bf16-mixed" if resolved == "bf16" else resolved
+
+
 def bench_env(extra: dict | None = None) -> dict:
     """Environment for both sides of a comparison: identical, quiet, offline, no trackers."""
     env = dict(os.environ)

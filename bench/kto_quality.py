@@ -59,9 +59,9 @@ from pathlib import Path
 
 from bench.data import (SEED, held_out_split, hh_rlhf_file, load_dataset, parse_pairs, read_jsonl, smollm2_path,
                         write_jsonl)
-from bench.harness import (_conversation_ids, add_quality_options, argument_parser, paired_difference,
-                           policy_accuracy, run_quality, run_quality_ours, run_quality_trl, save_export,
-                           serve_worker, start_logps, trl_quality_args)
+from bench.harness import (_conversation_ids, add_quality_options, argument_parser, ours_precision,
+                           paired_difference, policy_accuracy, run_quality, run_quality_ours, run_quality_trl,
+                           save_export, serve_worker, start_logps, trl_quality_args)
 
 MODULE = "bench.kto_quality"
 RESULT_NAME = "kto-quality-vs-trl"
@@ -208,8 +208,7 @@ def main(argv=None) -> int:
                 "kto.reference": "auto", "kto.max_prompt_length": "null", "kto.disable_dropout": "true",
                 "kto.gold_eval.prompts": "null", "lora.enabled": str(args.lora).lower(), "lora.r": LORA_R,
                 "lora.alpha": LORA_ALPHA, "lora.dropout": 0.0, "lora.merge_on_export": "true",
-                # TRL's bf16 is autocast over fp32 weights and Adam: our bf16-mixed (our bf16 keeps bf16 weights)
-                "train.precision": "bf16-mixed" if args.precision == "bf16" else args.precision})
+                "train.precision": ours_precision(args.precision)})
             report = ours_answers(data, args.max_length)
             report["note"] = f"{ours_steps(workdir / 'ours')} steps; {report['note']}"
             table.append(("ours", report))

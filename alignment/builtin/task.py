@@ -57,7 +57,7 @@ from pathlib import Path
 
 from alignment.builtin import constraints
 
-FORMAT_VERSION = "alignment-task/v4"
+FORMAT_VERSION = "alignment-task/v5"
 FAMILIES = ("arithmetic", "units", "words", "format", "constraints")
 ID_PREFIX = {"arithmetic": "arith", "units": "units", "words": "words", "format": "fmt", "constraints": "cons"}
 FULL_CREDIT, FORMAT_ERROR_CREDIT, RAMBLING_CREDIT = 1.0, 0.5, 0.25
@@ -226,30 +226,33 @@ FAMILY_MAKERS = {"arithmetic": _make_arithmetic, "units": _make_units,
 FALLBACK_AFTER_ATTEMPTS, MAX_ATTEMPTS = 50, 1000
 
 
-def generate_problems(n: int, seed: int, *, split: str = "train",
-                      exclude_prompts=()) -> list[Problem]:
-    """``n`` problems with distinct prompts, deterministic for (n, seed, split).
+def generate_problems(n: int, seed: int, *, split: str = "train", exclude_prompts=(),
+                      families: tuple[str, ...] = FAMILIES, stream: str | None = None) -> list[Problem]:
+    """``n`` problems with distinct prompts, deterministic for (n, seed, split, families, stream).
 
-    Families cycle in order, so they are mixed evenly; problem ``i`` depends only
-    on (seed, split, i) and the prompts already taken, so a longer list extends a
-    shorter one. Prompts in ``exclude_prompts`` (e.g. a held-out split) are never
-    produced. If a family's prompt space runs dry, a random family is used instead.
+    ``families`` cycle in order, so they are mixed evenly; problem ``i`` depends only
+    on (seed, stream, i) and the prompts already taken, so a longer list extends a
+    shorter one. ``stream`` (default: the split's name) names the random stream, so a second
+    set of the same split draws other prompts. Prompts in ``exclude_prompts`` (e.g. a held-out
+    split) are never produced. If a family's prompt space runs dry, a random one of ``families``
+    is used instead.
     """
+    stream = stream or split
     seen = set(exclude_prompts)
     problems = []
     for index in range(n):
         for attempt in range(MAX_ATTEMPTS):
-            rng = random.Random(f"{seed}:{split}:{index}:{attempt}")
-            family = FAMILIES[index % len(FAMILIES)]
+            rng = random.Random(f"{seed}:{stream}:{index}:{attempt}")
+            family = families[index % len(families)]
             if attempt >= FALLBACK_AFTER_ATTEMPTS:
-                family = rng.choice(FAMILIES)
+                family = rng.choice(families)
             prompt, gold = FAMILY_MAKERS[family](rng, split)
             if prompt not in seen:
                 break
         else:
             raise RuntimeError(f"could not find a new prompt for problem {index}")
         seen.add(prompt)
-        problem_id = f"{ID_PREFIX[family]}-{split}{seed}-{index:06d}"
+        problem_id = f"{ID_PREFIX[family]}-{stream}{seed}-{index:06d}"
         answer = reference_answer(gold)
         problems.append(Problem(problem_id, family, prompt, answer, gold))
     return problems
@@ -408,7 +411,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
-                    n_eval: int = 200, n_rl: int = 4000) -> dict[str, Path]:
+                    n_eval: int = 200, n_rl: int = 4000, n_eval_constraints: int = 256) -> dict[str, Path]:
     """Write SFT, preference and prompt JSONL files for train / eval, plus a manifest, and
     ``prompts_rl.jsonl``: prompts for online RL and on-policy pairs that neither the SFT
     demonstrations nor the held-out split contain (RL on the prompts SFT memorised learns
@@ -417,6 +420,12 @@ def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
     The eval split is generated first (so it does not change with ``n_train``)
     and train excludes its prompts: ids and prompt texts are disjoint; the RL split
     excludes both. Output is byte-identical for the same arguments. Returns name -> path.
+
+    For the constraints family, where online RL has the most to teach (alignment.builtin.constraints):
+    ``prompts_rl_constraints.jsonl`` holds the RL split's constraint rows, and
+    ``prompts_eval_constraints.jsonl`` ``n_eval_constraints`` more held-out constraint prompts (the eval
+    split's types and pairs, a stream of their own, no prompt of any other file), so that a constraint
+    score is measured on more than the 1 in 5 rows of ``prompts_eval``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +434,9 @@ def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
                                        exclude_prompts={p.prompt for p in eval_problems})
     rl_problems = generate_problems(n_rl, seed, split="rl",
                                     exclude_prompts={p.prompt for p in eval_problems + train_problems})
+    eval_constraints = generate_problems(
+        n_eval_constraints, seed, split="eval", families=("constraints",), stream="evalcons",
+        exclude_prompts={p.prompt for p in eval_problems + train_problems + rl_problems})
     paths: dict[str, Path] = {}
     for split, problems in (("train", train_problems), ("eval", eval_problems)):
         rng = random.Random(f"{seed}:prefs:{split}")
@@ -445,13 +457,17 @@ def write_task_data(out_dir: str | Path, seed: int = 0, n_train: int = 2000,
         for kind, records in (("sft", sft), ("prefs", prefs), ("prompts", prompts)):
             paths[f"{kind}_{split}"] = out_dir / f"{kind}_{split}.jsonl"
             _write_jsonl(paths[f"{kind}_{split}"], records)
-    paths["prompts_rl"] = out_dir / "prompts_rl.jsonl"
-    _write_jsonl(paths["prompts_rl"], [{"prompt": _message("user", p.prompt), "gold": p.gold, "id": p.id}
-                                       for p in rl_problems])
+    for name, problems in (("prompts_rl", rl_problems),
+                           ("prompts_rl_constraints", [p for p in rl_problems if p.family == "constraints"]),
+                           ("prompts_eval_constraints", eval_constraints)):
+        paths[name] = out_dir / f"{name}.jsonl"
+        _write_jsonl(paths[name], [{"prompt": _message("user", p.prompt), "gold": p.gold, "id": p.id}
+                                   for p in problems])
     manifest = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
-        "counts": {"train": len(train_problems), "eval": len(eval_problems), "rl": len(rl_problems)},
+        "counts": {"train": len(train_problems), "eval": len(eval_problems), "rl": len(rl_problems),
+                   "eval_constraints": len(eval_constraints)},
         "family_counts": {
             "train": dict(sorted(Counter(p.family for p in train_problems).items())),
             "eval": dict(sorted(Counter(p.family for p in eval_problems).items())),

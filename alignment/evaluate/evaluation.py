@@ -115,8 +115,9 @@ def general_paragraphs(path: str | None) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def _load_policy(path: str, trust_remote_code: bool):
-
-    resolved = resolve_model_path(path)
+    """A model to evaluate; a LoRA run's `final/` is read through its `merged/` (as the gold score reads it)."""
+    merged = Path(path).expanduser() / "merged"
+    resolved = str(merged) if (merged / "config.json").is_file() else resolve_model_path(path)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     model = load_exported(resolved, "causal_lm", trust_remote_code=trust_remote_code).float().eval()
     return model, tokenizer

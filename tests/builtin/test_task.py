@@ -6,7 +6,8 @@ import pytest
 
 from alignment.builtin.task import (FAMILIES, FORMAT_VERSION, Problem, bad_responses, generate_problems, main, score, write_task_data)
 
-FILE_KEYS = ("sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "prompts_eval", "prompts_rl")
+FILE_KEYS = ("sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "prompts_eval", "prompts_rl",
+             "prompts_rl_constraints", "prompts_eval_constraints")
 
 
 def _gold(expected, *, family="arithmetic", task="add", kind="number", fmt="plain",
@@ -32,8 +33,10 @@ def problems():
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    first = write_task_data(tmp_path_factory.mktemp("a"), seed=3, n_train=300, n_eval=60, n_rl=100)
-    second = write_task_data(tmp_path_factory.mktemp("b"), seed=3, n_train=300, n_eval=60, n_rl=100)
+    first = write_task_data(tmp_path_factory.mktemp("a"), seed=3, n_train=300, n_eval=60, n_rl=100,
+                            n_eval_constraints=40)
+    second = write_task_data(tmp_path_factory.mktemp("b"), seed=3, n_train=300, n_eval=60, n_rl=100,
+                             n_eval_constraints=40)
     return first, second
 
 
@@ -188,6 +191,23 @@ def test_train_eval_disjoint(written):
     assert all(set(r) == {"prompt", "gold", "id"} and "-rl3-" in r["id"] for r in rl)
 
 
+def test_constraint_files_are_the_rl_split_and_a_disjoint_held_out_set(written):
+    """RL on constraints reads the RL split's constraint rows; the larger held-out constraint set shares no prompt
+    with any other file and holds the eval split's pairs, which no training split holds."""
+    paths, _ = written
+    rl, rl_cons = _read_jsonl(paths["prompts_rl"]), _read_jsonl(paths["prompts_rl_constraints"])
+    assert rl_cons == [r for r in rl if r["gold"]["family"] == "constraints"] and len(rl_cons) == 20
+    held = _read_jsonl(paths["prompts_eval_constraints"])
+    assert len(held) == 40 and all(r["gold"]["family"] == "constraints" for r in held)
+    assert all(r["id"].startswith("cons-evalcons3-") for r in held)
+    texts = lambda key: {r["prompt"][0]["content"] for r in _read_jsonl(paths[key])}
+    others = set().union(*(texts(k) for k in ("prompts_train", "prompts_eval", "prompts_rl")))
+    assert len(texts("prompts_eval_constraints")) == 40 and not texts("prompts_eval_constraints") & others
+    pairs = [tuple(c["type"] for c in r["gold"]["constraints"]) for r in held if len(r["gold"]["constraints"]) == 2]
+    assert pairs and all(r["gold"]["held_out_pair"] == (len(r["gold"]["constraints"]) == 2) for r in held)
+    assert not {tuple(c["type"] for c in r["gold"]["constraints"]) for r in rl_cons} & set(pairs)
+
+
 def test_jsonl_schemas(written):
     paths, _ = written
     user = lambda msgs: len(msgs) == 1 and msgs[0]["role"] == "user" and msgs[0]["content"]
@@ -214,7 +234,7 @@ def test_manifest(written):
     manifest = json.loads(paths["manifest"].read_text())
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["seed"] == 3
-    assert manifest["counts"] == {"train": 300, "eval": 60, "rl": 100}
+    assert manifest["counts"] == {"train": 300, "eval": 60, "rl": 100, "eval_constraints": 40}
     assert sum(manifest["family_counts"]["train"].values()) == 300
     assert set(manifest["family_counts"]["eval"]) == set(FAMILIES)
 

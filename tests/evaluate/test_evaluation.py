@@ -84,6 +84,21 @@ def test_policy_against_itself_and_against_a_perturbed_copy(tmp_path, perturbed,
         assert s["gold_policy"] == task.score(golds[s["id"]], s["policy"])
 
 
+def test_a_lora_run_final_folder_is_evaluated_through_its_merged_model(tmp_path, perturbed, align_cache):
+    """`--policy runs/x/final` of a LoRA run (adapter files, the plain model in merged/) reads merged/, as the gold
+    score does; the responses are the merged model's own."""
+    import shutil
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "adapter_config.json").write_text("{}")
+    shutil.copytree(perturbed, final / "merged")
+    via_final, _ = _eval(tmp_path / "a", "--policy", str(final))
+    direct, _ = _eval(tmp_path / "b", "--policy", str(perturbed))
+    assert [s["policy"] for s in via_final["samples"]] == [s["policy"] for s in direct["samples"]]
+    assert via_final["gold/score"] == direct["gold/score"]
+
+
 def test_own_prompts_with_constraints_are_scored_by_their_constraints(tmp_path, align_cache):
     """Rows that carry only `constraints` (the ppo reward's shape) get a gold score: the share met, per prompt."""
     from alignment.builtin import constraints, task
