@@ -115,9 +115,15 @@ def general_paragraphs(path: str | None) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def _load_policy(path: str, trust_remote_code: bool):
-    """A model to evaluate; a LoRA run's `final/` is read through its `merged/` (as the gold score reads it)."""
-    merged = Path(path).expanduser() / "merged"
-    resolved = str(merged) if (merged / "config.json").is_file() else resolve_model_path(path)
+    """A model to evaluate; a LoRA run's `final/` is read through its `merged/` (as the gold score reads it), or
+    without one as its adapter on the base model."""
+    folder = Path(path).expanduser()
+    if (folder / "merged" / "config.json").is_file():
+        resolved = str(folder / "merged")
+    elif (folder / "adapter_config.json").is_file():
+        resolved = str(folder)
+    else:
+        resolved = resolve_model_path(path)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     model = load_exported(resolved, "causal_lm", trust_remote_code=trust_remote_code).float().eval()
     return model, tokenizer
@@ -184,7 +190,7 @@ def evaluate_policy(args) -> dict:
     prompt_ids = [text.prompt_ids(tokenizer, p) for p in prompts]
     result: dict = {"policy": str(args.policy), "prompts": str(args.prompts), "num_prompts": len(rows)}
 
-    def phase(what: str) -> None:  # a long evaluation (1,024 prompts: ten minutes on 2 CPU cores) says where it is
+    def phase(what: str) -> None:  # a long evaluation (1,024 prompts: minutes on 2 CPU cores) says where it is
         print(f"eval [{time.time() - started:5.0f} s] {what}", flush=True)
 
     # 1. Greedy responses.

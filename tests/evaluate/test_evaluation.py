@@ -99,6 +99,22 @@ def test_a_lora_run_final_folder_is_evaluated_through_its_merged_model(tmp_path,
     assert via_final["gold/score"] == direct["gold/score"]
 
 
+def test_a_lora_adapter_folder_without_merged_is_evaluated_on_its_base(tmp_path, align_cache):
+    """An adapter export without merged/ (lora.merge_on_export false) loads as its adapter on its base: with B = 0
+    (LoRA's initialisation) the answers are the base model's."""
+    from peft import LoraConfig, get_peft_model
+
+    path = resolve_model_path("tiny-llama")
+    adapter = get_peft_model(load_model(path, "causal_lm"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    folder = tmp_path / "final"
+    adapter.save_pretrained(folder)
+    load_tokenizer(path).save_pretrained(folder)
+    assert not (folder / "merged").exists() and (folder / "adapter_config.json").is_file()
+    via_adapter, _ = _eval(tmp_path / "a", "--policy", str(folder))
+    base, _ = _eval(tmp_path / "b", "--policy", "tiny-llama")
+    assert [s["policy"] for s in via_adapter["samples"]] == [s["policy"] for s in base["samples"]]
+
+
 def test_own_prompts_with_constraints_are_scored_by_their_constraints(tmp_path, align_cache):
     """Rows that carry only `constraints` (the ppo reward's shape) get a gold score: the share met, per prompt."""
     from alignment.builtin import constraints, task
