@@ -120,6 +120,24 @@ def step_metrics(output_dir: Path | str) -> dict[int, dict]:
     return out
 
 
+def perturbed_tiny_model(out: Path, seed: int = 0, scale: float = 0.05) -> Path:
+    """The tiny built-in model with seeded noise added to every weight, saved with its tokenizer to `out`: a policy
+    that answers differently from tiny-llama on the same prompts."""
+    import torch
+
+    from alignment.core.models import load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path("tiny-llama")
+    model = load_model(path, "causal_lm")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out)
+    load_tokenizer(path).save_pretrained(out)
+    return out
+
+
 def load_safetensors_dir(path: Path | str, pattern: str = "*.safetensors") -> dict:
     """Every tensor in the safetensors files of a directory (shards merged)."""
     from safetensors.torch import load_file

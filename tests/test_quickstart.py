@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from alignment.core.models import load_model, load_tokenizer, resolve_model_path
 from alignment.quickstart import CONSTRAINT_PROMPTS, rl_constraints
-from helpers import align_cache, run_cli  # noqa: F401
+from helpers import align_cache, perturbed_tiny_model, run_cli  # noqa: F401
 
 
 def _eval(tmp_path, policy, reference):
@@ -21,15 +19,7 @@ def _eval(tmp_path, policy, reference):
 
 
 def test_rl_constraints_is_the_paired_gain_of_the_eval(tmp_path, align_cache):
-    path = resolve_model_path("tiny-llama")
-    model = load_model(path, "causal_lm")
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    moved = tmp_path / "moved"
-    model.save_pretrained(moved)
-    load_tokenizer(path).save_pretrained(moved)
+    moved = perturbed_tiny_model(tmp_path / "moved", seed=1)
 
     same = rl_constraints(_eval(tmp_path / "same", "tiny-llama", "tiny-llama"), "dpo")
     assert same["n"] == 8 and same["gain"] == 0.0 and same["before"] == same["after"]

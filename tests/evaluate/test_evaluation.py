@@ -12,7 +12,7 @@ import torch
 
 from alignment.core.models import load_model, load_tokenizer, resolve_model_path
 from alignment.evaluate.evaluation import continuation_logprobs, mean_and_se, win_rate
-from helpers import align_cache, run_cli  # noqa: F401
+from helpers import align_cache, perturbed_tiny_model, run_cli  # noqa: F401
 from reward.model import ensure_distinct_pad
 from reward.scorer import RewardScorer
 from reward.scorer import sequence_ids
@@ -44,16 +44,7 @@ def test_continuation_logprobs_are_batch_invariant_and_match_a_full_forward(alig
 
 @pytest.fixture(scope="module")
 def perturbed(tmp_path_factory, align_cache):
-    path = resolve_model_path("tiny-llama")
-    model = load_model(path, "causal_lm")
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    out = tmp_path_factory.mktemp("perturbed") / "policy"
-    model.save_pretrained(out)
-    load_tokenizer(path).save_pretrained(out)
-    return out
+    return perturbed_tiny_model(tmp_path_factory.mktemp("perturbed") / "policy", seed=0)
 
 
 def _eval(tmp_path, *args):
