@@ -7,7 +7,7 @@ score on held-out prompts after each stage, by family, and the reward model's ac
 (runs/quickstart/summary.json) and runs/quickstart/report.html. Step 3 measures what the
 RL stage taught where it trained: GRPO trains on the constraints family's RL prompts
 (configs/smollm2/grpo.yaml), so its policy and the policy it started from answer 256 held-out
-constraint prompts (`builtin:prompts_eval_constraints`: no stage trained on them, and half
+constraint prompts (`builtin:prompts_eval_constraints`: no stage trained on them; 149 of them
 hold pairs of constraints no training split holds), scored paired, prompt by prompt, with
 `align eval`; summary.json gets the result as `rl_constraints`.
 """
