@@ -3,7 +3,8 @@
     python -m bench.grpo_quality [--start runs/quickstart/sft/final/merged] [--iterations 30] ...
 
 Both sides start from the same policy (the quickstart's SFT model by default), train LoRA (r 16, alpha 32, all
-linear layers) on the same prompts (`builtin:prompts_rl` from row 1024 on: no side sees the scored rows), with the
+linear layers) on the same prompts in the same rollouts (`builtin:prompts_rl` from row 1024 on, no side sees the
+scored rows; TRL reads its dataset unshuffled, given our stage's seeded rollout order), with the
 built-in verifier as the reward, the same episodes (iterations x prompts x samples), learning rate (constant), KL
 coefficient (k3 in the loss), temperature 1, response length and precision (bf16: autocast over fp32 weights on
 both sides, our `train.precision: bf16-mixed`); one optimizer step of every rollout's
@@ -120,6 +121,14 @@ def placebo_gold(prompts, responses, rows) -> list[float]:
     return out
 
 
+def prompts_in_our_order(rows: list, per_rollout: int, iterations: int, seed: int) -> list[dict]:
+    """The prompts our stage rolls out, iteration after iteration (alignment.rlhf.episodes.rollout_prompts over
+    the same rows, seeded), for TRL's unshuffled dataset: its rollout i holds our rollout i's prompts, in order."""
+    from alignment.rlhf.episodes import rollout_prompts
+
+    return [rows[i].data for it in range(1, iterations + 1) for i in rollout_prompts(len(rows), per_rollout, it, seed)]
+
+
 def trl_worker(spec_path: str) -> None:
     """TRL's GRPOTrainer on the same work: LoRA on the start model loaded in fp32, bf16 autocast when asked,
     loss_type dapo (token-level, as ours), one optimizer step per rollout of prompts x samples episodes."""
@@ -133,7 +142,8 @@ def trl_worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    rows = [r.data for r in read_rows(PROMPTS)[spec["skip_rows"]:][: spec["prompts"] * spec["iterations"]]]
+    rows = prompts_in_our_order(read_rows(PROMPTS)[spec["skip_rows"]:], spec["prompts"], spec["iterations"],
+                                spec["seed"])
     data = Dataset.from_list([{"prompt": r["prompt"], "gold_spec": json.dumps(r["gold"])} for r in rows])
 
     def gold_reward(prompts, completions, gold_spec, **kwargs):

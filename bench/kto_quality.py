@@ -6,13 +6,15 @@
 Data. The training pairs are the quality split's (bench.data: the fixed split of the shared hh-rlhf file,
 360 held-out rows neither side sees), turned into TRL's unpaired preference shape: each pair gives a
 desirable row {prompt, completion: chosen, label: true} and an undesirable row {prompt, completion:
-rejected, label: false} (TRL's unpair_preference_dataset), shuffled once (seed 0; KTOTrainer reads its
-rows in order, and unshuffled rows would put a pair's two answers side by side, so that the mismatched
-answer of TRL's reference point would often be the same prompt's other answer), and written once to
-kto_train.jsonl in the work directory, the file both sides train on: ours as `data.train`, TRL as its
-train_dataset. The rows are the first --steps x --batch / 2 usable pairs of the training part, pairs
-whose prompt alone fills max_length left out (KTOTrainer would drop them; neither side gets them), so
-that both sides see the same --steps x --batch answers, each once per epoch (--epochs, default 1).
+rejected, label: false} (TRL's unpair_preference_dataset), shuffled once (seed 0), and written to
+kto_train.jsonl in the work directory, ours' `data.train`. The same batches on both sides: ours shuffles
+the file with its sampler (seed 0, a new order each epoch), and TRL's KTOTrainer reads its rows in order,
+so TRL trains on kto_train_ours_order.jsonl, the same rows in the order our stage trains on them, epoch
+after epoch; each of its batches of 8 is ours of the same step, the same answers in the same places, so
+the reference point's mismatched pairs are the same too. The rows are the first --steps x --batch / 2
+usable pairs of the training part, pairs whose prompt alone fills max_length left out (KTOTrainer would
+drop them; neither side gets them), so that both sides see the same --steps x --batch answers, each
+once per epoch (--epochs, default 1).
 Each side keeps its own handling of long answers: ours keeps the prompt's last max_length/2 tokens and
 cuts the answer; KTOTrainer keeps the start of the sequence (the answer's end is cut).
 
@@ -26,8 +28,10 @@ configs/smollm2/kto.yaml trains (r 16, alpha 32, all linear layers, no adapter d
 reference = the policy with its adapter off, on both sides: TRL with peft_config and no ref_model) at
 the recipe's learning rate 3e-4; both exports are the merged weights. --no-lora: full fine-tune
 against a frozen copy of the starting model at KTOConfig's default learning rate 1e-6. Ours is
-`align kto configs/smollm2/kto.yaml` with every one of these set by --set; the batches differ (ours
-shuffles with its own sampler, TRL reads the file in order), the answers do not.
+`align kto configs/smollm2/kto.yaml` with every one of these set by --set. On a batch whose answers fit
+max_length the two updates are the same (tests/stages/test_kto.py: the LoRA gradients agree on a tiny
+model; on SmolLM2 and 8 answers of this file, the first step's gradients have cosine 1.0000 and equal
+norms).
 
 Scoring: both exports, against the starting model, the plain way (transformers alone, fp32; see
 bench.harness) on the held-out pairs: the implicit reward's accuracy, log p_policy - log p_start of
@@ -52,12 +56,13 @@ held-out pairs (about 22 minutes of scoring alone). A quick check that it all ru
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
 from pathlib import Path
 
-from bench.data import (SEED, held_out_split, hh_rlhf_file, load_dataset, parse_pairs, read_jsonl, smollm2_path,
+from bench.data import (SEED, SPLIT_SEED, held_out_split, hh_rlhf_file, load_dataset, parse_pairs, read_jsonl, smollm2_path,
                         write_jsonl)
 from bench.harness import (_conversation_ids, add_quality_options, argument_parser, ours_precision,
                            paired_difference, policy_accuracy, run_quality, run_quality_ours, run_quality_trl,
@@ -128,6 +133,21 @@ def unpaired_rows(pairs: list) -> list[dict]:
     return rows
 
 
+def in_our_order(rows: list[dict], batch: int, steps: int) -> list[dict]:
+    """The rows in the order our stage trains on them (its sampler's epoch shuffles, seed SPLIT_SEED), one epoch
+    after another, cut at steps x batch: read in order by KTOTrainer's sequential sampler, each of its batches
+    holds our batch of the same step, in the same order, so the reference point's mismatched pairs match too."""
+    from types import SimpleNamespace
+
+    from alignment.data.sampler import GlobalBatchSampler
+
+    sampler = GlobalBatchSampler(len(rows), SimpleNamespace(global_batch_size=batch), SPLIT_SEED)
+    per_epoch = sampler.steps_per_epoch * batch  # an epoch's incomplete last batch is left out
+    order = [i for epoch in range(math.ceil(steps / sampler.steps_per_epoch))
+             for i in sampler.epoch_order(epoch)[:per_epoch]][: steps * batch]
+    return [rows[i] for i in order]
+
+
 def ours_answers(data: Path, max_length: int) -> dict:
     """What our stage keeps, truncates and drops of the answers (the loader the stage calls, same settings)."""
     from alignment.core.config import DataConfig
@@ -192,7 +212,10 @@ def main(argv=None) -> int:
         pairs = usable_pairs(split.train_pairs, tokenizer, args.max_length)
         assert len(pairs) == needed, (len(pairs), needed)
         data = workdir / "kto_train.jsonl"
-        write_jsonl(unpaired_rows(pairs), data)
+        rows = unpaired_rows(pairs)
+        write_jsonl(rows, data)
+        trl_data = workdir / "kto_train_ours_order.jsonl"  # TRL reads in order: ours' batches, one after another
+        write_jsonl(in_our_order(rows, args.batch, steps), trl_data)
         print(f"data: {len(pairs)} pairs ({len(split.train_pairs) - len(pairs)} more left out: prompt fills "
               f"max_length {args.max_length}) -> {2 * len(pairs)} answers, half of them desirable, shuffled, in "
               f"{data}: {args.steps} steps of {args.batch} answers per epoch on both sides", flush=True)
@@ -215,7 +238,8 @@ def main(argv=None) -> int:
             merged = final / "merged"  # LoRA: the merged export is the plain-transformers model
             acc["ours"] = policy_accuracy(str(merged if merged.is_dir() else final), split.held, start, "ours")
         if args.only in (None, "trl"):
-            trl_final, counts = run_quality_trl(MODULE, args, workdir, data, beta=args.beta, lora=args.lora)
+            trl_final, counts = run_quality_trl(MODULE, args, workdir, trl_data, beta=args.beta, lora=args.lora,
+                                                epochs=1)
             table.append(("trl", {"rows": counts["given"], "kept": counts["kept"], "truncated": counts["truncated"],
                                   "dropped": counts["given"] - counts["kept"],
                                   "note": f"{counts['steps']} steps; long answers cut at the end (keep_start)"}))

@@ -94,6 +94,52 @@ def test_loss_equals_trl_kto_trainer_on_the_same_batch(tmp_path, tiny):
         assert ours["input_ids"][i][real[i]].tolist() == trl_ids, (tok.decode(trl_ids),)
 
 
+def test_lora_gradient_equals_trl_kto_trainer_on_the_same_batch(tmp_path, tiny):
+    """The update, not only the loss: a LoRA policy off its start, the reference its adapter off on both sides
+    (TRL: a zeroed "ref" adapter), our batches of the rows against KTOTrainer's; the adapter gradients agree."""
+    from peft import LoraConfig, get_peft_model
+    from trl import KTOConfig, KTOTrainer
+
+    path, tok = tiny
+    model = get_peft_model(load_model(path), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                        target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows = [{"prompt": "What is 2+2?", "completion": " 4", "label": True},
+            {"prompt": "Spell cat.", "completion": " dog", "label": False},
+            {"prompt": "Say hi.", "completion": " hello there", "label": True},
+            {"prompt": "Name a color.", "completion": " seven", "label": False}]
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to="none", beta=0.1, desirable_weight=1.0,
+                     undesirable_weight=1.3, per_device_train_batch_size=4, use_cpu=True, bf16=False,
+                     save_strategy="no", logging_strategy="no", max_length=128)
+    trainer = KTOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # policy = base + a non-zero adapter; TRL's "ref" adapter zero = adapter off
+                p.copy_(0.2 * torch.randn(p.shape, generator=g) if ".default." in name else torch.zeros_like(p))
+    model.eval()  # no dropout; gradients still flow
+    adapter = [p for name, p in model.named_parameters() if p.requires_grad]
+    assert adapter and all(".default." in name for name, p in model.named_parameters() if p.requires_grad)
+
+    model.zero_grad()
+    trl_loss = trainer.compute_loss(model, trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    trl_loss.backward()
+    trl_grad = torch.cat([p.grad.flatten() for p in adapter])
+
+    answers = load_answers([Row(r, f"x:{i}") for i, r in enumerate(rows)], tok,
+                           SimpleNamespace(max_length=128, on_bad_row="error"), None, DataReport("train"))
+    recipe = SimpleNamespace(kto=SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.3))
+    dist = SimpleNamespace(reduce_sums=lambda d: d, world_size=1)
+    model.zero_grad()
+    loss_sum, stats = make_loss_fn(recipe, "adapter", None, dist)(model, kto_batch(answers, tok.pad_token_id, "cpu"))
+    (loss_sum / 4).backward()  # the step's loss is the mean over its answers
+    ours_grad = torch.cat([p.grad.flatten() for p in adapter])
+
+    assert float(loss_sum.detach()) / 4 == pytest.approx(float(trl_loss.detach()), abs=1e-6)
+    assert abs(float(trl_loss.detach()) - 0.5 * (1.0 + 1.3) / 2) > 1e-4  # the adapter moved the policy
+    assert float(trl_grad.norm()) > 1e-4
+    assert float((ours_grad - trl_grad).norm() / trl_grad.norm()) < 1e-4
+
+
 def test_tiny_kto_run_on_thumbs_rows(tmp_path, align_cache):
     rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
              "completion": [{"role": "assistant", "content": str(i + 1 if i % 2 else i + 5)}], "label": i % 2 == 1}
