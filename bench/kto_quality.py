@@ -44,11 +44,11 @@ and a table of the answers each side kept, truncated and dropped.
 
 Time, on 2 idle CPU cores (AMD EPYC with AVX512-bf16): the defaults, 10 steps of 8 answers (the answers
 of 40 training pairs) and 60 held-out pairs scored three times (the starting model and both exports),
-take about 12 minutes: a bf16 step takes about 12 s on our side and 35 s in KTOTrainer (so about 8
-minutes of training per 10 steps, both sides), the plain scoring about 1.2 s per held-out pair and
-model (about 4 minutes), start-up and exports about 1 minute. That is a small run: read the paired
+take about 12 minutes: about 8 of training (both sides, with start-up and export), the plain scoring
+about 1.2 s per held-out pair and model (about 4 minutes). That is a small run: read the paired
 difference and its standard error, not the accuracies alone (each has a standard error near 0.065 on
-60 pairs). A larger one: --steps 40 --held-out 200, about 45 minutes; --held-out 0 scores all 360
+60 pairs). A larger one: --steps 40 --held-out 200, about 40 minutes (2026-12-07: our side 903 s, TRL's
+1,057 s, each with start-up and export; scoring about 3.5 minutes per model); --held-out 0 scores all 360
 held-out pairs (about 22 minutes of scoring alone). A quick check that it all runs: --steps 2
 --held-out 4 (about 2.5 minutes).
 """
