@@ -240,6 +240,9 @@ def main(argv=None) -> int:
         gains[name] = paired(s["gold_sampled"], base["gold_sampled"])
         print(f"{name:10s} {g:8.3f} {gg:+8.3f} +- {gse:.3f} {sm:8.3f} {gains[name][0]:+8.3f} +- {gains[name][1]:.3f}")
     if "ours" in gains and "trl" in gains:
+        for kind in ("gold_sampled", "gold"):  # the same prompts, so the difference is paired too
+            diff, se = paired(scores["ours"][kind], scores["trl"][kind])
+            print(f"ours - trl ({'sampled' if kind == 'gold_sampled' else 'greedy'}, paired): {diff:+.4f} +- {se:.4f}")
         ours, peer = gains["ours"][0], gains["trl"][0]
         print(f"RESULT name=grpo-quality-vs-trl ours={ours:.4f} peer={peer:.4f} unit=gold "
               f"ratio={ours / peer if peer else float('nan'):.3f}")
