@@ -43,23 +43,30 @@ def tiny(align_cache):
     return path, load_tokenizer(path)
 
 
-def test_loss_equals_trl_kto_trainer_on_the_same_batch(tmp_path, tiny):
+ROWS = [{"prompt": "What is 2+2?", "completion": " 4", "label": True},
+        {"prompt": "Spell cat.", "completion": " dog", "label": False},
+        {"prompt": "Say hi.", "completion": " hello there", "label": True},
+        {"prompt": "Name a color.", "completion": " seven", "label": False}]
+
+
+def kto_trainer(tmp_path, tok, model, ref_model=None):
+    """TRL's KTOTrainer on ROWS in one batch of 4: beta 0.1, weights 1.0 / 1.3, fp32 on CPU."""
     from trl import KTOConfig, KTOTrainer
 
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to="none", beta=0.1, desirable_weight=1.0,
+                     undesirable_weight=1.3, per_device_train_batch_size=4, use_cpu=True, bf16=False,
+                     save_strategy="no", logging_strategy="no", max_length=128)
+    return KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
+                      processing_class=tok)
+
+
+def test_loss_equals_trl_kto_trainer_on_the_same_batch(tmp_path, tiny):
     path, tok = tiny
     policy, frozen = load_model(path).eval(), load_model(path).eval()
     with torch.no_grad():  # policy != reference, so the loss is not its step-0 value
         for p in policy.model.layers[0].mlp.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
-    rows = [{"prompt": "What is 2+2?", "completion": " 4", "label": True},
-            {"prompt": "Spell cat.", "completion": " dog", "label": False},
-            {"prompt": "Say hi.", "completion": " hello there", "label": True},
-            {"prompt": "Name a color.", "completion": " seven", "label": False}]
-    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to="none", beta=0.1, desirable_weight=1.0,
-                     undesirable_weight=1.3, per_device_train_batch_size=4, use_cpu=True, bf16=False,
-                     save_strategy="no", logging_strategy="no", max_length=128)
-    trainer = KTOTrainer(model=policy, ref_model=frozen, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok)
+    trainer = kto_trainer(tmp_path, tok, policy, frozen)
     policy.eval()
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
@@ -85,7 +92,7 @@ def test_loss_equals_trl_kto_trainer_on_the_same_batch(tmp_path, tiny):
     assert abs(trl_loss - 0.5 * (1.0 + 1.3) / 2) > 1e-4  # informative: not the step-0 value
 
     # And our own batches of these rows are TRL's sequences (prompt, answer and end of turn, no template).
-    answers = load_answers([Row(r, f"x:{i}") for i, r in enumerate(rows)], tok,
+    answers = load_answers([Row(r, f"x:{i}") for i, r in enumerate(ROWS)], tok,
                            SimpleNamespace(max_length=128, on_bad_row="error"), None, DataReport("train"))
     ours = kto_batch(answers, tok.pad_token_id, "cpu")
     real = ours["attention_mask"].bool()
@@ -98,19 +105,11 @@ def test_lora_gradient_equals_trl_kto_trainer_on_the_same_batch(tmp_path, tiny):
     """The update, not only the loss: a LoRA policy off its start, the reference its adapter off on both sides
     (TRL: a zeroed "ref" adapter), our batches of the rows against KTOTrainer's; the adapter gradients agree."""
     from peft import LoraConfig, get_peft_model
-    from trl import KTOConfig, KTOTrainer
 
     path, tok = tiny
     model = get_peft_model(load_model(path), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                         target_modules="all-linear", task_type="CAUSAL_LM"))
-    rows = [{"prompt": "What is 2+2?", "completion": " 4", "label": True},
-            {"prompt": "Spell cat.", "completion": " dog", "label": False},
-            {"prompt": "Say hi.", "completion": " hello there", "label": True},
-            {"prompt": "Name a color.", "completion": " seven", "label": False}]
-    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to="none", beta=0.1, desirable_weight=1.0,
-                     undesirable_weight=1.3, per_device_train_batch_size=4, use_cpu=True, bf16=False,
-                     save_strategy="no", logging_strategy="no", max_length=128)
-    trainer = KTOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer = kto_trainer(tmp_path, tok, model)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -125,7 +124,7 @@ def test_lora_gradient_equals_trl_kto_trainer_on_the_same_batch(tmp_path, tiny):
     trl_loss.backward()
     trl_grad = torch.cat([p.grad.flatten() for p in adapter])
 
-    answers = load_answers([Row(r, f"x:{i}") for i, r in enumerate(rows)], tok,
+    answers = load_answers([Row(r, f"x:{i}") for i, r in enumerate(ROWS)], tok,
                            SimpleNamespace(max_length=128, on_bad_row="error"), None, DataReport("train"))
     recipe = SimpleNamespace(kto=SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.3))
     dist = SimpleNamespace(reduce_sums=lambda d: d, world_size=1)
