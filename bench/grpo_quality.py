@@ -24,6 +24,7 @@ and whether ours beats the placebo by two standard errors of the paired differen
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -198,6 +199,8 @@ def main(argv=None) -> int:
     sides = args.only or ["ours", "placebo", "trl"]
     started = time.time()
     procs = {}
+    # If a side fails, the bench exits: TRL's worker must not go on training without it.
+    atexit.register(lambda: [proc.terminate() for proc in procs.values() if proc.poll() is None])
     if "trl" in sides:
         spec = {"start": args.start, "skip_rows": args.skip_rows, "prompts": args.prompts_per_rollout,
                 "samples": args.samples, "iterations": args.iterations, "max_new_tokens": args.max_new_tokens,
@@ -214,14 +217,30 @@ def main(argv=None) -> int:
             out = work / side
             wait(launch(ours_command(args, out, side == "placebo"), work / f"{side}.log", args.threads), side)
             policies[side] = str(out / "final" / "merged")
-    for name, policy in policies.items():
-        wait(launch(eval_command(args, policy, work / f"eval-{name}"), work / f"eval-{name}.log", args.threads),
-             f"scoring {name}")
+    # TRL's export is scored on TRL's thread as soon as its training ends, beside the scorings on ours (one after
+    # the other they left a core idle for about half an hour).
+    def score(name: str) -> subprocess.Popen:
+        return launch(eval_command(args, policies[name], work / f"eval-{name}"), work / f"eval-{name}.log", args.threads)
+
+    trl_scoring = None
+
+    def score_trl_once_trained() -> None:
+        nonlocal trl_scoring
+        if "trl" in procs and trl_scoring is None and procs["trl"].poll() is not None:
+            wait(procs["trl"], "TRL")
+            policies["trl"] = str(work / "trl" / "final")
+            trl_scoring = procs["trl scoring"] = score("trl")
+
+    for name in list(policies):
+        proc = score(name)
+        while proc.poll() is None:  # ends with the scoring process
+            score_trl_once_trained()
+            time.sleep(5)
+        wait(proc, f"scoring {name}")
     if "trl" in procs:
-        wait(procs["trl"], "TRL")
-        policies["trl"] = str(work / "trl" / "final")
-        wait(launch(eval_command(args, policies["trl"], work / "eval-trl"), work / "eval-trl.log", args.threads),
-             "scoring trl")
+        procs["trl"].wait()
+        score_trl_once_trained()
+        wait(trl_scoring, "scoring trl")
     scores = {name: json.loads((work / f"eval-{name}" / "eval.json").read_text())["per_prompt"] for name in policies}
     base = scores["start"]
     print(f"\nGRPO quality, {args.iterations} rollouts x {args.prompts_per_rollout} prompts x {args.samples} answers "
