@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     # TRL's export is scored on TRL's thread as soon as its training ends, beside the scorings on ours (one after
     # the other they left a core idle for about half an hour).
     def score(name: str) -> subprocess.Popen:
-        return launch(eval_command(args, policies[name], work / f"eval-{name}"), work / f"eval-{name}.log", args.threads)
+        out = work / f"eval-{name}"
+        return launch(eval_command(args, policies[name], out), work / f"eval-{name}.log", args.threads)
 
     trl_scoring = None
 
